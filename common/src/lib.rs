@@ -1,0 +1,4 @@
+pub mod pki;
+pub mod seal;
+pub mod tls;
+pub mod token;

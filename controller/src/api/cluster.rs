@@ -1,0 +1,159 @@
+//! `/api/v1/cluster`: membership and join tokens.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use deployer_common::token::JoinToken;
+use serde::{Deserialize, Serialize};
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::AppState;
+use crate::command::{Command, CommandResponse, JoinTokenKind, Rejection};
+use crate::util::{new_id, now_ms, rfc3339};
+
+/// Join tokens live a day unless asked otherwise, and at most 30 days.
+const DEFAULT_TOKEN_TTL_S: u64 = 24 * 3600;
+const MAX_TOKEN_TTL_S: u64 = 30 * 24 * 3600;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/cluster/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/cluster/tokens/{id}", delete(revoke_token))
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    leader_id: Option<u64>,
+    term: u64,
+    nodes: Vec<NodeView>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    id: u64,
+    addr: String,
+    http_addr: String,
+    voter: bool,
+}
+
+async fn cluster(State(c): State<AppState>, caller: Caller) -> Result<Json<ClusterView>, ApiError> {
+    caller.require("read")?;
+    let metrics = c.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let nodes = membership
+        .nodes()
+        .map(|(id, node)| NodeView {
+            id: *id,
+            addr: node.grpc_addr.clone(),
+            http_addr: node.http_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect();
+    Ok(Json(ClusterView {
+        leader_id: metrics.current_leader,
+        term: metrics.current_term,
+        nodes,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    kind: String,
+    ttl_s: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    id: String,
+    kind: &'static str,
+    token: String,
+    expires_at: String,
+}
+
+async fn create_token(
+    State(c): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    caller.require("admin")?;
+    let kind = JoinTokenKind::parse(&body.kind)
+        .ok_or_else(|| ApiError::validation("kind must be \"controller\" or \"agent\""))?;
+    let ttl_s = body.ttl_s.unwrap_or(DEFAULT_TOKEN_TTL_S);
+    if ttl_s == 0 || ttl_s > MAX_TOKEN_TTL_S {
+        return Err(ApiError::validation(format!("ttl_s must be between 1 and {MAX_TOKEN_TTL_S} seconds")));
+    }
+    c.read_barrier().await?;
+    let ca = c
+        .state
+        .cluster_ca()
+        .await?
+        .ok_or_else(|| ApiError::unavailable("the cluster is still initializing; retry shortly"))?;
+    let fingerprint = deployer_common::pki::fingerprint_of_pem(&ca.ca_cert_pem)
+        .map_err(|e| ApiError::internal("cluster CA certificate is unreadable", e))?;
+    let token = JoinToken::new(fingerprint);
+    let now = now_ms();
+    let id = new_id();
+    let expires_at = now + (ttl_s as i64) * 1000;
+    c.propose(Command::CreateJoinToken {
+        id: id.clone(),
+        kind,
+        secret_hash: token.secret_hash(),
+        created_at: now,
+        expires_at,
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id,
+            kind: kind.as_str(),
+            token: token.to_string(),
+            expires_at: rfc3339(expires_at),
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+struct TokenView {
+    id: String,
+    kind: &'static str,
+    created_at: String,
+    expires_at: String,
+    revoked_at: Option<String>,
+}
+
+async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenView>>, ApiError> {
+    caller.require("admin")?;
+    c.read_barrier().await?;
+    let tokens = c.state.join_tokens().await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| TokenView {
+                id: t.id,
+                kind: t.kind.map(JoinTokenKind::as_str).unwrap_or("unknown"),
+                created_at: rfc3339(t.created_at),
+                expires_at: rfc3339(t.expires_at),
+                revoked_at: t.revoked_at.map(rfc3339),
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_token(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.require("admin")?;
+    match c.propose(Command::RevokeJoinToken { id, at: now_ms() }).await? {
+        CommandResponse::Rejected {
+            reason: Rejection::NotFound,
+            message,
+        } => Err(ApiError::not_found(message)),
+        CommandResponse::Rejected { message, .. } => Err(ApiError::conflict(message)),
+        CommandResponse::Applied => Ok(StatusCode::NO_CONTENT),
+    }
+}

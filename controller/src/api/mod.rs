@@ -1,0 +1,29 @@
+//! The control-plane HTTP API (DESIGN.md section 6). Every node serves it; writes go through
+//! Raft (forwarded to the leader by [`crate::controller::Controller::propose`]).
+
+pub mod auth;
+pub mod cluster;
+pub mod error;
+pub mod health;
+pub mod json;
+pub mod projects;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+
+use crate::controller::SharedController;
+
+pub type AppState = SharedController;
+
+/// Largest JSON body the API accepts.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::router())
+        .merge(cluster::router())
+        .merge(projects::router())
+        .fallback(|| async { error::ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}

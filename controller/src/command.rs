@@ -1,0 +1,114 @@
+//! Commands of the replicated state machine.
+//!
+//! A command is deterministic: the proposer makes every id, timestamp, secret hash and sealed
+//! value, so each node applying it writes exactly the same rows.
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = i64;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// First command of a cluster: its CA, with the private key sealed by the cluster key.
+    InitCluster {
+        ca_cert_pem: String,
+        ca_key_sealed_hex: String,
+        at: UnixMillis,
+    },
+    CreateJoinToken {
+        id: String,
+        kind: JoinTokenKind,
+        secret_hash: String,
+        created_at: UnixMillis,
+        expires_at: UnixMillis,
+    },
+    RevokeJoinToken {
+        id: String,
+        at: UnixMillis,
+    },
+    CreateApiToken {
+        id: String,
+        name: String,
+        token_hash: String,
+        scopes: Vec<String>,
+        created_at: UnixMillis,
+        expires_at: Option<UnixMillis>,
+    },
+    CreateProject {
+        id: String,
+        name: String,
+        created_at: UnixMillis,
+    },
+    DeleteProject {
+        id: String,
+    },
+}
+
+impl Command {
+    /// Short name for logs; never the command's content, which may hold secret material.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::InitCluster { .. } => "init_cluster",
+            Command::CreateJoinToken { .. } => "create_join_token",
+            Command::RevokeJoinToken { .. } => "revoke_join_token",
+            Command::CreateApiToken { .. } => "create_api_token",
+            Command::CreateProject { .. } => "create_project",
+            Command::DeleteProject { .. } => "delete_project",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinTokenKind {
+    Controller,
+    Agent,
+}
+
+impl JoinTokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinTokenKind::Controller => "controller",
+            JoinTokenKind::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JoinTokenKind> {
+        match s {
+            "controller" => Some(JoinTokenKind::Controller),
+            "agent" => Some(JoinTokenKind::Agent),
+            _ => None,
+        }
+    }
+}
+
+/// What applying a command produced. A command that breaks a rule of the state (a duplicate
+/// name, an unknown id) is rejected deterministically on every node, not failed as storage.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandResponse {
+    #[default]
+    Applied,
+    Rejected {
+        reason: Rejection,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    Conflict,
+    NotFound,
+}
+
+impl CommandResponse {
+    pub fn rejected(reason: Rejection, message: impl Into<String>) -> Self {
+        CommandResponse::Rejected {
+            reason,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! One running controller node: its Raft, its copy of the state, and how it proposes commands.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployer_common::seal::ClusterKey;
+use deployer_proto::cluster::cluster_client::ClusterClient;
+use deployer_proto::cluster::{ProposeRequest, ReadIndexRequest};
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::watch;
+
+use crate::command::{Command, CommandResponse};
+use crate::raft::network::PeerChannels;
+use crate::raft::{ControllerNode, NodeId, Raft};
+use crate::store::queries::StateReader;
+
+/// How long a write or a read barrier may wait for a leader before answering 503.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+pub struct Controller {
+    pub id: NodeId,
+    pub node: ControllerNode,
+    pub raft: Raft,
+    pub state: StateReader,
+    pub key: ClusterKey,
+    pub peers: PeerChannels,
+    pub applied: watch::Receiver<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("the cluster has no leader right now (an election may be in progress, or too few controllers are up); retry shortly")]
+    NoLeader,
+    #[error("the leader did not answer: {0}")]
+    Forward(String),
+    #[error("the controller is shutting down")]
+    ShuttingDown,
+    #[error("timed out waiting for this node to apply the change")]
+    ApplyTimeout,
+}
+
+impl Controller {
+    pub fn leader(&self) -> Option<(NodeId, ControllerNode)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, node))
+    }
+
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics.membership_config.membership().voter_ids().collect()
+    }
+
+    /// Waits until some node is known as leader, or the deadline passes.
+    async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Option<(NodeId, ControllerNode)> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Commits `command` through the leader (this node or, forwarded, another) and waits until
+    /// this node has applied it, so a read here right after sees the write.
+    pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match self.raft.client_write(command.clone()).await {
+                Ok(reply) => return Ok(reply.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let leader = match f.leader_node {
+                        Some(node) => Some(node),
+                        None => self.wait_for_leader(deadline).await.map(|(_, n)| n),
+                    };
+                    let Some(leader) = leader else {
+                        return Err(ProposeError::NoLeader);
+                    };
+                    if leader == self.node {
+                        // We are about to become leader, or just stopped being it: try again.
+                        if tokio::time::Instant::now() > deadline {
+                            return Err(ProposeError::NoLeader);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    match self.forward(&leader, &command).await {
+                        Ok((response, index)) => {
+                            self.wait_applied(index, deadline).await?;
+                            return Ok(response);
+                        }
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            tracing::debug!(error = %e, "forwarding to the leader failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(ProposeError::Forward(e.to_string()))
+                }
+                Err(RaftError::Fatal(_)) => return Err(ProposeError::ShuttingDown),
+            }
+        }
+    }
+
+    async fn forward(&self, leader: &ControllerNode, command: &Command) -> Result<(CommandResponse, u64), ProposeError> {
+        let channel = self
+            .peers
+            .get(&leader.grpc_addr)
+            .map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let bytes = serde_json::to_vec(command).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let mut request = tonic::Request::new(ProposeRequest { command: bytes });
+        request.set_timeout(LEADER_WAIT);
+        let reply = ClusterClient::new(channel)
+            .propose(request)
+            .await
+            .map_err(|s| ProposeError::Forward(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        let response = serde_json::from_slice(&reply.response).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        Ok((response, reply.log_index))
+    }
+
+    async fn wait_applied(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), ProposeError> {
+        let mut applied = self.applied.clone();
+        let result = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index)).await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ProposeError::ShuttingDown),
+            Err(_) => Err(ProposeError::ApplyTimeout),
+        }
+    }
+
+    /// A read barrier: returns once this node has applied everything committed before the call,
+    /// so the read that follows is linearizable even on a follower.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let index = match self.raft.ensure_linearizable().await {
+                Ok(read_log_id) => read_log_id.map(|l| l.index).unwrap_or(0),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                    let Some((_, leader)) = self.wait_for_leader(deadline).await else {
+                        return Err(ProposeError::NoLeader);
+                    };
+                    if leader == self.node {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    match self.leader_read_index(&leader).await {
+                        Ok(i) => i,
+                        Err(_) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ProposeError::NoLeader);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(RaftError::Fatal(_)) => return Err(ProposeError::ShuttingDown),
+            };
+            return self.wait_applied(index, deadline).await;
+        }
+    }
+
+    async fn leader_read_index(&self, leader: &ControllerNode) -> Result<u64, ProposeError> {
+        let channel = self
+            .peers
+            .get(&leader.grpc_addr)
+            .map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(LEADER_WAIT);
+        let reply = ClusterClient::new(channel)
+            .read_index(request)
+            .await
+            .map_err(|s| ProposeError::Forward(format!("{:?}: {}", s.code(), s.message())))?;
+        Ok(reply.into_inner().log_index)
+    }
+}
+
+pub type SharedController = Arc<Controller>;

@@ -1,0 +1,172 @@
+//! Membership and forwarding between controllers: joining with a token, becoming a voter,
+//! forwarded writes and read barriers.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use deployer_common::pki::{ClusterCa, Identity};
+use deployer_common::token::hash_secret;
+use deployer_proto::cluster::cluster_server::Cluster;
+use deployer_proto::cluster::{
+    AddVoterReply, AddVoterRequest, JoinReply, JoinRequest, ProposeReply, ProposeRequest, ReadIndexReply,
+    ReadIndexRequest,
+};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+
+use super::require_controller;
+use crate::command::{Command, JoinTokenKind};
+use crate::controller::SharedController;
+use crate::raft::ControllerNode;
+use crate::util::{new_node_id, now_ms, rfc3339};
+
+/// Controller certificates are long-lived; agents get short-lived ones (agents issue).
+const CONTROLLER_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Metadata key naming the leader's gRPC address when a call reached a follower.
+pub const LEADER_HINT: &str = "x-deployer-leader";
+
+pub struct ClusterService {
+    controller: SharedController,
+}
+
+impl ClusterService {
+    pub fn new(controller: SharedController) -> ClusterService {
+        ClusterService { controller }
+    }
+
+    fn not_leader(&self) -> tonic::Status {
+        let mut status = tonic::Status::failed_precondition("this controller is not the leader");
+        if let Some((_, leader)) = self.controller.leader() {
+            if let Ok(v) = leader.grpc_addr.parse() {
+                status.metadata_mut().insert(LEADER_HINT, v);
+            }
+        }
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn join(&self, request: tonic::Request<JoinRequest>) -> Result<tonic::Response<JoinReply>, tonic::Status> {
+        let req = request.into_inner();
+        let kind = JoinTokenKind::parse(&req.kind)
+            .ok_or_else(|| tonic::Status::invalid_argument(format!("unknown join kind {:?}", req.kind)))?;
+        if kind != JoinTokenKind::Controller {
+            return Err(tonic::Status::invalid_argument("agents join through the agent service"));
+        }
+        let c = &self.controller;
+        let token = c
+            .state
+            .join_token_by_hash(&hash_secret(&req.token_secret))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))?
+            .ok_or_else(|| tonic::Status::permission_denied("the join token is not known to this cluster"))?;
+        if token.revoked_at.is_some() {
+            return Err(tonic::Status::permission_denied("the join token has been revoked"));
+        }
+        if token.expires_at <= now_ms() {
+            return Err(tonic::Status::permission_denied(format!(
+                "the join token expired at {}",
+                rfc3339(token.expires_at)
+            )));
+        }
+        if token.kind != Some(kind) {
+            return Err(tonic::Status::permission_denied("the join token is not a controller token"));
+        }
+        let ca_row = c
+            .state
+            .cluster_ca()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))?
+            .ok_or_else(|| tonic::Status::unavailable("the cluster is not initialized yet"))?;
+        let ca_key = c
+            .key
+            .open(&ca_row.ca_key_sealed, b"ca-key")
+            .map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
+        let ca_key = String::from_utf8(ca_key).map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
+        let ca = ClusterCa::from_pem(&ca_row.ca_cert_pem, &ca_key)
+            .map_err(|_| tonic::Status::internal("cannot load the cluster CA"))?;
+        let node_id = new_node_id();
+        let cert_pem = ca
+            .sign_csr(&req.csr_pem, &Identity::Controller(node_id), &[], CONTROLLER_CERT_VALIDITY)
+            .map_err(|e| tonic::Status::invalid_argument(format!("the CSR was refused: {e}")))?;
+        let leader_grpc_addr = c.leader().map(|(_, n)| n.grpc_addr).unwrap_or_default();
+        tracing::info!(node_id, token = %token.id, "issued a controller certificate");
+        Ok(tonic::Response::new(JoinReply {
+            node_id,
+            cert_pem,
+            ca_pem: ca_row.ca_cert_pem,
+            cluster_key_hex: c.key.to_hex(),
+            leader_grpc_addr,
+        }))
+    }
+
+    async fn add_voter(
+        &self,
+        request: tonic::Request<AddVoterRequest>,
+    ) -> Result<tonic::Response<AddVoterReply>, tonic::Status> {
+        let caller = require_controller(&request)?;
+        let req = request.into_inner();
+        if caller != req.node_id {
+            return Err(tonic::Status::permission_denied("a controller may only add itself"));
+        }
+        let c = &self.controller;
+        if c.raft.ensure_linearizable().await.is_err() {
+            return Err(self.not_leader());
+        }
+        if c.voters().contains(&req.node_id) {
+            return Ok(tonic::Response::new(AddVoterReply {}));
+        }
+        let node = ControllerNode {
+            grpc_addr: req.grpc_addr,
+            http_addr: req.http_addr,
+        };
+        tracing::info!(node_id = req.node_id, %node, "adding a controller as learner");
+        match c.raft.add_learner(req.node_id, node, true).await {
+            Ok(_) => {}
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => return Err(self.not_leader()),
+            Err(e) => return Err(tonic::Status::unavailable(format!("could not add the learner: {e}"))),
+        }
+        tracing::info!(node_id = req.node_id, "learner caught up; promoting to voter");
+        let voters: BTreeSet<u64> = [req.node_id].into();
+        match c.raft.change_membership(ChangeMembers::AddVoterIds(voters), false).await {
+            Ok(_) => Ok(tonic::Response::new(AddVoterReply {})),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(e) => Err(tonic::Status::unavailable(format!("could not promote to voter: {e}"))),
+        }
+    }
+
+    async fn propose(
+        &self,
+        request: tonic::Request<ProposeRequest>,
+    ) -> Result<tonic::Response<ProposeReply>, tonic::Status> {
+        require_controller(&request)?;
+        let command: Command = serde_json::from_slice(&request.get_ref().command)
+            .map_err(|e| tonic::Status::invalid_argument(format!("malformed command: {e}")))?;
+        match self.controller.raft.client_write(command).await {
+            Ok(reply) => {
+                let response = serde_json::to_vec(&reply.data).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                Ok(tonic::Response::new(ProposeReply {
+                    response,
+                    log_index: reply.log_id.index,
+                }))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn read_index(
+        &self,
+        request: tonic::Request<ReadIndexRequest>,
+    ) -> Result<tonic::Response<ReadIndexReply>, tonic::Status> {
+        require_controller(&request)?;
+        match self.controller.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(tonic::Response::new(ReadIndexReply {
+                log_index: log_id.map(|l| l.index).unwrap_or(0),
+            })),
+            Err(_) => Err(self.not_leader()),
+        }
+    }
+}

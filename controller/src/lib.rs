@@ -1,0 +1,13 @@
+//! The Deployer controller: a Raft-replicated control plane (DESIGN.md sections 2, 3 and 6).
+
+pub mod api;
+pub mod command;
+pub mod controller;
+pub mod files;
+pub mod grpc;
+pub mod node;
+pub mod raft;
+pub mod store;
+pub mod util;
+
+pub use node::{serve, ServeConfig};

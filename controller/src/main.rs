@@ -1,0 +1,205 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use deployer_controller::raft::RaftTuning;
+use deployer_controller::{serve, ServeConfig};
+use tokio::net::TcpListener;
+
+/// The Deployer controller: control plane, API and scheduler.
+#[derive(Parser)]
+#[command(name = "deployer-controller", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a controller node: bootstrap a cluster on an empty data dir, join one with --join and
+    /// --token, or resume from the data dir.
+    Serve(ServeArgs),
+    /// One controller node on this machine under ./.deployer, for development.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where this node keeps its Raft log, state, keys and certificates.
+    #[arg(long, env = "DEPLOYER_DATA_DIR")]
+    data_dir: PathBuf,
+    /// HTTP API listen address.
+    #[arg(long, env = "DEPLOYER_HTTP_ADDR", default_value = "127.0.0.1:7700")]
+    http: SocketAddr,
+    /// gRPC (mutual TLS) listen address, for controllers and agents.
+    #[arg(long, env = "DEPLOYER_GRPC_ADDR", default_value = "127.0.0.1:7701")]
+    grpc: SocketAddr,
+    /// Address peers use to reach this node's gRPC port (default: the listen address).
+    #[arg(long, env = "DEPLOYER_ADVERTISE_GRPC")]
+    advertise_grpc: Option<String>,
+    /// Address clients use to reach this node's HTTP API (default: the listen address).
+    #[arg(long, env = "DEPLOYER_ADVERTISE_HTTP")]
+    advertise_http: Option<String>,
+    /// gRPC address of a member to join, as https://HOST:PORT.
+    #[arg(long, env = "DEPLOYER_JOIN", requires = "token")]
+    join: Option<String>,
+    /// Controller join token (DPLY1.<ca fingerprint>.<secret>), from POST /api/v1/cluster/tokens.
+    #[arg(long, env = "DEPLOYER_JOIN_TOKEN")]
+    token: Option<String>,
+    #[command(flatten)]
+    tuning: TuningArgs,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[arg(long, env = "DEPLOYER_DATA_DIR", default_value = ".deployer")]
+    data_dir: PathBuf,
+    /// HTTP API listen address; a free port is used if this one is taken.
+    #[arg(long, env = "DEPLOYER_HTTP_ADDR", default_value = "127.0.0.1:7700")]
+    http: SocketAddr,
+    #[arg(long, env = "DEPLOYER_GRPC_ADDR", default_value = "127.0.0.1:7701")]
+    grpc: SocketAddr,
+}
+
+#[derive(Args)]
+struct TuningArgs {
+    /// Raft heartbeat interval, milliseconds.
+    #[arg(long, env = "DEPLOYER_RAFT_HEARTBEAT_MS", default_value_t = RaftTuning::default().heartbeat_ms)]
+    raft_heartbeat_ms: u64,
+    /// Raft election timeout range, milliseconds.
+    #[arg(long, env = "DEPLOYER_RAFT_ELECTION_MIN_MS", default_value_t = RaftTuning::default().election_min_ms)]
+    raft_election_min_ms: u64,
+    #[arg(long, env = "DEPLOYER_RAFT_ELECTION_MAX_MS", default_value_t = RaftTuning::default().election_max_ms)]
+    raft_election_max_ms: u64,
+    /// Take a snapshot (and purge the log behind it) after this many entries.
+    #[arg(long, env = "DEPLOYER_RAFT_SNAPSHOT_LOGS", default_value_t = RaftTuning::default().snapshot_after_logs)]
+    raft_snapshot_logs: u64,
+    /// Log entries kept behind a snapshot for lagging followers.
+    #[arg(long, env = "DEPLOYER_RAFT_KEEP_LOGS", default_value_t = RaftTuning::default().keep_logs_after_snapshot)]
+    raft_keep_logs: u64,
+}
+
+impl From<TuningArgs> for RaftTuning {
+    fn from(a: TuningArgs) -> RaftTuning {
+        RaftTuning {
+            heartbeat_ms: a.raft_heartbeat_ms,
+            election_min_ms: a.raft_election_min_ms,
+            election_max_ms: a.raft_election_max_ms,
+            snapshot_after_logs: a.raft_snapshot_logs,
+            keep_logs_after_snapshot: a.raft_keep_logs,
+        }
+    }
+}
+
+/// Exit code for bad configuration (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEPLOYER_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
+async fn bind(addr: SocketAddr, what: &str, fallback_to_free_port: bool) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if fallback_to_free_port && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = SocketAddr::new(addr.ip(), 0);
+            Ok(TcpListener::bind(any).await.with_context(|| format!("cannot bind the {what} address {any}"))?)
+        }
+        Err(e) => Err(ConfigError(format!("cannot bind the {what} address {addr}: {e}")).into()),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let http = bind(args.http, "--http", false).await?;
+            let grpc = bind(args.grpc, "--grpc", false).await?;
+            let config = ServeConfig {
+                data_dir: args.data_dir,
+                advertise_grpc: args.advertise_grpc,
+                advertise_http: args.advertise_http,
+                join: args.join,
+                token: args.token,
+                tuning: args.tuning.into(),
+            };
+            if config.join.as_deref().is_some_and(|j| !j.starts_with("https://")) {
+                return Err(ConfigError("--join must look like https://HOST:PORT (a controller's gRPC address)".into()).into());
+            }
+            serve(config, http, grpc, shutdown_signal()).await
+        }
+        Command::Dev(args) => {
+            let http = bind(args.http, "--http", true).await?;
+            let grpc = bind(args.grpc, "--grpc", true).await?;
+            let url = format!("http://{}", http.local_addr()?);
+            let token_path = args.data_dir.join("admin-token");
+            let config = ServeConfig {
+                data_dir: args.data_dir,
+                advertise_grpc: None,
+                advertise_http: None,
+                join: None,
+                token: None,
+                tuning: RaftTuning::default(),
+            };
+            eprintln!();
+            eprintln!("  Deployer (dev mode)");
+            eprintln!("  API:          {url}/api/v1/health");
+            eprintln!("  Admin token:  {}", token_path.display());
+            eprintln!("  Try:          curl -H \"Authorization: Bearer $(cat {})\" {url}/api/v1/cluster", token_path.display());
+            eprintln!();
+            serve(config, http, grpc, shutdown_signal()).await
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; draining (send it again to exit now)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,161 @@
+//! openraft's network: Raft RPCs to peer controllers over mutual-TLS gRPC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use deployer_proto::raft::raft_client::RaftClient;
+use deployer_proto::raft::RaftRequest;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{ControllerNode, NodeId, TypeConfig};
+use crate::grpc::client;
+
+/// Channels to peers, shared by the Raft network and request forwarding, keyed by address.
+#[derive(Clone)]
+pub struct PeerChannels {
+    tls: Arc<rustls::ClientConfig>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> PeerChannels {
+        PeerChannels {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = client::channel(addr, self.tls.clone())?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+pub struct Network {
+    peers: PeerChannels,
+}
+
+impl Network {
+    pub fn new(peers: PeerChannels) -> Network {
+        Network { peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &ControllerNode) -> PeerClient {
+        PeerClient {
+            target,
+            client: self.peers.get(&node.grpc_addr).map(RaftClient::new).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+#[derive(Debug)]
+struct TransportError(String);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+enum Rpc {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, ControllerNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+        };
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftRequest { payload });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc {
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(status.message().to_string()))))
+            }
+            Err(status) => {
+                return Err(RPCError::Network(NetworkError::new(&TransportError(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                )))))
+            }
+        };
+        let result: Result<Resp, E> =
+            serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ControllerNode, RaftError<NodeId>>> {
+        self.call(Rpc::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, ControllerNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(Rpc::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, ControllerNode, RaftError<NodeId>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,378 @@
+//! The replicated state machine: committed commands applied to SQLite, snapshots as consistent
+//! copies of the whole database (`VACUUM INTO`), installed by copying their tables back in one
+//! transaction.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqliteSynchronous};
+use sqlx::{Connection, Row};
+use tokio::sync::watch;
+
+use super::{open_pool, read_err, write_err};
+use crate::command::CommandResponse;
+use crate::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/state");
+
+const CURRENT_SNAPSHOT: &str = "current.json";
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotIndex {
+    meta: SnapshotMeta,
+    file: String,
+}
+
+pub struct StateMachine {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    snapshot_dir: PathBuf,
+    files: Arc<SnapshotFiles>,
+    applied: watch::Sender<u64>,
+}
+
+impl StateMachine {
+    /// Opens the state database under `dir` and returns the state machine for openraft plus a
+    /// pool for readers (the HTTP API).
+    pub async fn open(dir: &Path) -> anyhow::Result<StateMachine> {
+        let db = dir.join("state.db");
+        let snapshot_dir = dir.join("snapshots");
+        tokio::fs::create_dir_all(&snapshot_dir).await?;
+        // The log is the durable record; after a power loss this database may be a little
+        // behind, and openraft re-applies from the log (or from the latest snapshot, below).
+        let writer = open_pool(&db, SqliteSynchronous::Normal, 1).await?;
+        MIGRATOR.run(&writer).await?;
+        sqlx::query("INSERT OR IGNORE INTO raft_applied (id, last_applied, membership) VALUES (1, NULL, ?)")
+            .bind(serde_json::to_string(&StoredMembership::default())?)
+            .execute(&writer)
+            .await?;
+        let reader = open_pool(&db, SqliteSynchronous::Normal, 8).await?;
+        let (applied, _) = watch::channel(0);
+        let mut sm = StateMachine {
+            writer,
+            reader,
+            files: Arc::new(SnapshotFiles {
+                dir: snapshot_dir.clone(),
+                publish_lock: tokio::sync::Mutex::new(()),
+            }),
+            snapshot_dir,
+            applied,
+        };
+        // If the database lost what a snapshot already holds, start again from the snapshot:
+        // the log behind it may have been purged.
+        if let Some(index) = sm.snapshot_index().await? {
+            let (applied, _) = sm.applied_state().await?;
+            if applied < index.meta.last_log_id {
+                tracing::warn!(snapshot = %index.meta.snapshot_id, "state database is behind the latest snapshot; restoring it");
+                sm.restore(&sm.snapshot_dir.join(&index.file)).await?;
+            }
+        }
+        let (applied, _) = sm.applied_state().await?;
+        sm.applied.send_replace(applied.map(|l| l.index).unwrap_or(0));
+        Ok(sm)
+    }
+
+    pub fn reader(&self) -> SqlitePool {
+        self.reader.clone()
+    }
+
+    /// The index of the last applied entry, updated after each applied batch is committed.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    async fn snapshot_index(&self) -> anyhow::Result<Option<SnapshotIndex>> {
+        match tokio::fs::read(self.snapshot_dir.join(CURRENT_SNAPSHOT)).await {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces every table of the state database by the snapshot's, in one transaction.
+    async fn restore(&self, file: &Path) -> Result<(), sqlx::Error> {
+        let mut conn = self.writer.acquire().await?;
+        sqlx::query("ATTACH DATABASE ? AS snap")
+            .bind(file.display().to_string())
+            .execute(&mut *conn)
+            .await?;
+        let copied = async {
+            let mut tx = conn.begin().await?;
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM snap.sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations'",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for table in &tables {
+                let quoted = table.replace('"', "\"\"");
+                sqlx::query(&format!("DELETE FROM main.\"{quoted}\"")).execute(&mut *tx).await?;
+                sqlx::query(&format!("INSERT INTO main.\"{quoted}\" SELECT * FROM snap.\"{quoted}\""))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        let detached = sqlx::query("DETACH DATABASE snap").execute(&mut *conn).await;
+        copied?;
+        detached?;
+        Ok(())
+    }
+
+    async fn write_index(&self, index: &SnapshotIndex) -> std::io::Result<()> {
+        self.files.publish(index).await
+    }
+}
+
+async fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::File::create(path).await?;
+    f.write_all(bytes).await?;
+    f.sync_all().await
+}
+
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// Deletes snapshot files other than `keep`; a failure only leaves a stale file behind.
+async fn remove_other_snapshots(dir: &Path, keep: &str) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".db") && name != keep {
+            if let Err(e) = tokio::fs::remove_file(entry.path()).await {
+                tracing::warn!(file = %name, error = %e, "could not remove old snapshot");
+            }
+        }
+    }
+}
+
+fn snapshot_err(verb: openraft::ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let row = sqlx::query("SELECT last_applied, membership FROM raft_applied WHERE id = 1")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(|e| read_err(ErrorSubject::StateMachine, e))?;
+        let last: Option<String> = row.get(0);
+        let membership: String = row.get(1);
+        let last = match last {
+            Some(s) => Some(serde_json::from_str(&s).map_err(|e| read_err(ErrorSubject::StateMachine, e))?),
+            None => None,
+        };
+        let membership = serde_json::from_str(&membership).map_err(|e| read_err(ErrorSubject::StateMachine, e))?;
+        Ok((last, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let err = |e: sqlx::Error| write_err(ErrorSubject::StateMachine, e);
+        let mut tx = self.writer.begin().await.map_err(err)?;
+        let mut responses = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(CommandResponse::Applied),
+                EntryPayload::Normal(command) => {
+                    let kind = command.kind();
+                    let response = super::apply::apply(&mut tx, command).await.map_err(err)?;
+                    tracing::debug!(index = entry.log_id.index, command = kind, "applied");
+                    responses.push(response);
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    responses.push(CommandResponse::Applied);
+                }
+            }
+        }
+        let Some(last) = last else { return Ok(responses) };
+        let last_json = serde_json::to_string(&last).map_err(|e| write_err(ErrorSubject::StateMachine, e))?;
+        match membership {
+            Some(m) => {
+                let m = serde_json::to_string(&m).map_err(|e| write_err(ErrorSubject::StateMachine, e))?;
+                sqlx::query("UPDATE raft_applied SET last_applied = ?, membership = ? WHERE id = 1")
+                    .bind(last_json)
+                    .bind(m)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+            }
+            None => {
+                sqlx::query("UPDATE raft_applied SET last_applied = ? WHERE id = 1")
+                    .bind(last_json)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().await.map_err(err)?;
+        self.applied.send_replace(last.index);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            reader: self.reader.clone(),
+            dir: self.snapshot_dir.clone(),
+            files: self.files.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        use openraft::ErrorVerb::Write;
+        let file = format!("{}.db", sanitize(&meta.snapshot_id));
+        let path = self.snapshot_dir.join(&file);
+        write_synced(&path, snapshot.get_ref()).await.map_err(|e| snapshot_err(Write, e))?;
+        self.restore(&path).await.map_err(|e| snapshot_err(Write, e))?;
+        self.write_index(&SnapshotIndex {
+            meta: meta.clone(),
+            file,
+        })
+        .await
+        .map_err(|e| snapshot_err(Write, e))?;
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.applied.send_replace(index);
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        use openraft::ErrorVerb::Read;
+        let Some(index) = self.snapshot_index().await.map_err(|e| snapshot_err(Read, AnyhowError(e)))? else {
+            return Ok(None);
+        };
+        let data = tokio::fs::read(self.snapshot_dir.join(&index.file))
+            .await
+            .map_err(|e| snapshot_err(Read, e))?;
+        Ok(Some(Snapshot {
+            meta: index.meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+/// Snapshot ids become file names: keep them to a safe alphabet.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
+
+#[derive(Debug)]
+struct AnyhowError(anyhow::Error);
+
+impl std::fmt::Display for AnyhowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for AnyhowError {}
+
+pub struct SnapshotBuilder {
+    reader: SqlitePool,
+    dir: PathBuf,
+    files: Arc<SnapshotFiles>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        use openraft::ErrorVerb::{Read, Write};
+        let tmp = self.dir.join(format!("building-{}.tmp", uuid::Uuid::new_v4().simple()));
+        // VACUUM INTO reads one consistent version of the database while applies go on.
+        sqlx::query("VACUUM INTO ?")
+            .bind(tmp.display().to_string())
+            .execute(&self.reader)
+            .await
+            .map_err(|e| snapshot_err(Read, e))?;
+        let result = async {
+            let options = SqliteConnectOptions::new().filename(&tmp).read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options).await.map_err(|e| snapshot_err(Read, e))?;
+            let row = sqlx::query("SELECT last_applied, membership FROM raft_applied WHERE id = 1")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| snapshot_err(Read, e))?;
+            conn.close().await.map_err(|e| snapshot_err(Read, e))?;
+            let last: Option<String> = row.get(0);
+            let membership: String = row.get(1);
+            let last_log_id: Option<LogId> = match last {
+                Some(s) => Some(serde_json::from_str(&s).map_err(|e| snapshot_err(Read, e))?),
+                None => None,
+            };
+            let last_membership: StoredMembership = serde_json::from_str(&membership).map_err(|e| snapshot_err(Read, e))?;
+            let snapshot_id = match last_log_id {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, uuid::Uuid::new_v4().simple()),
+                None => format!("0-0-{}", uuid::Uuid::new_v4().simple()),
+            };
+            let file = format!("{snapshot_id}.db");
+            let path = self.dir.join(&file);
+            tokio::fs::File::open(&tmp).await.map_err(|e| snapshot_err(Write, e))?.sync_all().await.map_err(|e| snapshot_err(Write, e))?;
+            tokio::fs::rename(&tmp, &path).await.map_err(|e| snapshot_err(Write, e))?;
+            let meta = SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            };
+            self.files.publish(&SnapshotIndex { meta: meta.clone(), file: file.clone() })
+                .await
+                .map_err(|e| snapshot_err(Write, e))?;
+            let data = tokio::fs::read(&path).await.map_err(|e| snapshot_err(Read, e))?;
+            tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
+    }
+}
+
+/// The snapshot directory, shared by the state machine and the builder that runs beside it.
+pub(crate) struct SnapshotFiles {
+    dir: PathBuf,
+    publish_lock: tokio::sync::Mutex<()>,
+}
+
+impl SnapshotFiles {
+    /// Makes `index` the current snapshot unless a newer one is already current.
+    async fn publish(&self, index: &SnapshotIndex) -> std::io::Result<()> {
+        let _guard = self.publish_lock.lock().await;
+        if let Ok(bytes) = tokio::fs::read(self.dir.join(CURRENT_SNAPSHOT)).await {
+            if let Ok(current) = serde_json::from_slice::<SnapshotIndex>(&bytes) {
+                if current.meta.last_log_id > index.meta.last_log_id {
+                    let _ = tokio::fs::remove_file(self.dir.join(&index.file)).await;
+                    return Ok(());
+                }
+            }
+        }
+        let tmp = self.dir.join("current.json.tmp");
+        let bytes = serde_json::to_vec(index)?;
+        write_synced(&tmp, &bytes).await?;
+        tokio::fs::rename(&tmp, self.dir.join(CURRENT_SNAPSHOT)).await?;
+        sync_dir(&self.dir).await?;
+        remove_other_snapshots(&self.dir, &index.file).await;
+        Ok(())
+    }
+}

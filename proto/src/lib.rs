@@ -1,0 +1,9 @@
+//! Generated gRPC code for the controller-to-controller and agent-to-controller services.
+
+pub mod raft {
+    tonic::include_proto!("deployer.raft.v1");
+}
+
+pub mod cluster {
+    tonic::include_proto!("deployer.cluster.v1");
+}
