@@ -1,30 +1,89 @@
-//! The Raft log in SQLite. Every append is one transaction, fsynced (`synchronous=FULL`) before
-//! openraft is told the entries are durable.
+//! The Raft log in SQLite, with group commit.
+//!
+//! openraft hands each append over and learns of its durability through a callback. A single
+//! writer task takes every pending operation, writes them in one transaction and fsyncs once
+//! (`synchronous=FULL`), then fires the callbacks in order: under load many appends share one
+//! fsync. Entries are also kept in a bounded in-memory tail, so replication can read entries
+//! that are still being flushed, and recent reads skip the database.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, OptionalSend, RaftLogId, RaftLogReader, Vote};
 use sqlx::sqlite::{SqlitePool, SqliteSynchronous};
 use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{open_pool, read_err, write_err};
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/log");
 
+/// Flushed entries kept in memory behind the newest one.
+const TAIL_KEEP: u64 = 4096;
+/// Most operations written in one transaction.
+const MAX_BATCH: usize = 4096;
+
+enum Op {
+    Append {
+        rows: Vec<(i64, Vec<u8>)>,
+        last_index: u64,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        log_id: LogId,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    SaveVote {
+        vote: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Entries appended but possibly not flushed yet, plus the most recent flushed ones.
+#[derive(Default)]
+struct Tail {
+    entries: BTreeMap<u64, Entry>,
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     pool: SqlitePool,
+    ops: mpsc::UnboundedSender<Op>,
+    tail: Arc<Mutex<Tail>>,
 }
+
+#[derive(Debug)]
+struct LogIoError(String);
+
+impl std::fmt::Display for LogIoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LogIoError {}
 
 impl LogStore {
     pub async fn open(path: &Path) -> anyhow::Result<LogStore> {
-        let pool = open_pool(path, SqliteSynchronous::Full, 4).await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(LogStore { pool })
+        let pool = open_pool(path, SqliteSynchronous::Full, 4, Some(&MIGRATOR)).await?;
+        let (ops, rx) = mpsc::unbounded_channel();
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        // The writer ends when the last LogStore handle (owned by openraft) is dropped.
+        tokio::spawn(writer(pool.clone(), rx, tail.clone()));
+        Ok(LogStore { pool, ops, tail })
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -44,19 +103,97 @@ impl LogStore {
         }
     }
 
-    async fn set_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| write_err(ErrorSubject::Store, e))?;
-        sqlx::query("INSERT INTO log_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-            .bind(key)
-            .bind(bytes)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| write_err(ErrorSubject::Store, e))?;
-        Ok(())
+    /// Queues `op` for the writer and waits until it is durable.
+    async fn submit(&self, op: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into()));
+        self.ops.send(op(tx)).map_err(|_| gone())?;
+        rx.await
+            .map_err(|_| gone())?
+            .map_err(|e| write_err(ErrorSubject::Logs, LogIoError(e)))
     }
 }
 
-fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
+async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc<Mutex<Tail>>) {
+    let mut batch = Vec::new();
+    while let Some(op) = rx.recv().await {
+        batch.push(op);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&pool, &batch).await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "writing the Raft log failed");
+        }
+        let mut flushed = None;
+        for op in batch.drain(..) {
+            match op {
+                Op::Append {
+                    callback, last_index, ..
+                } => {
+                    flushed = Some(last_index);
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                }
+                Op::Truncate { done, .. } | Op::Purge { done, .. } | Op::SaveVote { done, .. } => {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+        if let (Some(last), Ok(())) = (flushed, &result) {
+            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+            let keep_from = last.saturating_sub(TAIL_KEEP);
+            tail.entries = tail.entries.split_off(&keep_from);
+        }
+    }
+}
+
+async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for op in batch {
+        match op {
+            Op::Append { rows, .. } => {
+                for (index, bytes) in rows {
+                    sqlx::query("INSERT OR REPLACE INTO log (idx, entry) VALUES (?, ?)")
+                        .bind(index)
+                        .bind(bytes)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            Op::Truncate { from, .. } => {
+                sqlx::query("DELETE FROM log WHERE idx >= ?")
+                    .bind(*from as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Op::Purge { log_id, .. } => {
+                let value = serde_json::to_vec(log_id).unwrap_or_default();
+                set_meta(&mut tx, "last_purged", value).await?;
+                sqlx::query("DELETE FROM log WHERE idx <= ?")
+                    .bind(log_id.index as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Op::SaveVote { vote, .. } => set_meta(&mut tx, "vote", vote.clone()).await?,
+        }
+    }
+    // synchronous=FULL: the commit returns once the WAL is fsynced.
+    tx.commit().await
+}
+
+async fn set_meta(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &str, value: Vec<u8>) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO log_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        .bind(key)
+        .bind(value)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     let start = match range.start_bound() {
         Bound::Included(&s) => s,
         Bound::Excluded(&s) => s.saturating_add(1),
@@ -65,10 +202,10 @@ fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
     let end = match range.end_bound() {
         Bound::Included(&e) => e.saturating_add(1),
         Bound::Excluded(&e) => e,
-        Bound::Unbounded => u64::MAX,
+        Bound::Unbounded => i64::MAX as u64,
     };
     // SQLite integers are signed; log indexes never come near i64::MAX.
-    (start.min(i64::MAX as u64) as i64, end.min(i64::MAX as u64) as i64)
+    (start.min(i64::MAX as u64), end.min(i64::MAX as u64))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -77,18 +214,40 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let (start, end) = bounds(&range);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        // Everything below the tail's first index is already flushed, so the database has it.
+        let (tail_first, from_tail): (u64, Vec<Entry>) = {
+            let tail = self.tail();
+            let first = tail.entries.keys().next().copied().unwrap_or(u64::MAX);
+            let lo = start.max(first);
+            let entries = if lo < end {
+                tail.entries.range(lo..end).map(|(_, e)| e.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            (first, entries)
+        };
+        if start >= tail_first {
+            return Ok(from_tail);
+        }
+        let db_end = end.min(tail_first);
         let rows = sqlx::query("SELECT entry FROM log WHERE idx >= ? AND idx < ? ORDER BY idx")
-            .bind(start)
-            .bind(end)
+            .bind(start as i64)
+            .bind(db_end as i64)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| read_err(ErrorSubject::Logs, e))?;
-        rows.iter()
+        let mut entries = rows
+            .iter()
             .map(|row| {
                 let bytes: &[u8] = row.get(0);
                 serde_json::from_slice::<Entry>(bytes).map_err(|e| read_err(ErrorSubject::Logs, e))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        entries.extend(from_tail);
+        Ok(entries)
     }
 }
 
@@ -97,6 +256,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.meta("last_purged").await?;
+        if let Some(last) = self.tail().entries.values().next_back() {
+            return Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id: Some(*last.get_log_id()),
+            });
+        }
         let row = sqlx::query("SELECT entry FROM log ORDER BY idx DESC LIMIT 1")
             .fetch_optional(&self.pool)
             .await
@@ -120,7 +285,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.set_meta("vote", vote).await
+        let vote = serde_json::to_vec(vote).map_err(|e| write_err(ErrorSubject::Vote, e))?;
+        self.submit(|done| Op::SaveVote { vote, done }).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -132,39 +298,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut tx = self.pool.begin().await.map_err(|e| write_err(ErrorSubject::Logs, e))?;
-        for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(|e| write_err(ErrorSubject::Logs, e))?;
-            sqlx::query("INSERT OR REPLACE INTO log (idx, entry) VALUES (?, ?)")
-                .bind(entry.get_log_id().index as i64)
-                .bind(bytes)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        let mut rows = Vec::new();
+        let mut last_index = 0;
+        {
+            let mut tail = self.tail();
+            for entry in entries {
+                let bytes = serde_json::to_vec(&entry).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+                let index = entry.get_log_id().index;
+                rows.push((index as i64, bytes));
+                last_index = index;
+                tail.entries.insert(index, entry);
+            }
         }
-        // synchronous=FULL: the commit returns after the WAL is fsynced.
-        tx.commit().await.map_err(|e| write_err(ErrorSubject::Logs, e))?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
+        self.ops
+            .send(Op::Append {
+                rows,
+                last_index,
+                callback,
+            })
+            .map_err(|_| write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into())))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        sqlx::query("DELETE FROM log WHERE idx >= ?")
-            .bind(log_id.index as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| write_err(ErrorSubject::Logs, e))?;
-        Ok(())
+        let from = log_id.index;
+        self.tail().entries.split_off(&from);
+        self.submit(|done| Op::Truncate { from, done }).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first: a crash between the two leaves extra entries, never a gap.
-        self.set_meta("last_purged", &log_id).await?;
-        sqlx::query("DELETE FROM log WHERE idx <= ?")
-            .bind(log_id.index as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| write_err(ErrorSubject::Logs, e))?;
-        Ok(())
+        {
+            let mut tail = self.tail();
+            tail.entries = tail.entries.split_off(&(log_id.index + 1));
+        }
+        self.submit(|done| Op::Purge { log_id, done }).await
     }
 }

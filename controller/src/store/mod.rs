@@ -15,11 +15,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use crate::raft::StorageError;
 
-/// Opens (creating if needed) a WAL-mode SQLite database.
+/// Opens (creating if needed) a WAL-mode SQLite database and applies `migrator` first, on a
+/// single connection, so that no two connections race to switch a new file to WAL.
 pub(crate) async fn open_pool(
     path: &Path,
     synchronous: SqliteSynchronous,
     max_connections: u32,
+    migrator: Option<&sqlx::migrate::Migrator>,
 ) -> Result<SqlitePool, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
         .create_if_missing(true)
@@ -27,6 +29,11 @@ pub(crate) async fn open_pool(
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
+    let first = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+    if let Some(m) = migrator {
+        m.run(&first).await?;
+    }
+    first.close().await;
     SqlitePoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1)
@@ -43,3 +50,6 @@ pub(crate) fn read_err(subject: ErrorSubject<u64>, e: impl std::error::Error + '
 pub(crate) fn write_err(subject: ErrorSubject<u64>, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(subject, ErrorVerb::Write, openraft::AnyError::new(&e)).into()
 }
+
+#[cfg(test)]
+mod suite_test;

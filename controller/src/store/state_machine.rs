@@ -44,13 +44,12 @@ impl StateMachine {
         tokio::fs::create_dir_all(&snapshot_dir).await?;
         // The log is the durable record; after a power loss this database may be a little
         // behind, and openraft re-applies from the log (or from the latest snapshot, below).
-        let writer = open_pool(&db, SqliteSynchronous::Normal, 1).await?;
-        MIGRATOR.run(&writer).await?;
+        let writer = open_pool(&db, SqliteSynchronous::Normal, 1, Some(&MIGRATOR)).await?;
         sqlx::query("INSERT OR IGNORE INTO raft_applied (id, last_applied, membership) VALUES (1, NULL, ?)")
             .bind(serde_json::to_string(&StoredMembership::default())?)
             .execute(&writer)
             .await?;
-        let reader = open_pool(&db, SqliteSynchronous::Normal, 8).await?;
+        let reader = open_pool(&db, SqliteSynchronous::Normal, 8, None).await?;
         let (applied, _) = watch::channel(0);
         let mut sm = StateMachine {
             writer,
