@@ -34,6 +34,10 @@ pub enum ProposeError {
     NoLeader,
     #[error("the leader did not answer: {0}")]
     Forward(String),
+    #[error("this controller leads but has lost contact with a majority of the cluster for {0} ms; nothing was written; retry once more controllers are up")]
+    NoQuorum(u64),
+    #[error("the write was not confirmed within {0:?}: the cluster may have lost its quorum; it may still be applied once the quorum is back, so check before retrying")]
+    Unconfirmed(Duration),
     #[error("the controller is shutting down")]
     ShuttingDown,
     #[error("timed out waiting for this node to apply the change")]
@@ -71,7 +75,12 @@ impl Controller {
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            match self.raft.client_write(command.clone()).await {
+            self.check_quorum_contact()?;
+            let write = tokio::time::timeout_at(deadline, self.raft.client_write(command.clone()));
+            let Ok(result) = write.await else {
+                return Err(ProposeError::Unconfirmed(LEADER_WAIT));
+            };
+            match result {
                 Ok(reply) => return Ok(reply.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     let leader = match f.leader_node {
@@ -106,6 +115,20 @@ impl Controller {
                 }
                 Err(RaftError::Fatal(_)) => return Err(ProposeError::ShuttingDown),
             }
+        }
+    }
+
+    /// A leader that has not heard from a majority for several election timeouts is likely cut
+    /// off: refuse before proposing, so the write is not left pending in its log.
+    fn check_quorum_contact(&self) -> Result<(), ProposeError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != openraft::ServerState::Leader {
+            return Ok(());
+        }
+        let limit = self.raft.config().election_timeout_max * 2;
+        match metrics.millis_since_quorum_ack {
+            Some(ms) if ms > limit => Err(ProposeError::NoQuorum(ms)),
+            _ => Ok(()),
         }
     }
 

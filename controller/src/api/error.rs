@@ -70,6 +70,10 @@ impl From<ProposeError> for ApiError {
             ProposeError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string())
             }
+            ProposeError::NoQuorum(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", e.to_string()),
+            ProposeError::Unconfirmed(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unconfirmed", e.to_string())
+            }
             _ => ApiError::unavailable(e.to_string()),
         }
     }
