@@ -35,6 +35,8 @@ use crate::util::now_ms;
 const NODE_FILE: &str = "node.json";
 const KEYRING_FILE: &str = "keyring";
 const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The admin token before it is committed; renamed to `admin-token` once it works.
+const ADMIN_TOKEN_PENDING_FILE: &str = "admin-token.pending";
 const PENDING_FILE: &str = "bootstrap-pending.json";
 
 /// Everything `serve` needs, from flags and environment.
@@ -98,6 +100,9 @@ impl Paths {
     }
     fn admin_token(&self) -> PathBuf {
         self.dir.join(ADMIN_TOKEN_FILE)
+    }
+    fn admin_token_pending(&self) -> PathBuf {
+        self.dir.join(ADMIN_TOKEN_PENDING_FILE)
     }
     fn pending(&self) -> PathBuf {
         self.dir.join(PENDING_FILE)
@@ -224,23 +229,40 @@ pub async fn serve(
         let controller = controller.clone();
         let paths = Paths { dir: paths.dir.clone() };
         let record = record.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let work = finish_stage(&controller, &paths, record);
-            tokio::select! {
-                r = work => if let Err(e) = r { tracing::error!(error = %format!("{e:#}"), "could not finish joining or bootstrapping"); },
-                _ = stop.wait_for(|s| *s) => {}
-            }
-        })
+        tokio::spawn(async move { finish_stage(&controller, &paths, record).await })
     };
     if record.stage == Stage::Member {
         write_record(&paths, &record)?;
     }
 
-    shutdown.await;
+    // Runs until the shutdown signal, or until finishing the bootstrap or join fails, which
+    // leaves the node useless: then it stops and reports the error.
+    tokio::pin!(shutdown);
+    let mut finisher = Some(finisher);
+    let failure = loop {
+        match &mut finisher {
+            Some(task) => tokio::select! {
+                _ = &mut shutdown => break None,
+                result = task => {
+                    finisher = None;
+                    match result {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => break Some(e.context("could not finish bootstrapping or joining")),
+                        Err(e) => break Some(anyhow::anyhow!("the bootstrap task failed: {e}")),
+                    }
+                }
+            },
+            None => {
+                (&mut shutdown).await;
+                break None;
+            }
+        }
+    };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    finisher.abort();
+    if let Some(task) = finisher {
+        task.abort();
+    }
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),
@@ -258,7 +280,10 @@ pub async fn serve(
         tracing::warn!(error = %e, "Raft shutdown failed");
     }
     tracing::info!("Raft stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
@@ -298,7 +323,7 @@ fn bootstrap(paths: &Paths, grpc_addr: String, http_addr: String) -> anyhow::Res
     };
     write_atomic(&paths.pending(), &serde_json::to_vec(&pending)?, true)?;
     let admin_token = format!("dpl_{}", random_hex(32));
-    write_atomic(&paths.admin_token(), format!("{admin_token}\n").as_bytes(), true)?;
+    write_atomic(&paths.admin_token_pending(), format!("{admin_token}\n").as_bytes(), true)?;
     let record = NodeRecord {
         node_id,
         grpc_addr,
@@ -403,7 +428,11 @@ async fn finish_bootstrap(c: &Controller, paths: &Paths) -> anyhow::Result<()> {
         })
         .await?;
     }
-    let admin_token = read_text(&paths.admin_token())?;
+    // The token file appears under its final name only once the token is committed, so whoever
+    // waits for the file can use it at once.
+    let pending_token = paths.admin_token_pending();
+    let token_file = if pending_token.exists() { pending_token.clone() } else { paths.admin_token() };
+    let admin_token = read_text(&token_file)?;
     let hash = hash_secret(admin_token.trim());
     if c.state.api_token_by_hash(&hash).await?.is_none() {
         c.propose(Command::CreateApiToken {
@@ -415,6 +444,10 @@ async fn finish_bootstrap(c: &Controller, paths: &Paths) -> anyhow::Result<()> {
             expires_at: None,
         })
         .await?;
+    }
+    if token_file == pending_token {
+        std::fs::rename(&pending_token, paths.admin_token())?;
+        std::fs::File::open(&paths.dir)?.sync_all()?;
     }
     tracing::info!(path = %paths.admin_token().display(), "cluster bootstrapped; admin API token written");
     Ok(())

@@ -6,11 +6,24 @@ pub fn now_ms() -> UnixMillis {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// RFC 3339 in UTC with exactly three fractional digits, so timestamps line up and sort as text.
 pub fn rfc3339(ms: UnixMillis) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| t.format(FORMAT).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_have_fixed_width() {
+        assert_eq!(super::rfc3339(1_764_000_000_400), "2025-11-24T16:00:00.400Z");
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
 }
 
 pub fn new_id() -> String {

@@ -104,6 +104,13 @@ async fn list(
         return Err(ApiError::validation("limit must be between 1 and 1000"));
     }
     c.read_barrier().await?;
+    if let Some(before) = &query.before {
+        if c.state.project(before).await?.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "before must be the id of a listed project; there is no project {before}"
+            )));
+        }
+    }
     let projects = c.state.projects(limit, query.before.as_deref()).await?;
     Ok(Json(projects.into_iter().map(ProjectView::from).collect()))
 }

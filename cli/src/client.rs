@@ -1,0 +1,305 @@
+//! The HTTP client of the Deployer API, and the errors a user of the CLI can see.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+const TOKEN_HINT: &str =
+    "set DEPLOYER_TOKEN or pass --token; a new cluster's admin token is in <data-dir>/admin-token \
+     (export DEPLOYER_TOKEN=$(cat <data-dir>/admin-token))";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The invocation cannot work as given; exits 2 like clap's own usage errors.
+    #[error("{message}")]
+    Usage {
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("cannot reach the controller at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// The API's own `{"error":{"code","message"}}` answer.
+    #[error("{message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Unexpected(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CliError::Usage { hint, .. } => hint.clone(),
+            CliError::Unreachable { .. } => Some(
+                "is the controller running? set DEPLOYER_URL (or pass --url) to its HTTP address"
+                    .into(),
+            ),
+            CliError::Api { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                Some(format!("check the token: {TOKEN_HINT}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An answer of the API: its body as sent (kept for `--output json`) and parsed.
+pub struct Answer {
+    pub raw: String,
+    pub json: Value,
+}
+
+impl Answer {
+    /// The body as one of the CLI's views of a resource.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CliError> {
+        serde_json::from_value(self.json.clone()).map_err(|e| {
+            CliError::Unexpected(format!(
+                "the controller's answer has an unexpected shape: {e}"
+            ))
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.trim().is_empty()
+    }
+}
+
+pub struct Client {
+    base: Url,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Result<Client, CliError> {
+        let usage = |message: String| {
+            CliError::Usage {
+            message,
+            hint: Some("set DEPLOYER_URL (or pass --url) to the controller's HTTP address, like http://127.0.0.1:7700".into()),
+        }
+        };
+        if !url.contains("://") {
+            return Err(usage(format!(
+                "invalid controller URL {url:?}: it needs a scheme, as in http://{url}"
+            )));
+        }
+        let base =
+            Url::parse(url).map_err(|e| usage(format!("invalid controller URL {url:?}: {e}")))?;
+        match base.scheme() {
+            "http" => {}
+            // This build of reqwest has no TLS, and the controller's API serves plain HTTP for now.
+            "https" => {
+                return Err(usage(format!(
+                "{url}: https:// URLs are not supported yet; use the controller's http:// address"
+            )))
+            }
+            other => {
+                return Err(usage(format!(
+                    "{url}: unsupported URL scheme {other:?}; use http://"
+                )))
+            }
+        }
+        if base.cannot_be_a_base() || base.host().is_none() {
+            return Err(usage(format!(
+                "invalid controller URL {url:?}: it has no host"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("deployer-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CliError::Unexpected(format!("cannot set up the HTTP client: {e}")))?;
+        Ok(Client {
+            base,
+            token: token.filter(|t| !t.trim().is_empty()),
+            http,
+        })
+    }
+
+    /// `<base>/api/v1/<segments...>`, each segment percent-encoded so an id cannot change the route.
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.set_fragment(None);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", "v1"]).extend(segments);
+        }
+        url
+    }
+
+    /// A base URL for messages: what the user set, without a trailing slash.
+    fn shown_base(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    pub async fn get(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Answer, CliError> {
+        self.send(Method::GET, segments, query, None, true).await
+    }
+
+    /// A GET that needs no token (the health check).
+    pub async fn get_public(&self, segments: &[&str]) -> Result<Answer, CliError> {
+        self.send(Method::GET, segments, &[], None, false).await
+    }
+
+    pub async fn post(&self, segments: &[&str], body: &Value) -> Result<Answer, CliError> {
+        self.send(Method::POST, segments, &[], Some(body), true)
+            .await
+    }
+
+    pub async fn delete(&self, segments: &[&str]) -> Result<Answer, CliError> {
+        self.send(Method::DELETE, segments, &[], None, true).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        auth: bool,
+    ) -> Result<Answer, CliError> {
+        // The URL parser drops "." and ".." segments, which would turn `show ..` into a listing.
+        if let Some(bad) = segments
+            .iter()
+            .find(|s| matches!(s.trim(), "" | "." | ".."))
+        {
+            return Err(CliError::Usage {
+                message: format!("{bad:?} is not a valid id"),
+                hint: None,
+            });
+        }
+        let mut request = self.http.request(method, self.endpoint(segments));
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if auth {
+            let token = self.token.as_deref().ok_or_else(|| CliError::Usage {
+                message: "this command needs an API token, and none was given".into(),
+                hint: Some(TOKEN_HINT.into()),
+            })?;
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        let raw = response.text().await.map_err(|e| self.unreachable(&e))?;
+        let parsed = if raw.trim().is_empty() {
+            Ok(Value::Null)
+        } else {
+            serde_json::from_str::<Value>(&raw)
+        };
+        match parsed {
+            Ok(json) if status.is_success() => Ok(Answer { raw, json }),
+            Ok(json) => match api_error(&json) {
+                Some((code, message)) => Err(CliError::Api {
+                    status,
+                    code,
+                    message,
+                }),
+                None => Err(self.not_the_api(status, &raw)),
+            },
+            Err(_) => Err(self.not_the_api(status, &raw)),
+        }
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> CliError {
+        let reason = if e.is_timeout() {
+            format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+        } else {
+            root_cause(e)
+        };
+        CliError::Unreachable {
+            url: self.shown_base(),
+            reason,
+        }
+    }
+
+    fn not_the_api(&self, status: StatusCode, raw: &str) -> CliError {
+        let mut excerpt: String = raw.trim().chars().take(200).collect();
+        if excerpt.is_empty() {
+            excerpt = "(empty body)".into();
+        }
+        CliError::Unexpected(format!(
+            "{} answered HTTP {status}, which is not a Deployer API answer: {excerpt}\n\
+             hint: is DEPLOYER_URL the controller's HTTP API address?",
+            self.shown_base()
+        ))
+    }
+}
+
+/// `{"error":{"code","message"}}`, the API's one error shape.
+fn api_error(json: &Value) -> Option<(String, String)> {
+    let error = json.get("error")?;
+    let message = error.get("message")?.as_str()?.to_string();
+    let code = error
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    Some((code, message))
+}
+
+/// The innermost cause says what went wrong ("Connection refused"); the outer ones say where.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_keep_a_base_path_and_encode_ids() {
+        let c = Client::new("http://h:1/deployer/", None).unwrap();
+        assert_eq!(
+            c.endpoint(&["projects", "a/b c"]).as_str(),
+            "http://h:1/deployer/api/v1/projects/a%2Fb%20c"
+        );
+        let c = Client::new("http://h:1", None).unwrap();
+        assert_eq!(c.endpoint(&["health"]).as_str(), "http://h:1/api/v1/health");
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_accepted() {
+        for bad in ["https://h:1", "ftp://h", "127.0.0.1:7700", "not a url"] {
+            let e = Client::new(bad, None)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} should be refused"));
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_errors_are_recognized() {
+        let v = serde_json::json!({"error": {"code": "conflict", "message": "taken"}});
+        assert_eq!(api_error(&v), Some(("conflict".into(), "taken".into())));
+        assert_eq!(api_error(&serde_json::json!({"status": "ok"})), None);
+    }
+}
