@@ -75,46 +75,54 @@ impl Controller {
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            self.check_quorum_contact()?;
-            let write = tokio::time::timeout_at(deadline, self.raft.client_write(command.clone()));
-            let Ok(result) = write.await else {
-                return Err(ProposeError::Unconfirmed(LEADER_WAIT));
+            let leader = match self.propose_local(command.clone(), deadline).await? {
+                LocalWrite::Done(response, _) => return Ok(response),
+                LocalWrite::NotLeader(Some(node)) => Some(node),
+                LocalWrite::NotLeader(None) => self.wait_for_leader(deadline).await.map(|(_, n)| n),
             };
-            match result {
-                Ok(reply) => return Ok(reply.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    let leader = match f.leader_node {
-                        Some(node) => Some(node),
-                        None => self.wait_for_leader(deadline).await.map(|(_, n)| n),
-                    };
-                    let Some(leader) = leader else {
-                        return Err(ProposeError::NoLeader);
-                    };
-                    if leader == self.node {
-                        // We are about to become leader, or just stopped being it: try again.
-                        if tokio::time::Instant::now() > deadline {
-                            return Err(ProposeError::NoLeader);
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    match self.forward(&leader, &command).await {
-                        Ok((response, index)) => {
-                            self.wait_applied(index, deadline).await?;
-                            return Ok(response);
-                        }
-                        Err(e) if tokio::time::Instant::now() < deadline => {
-                            tracing::debug!(error = %e, "forwarding to the leader failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(ProposeError::Forward(e.to_string()))
-                }
-                Err(RaftError::Fatal(_)) => return Err(ProposeError::ShuttingDown),
+            let Some(leader) = leader else {
+                return Err(ProposeError::NoLeader);
+            };
+            if tokio::time::Instant::now() > deadline {
+                return Err(ProposeError::NoLeader);
             }
+            if leader == self.node {
+                // We are about to become leader, or just stopped being it: try again.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            match self.forward(&leader, &command, deadline).await {
+                Ok((response, index)) => {
+                    self.wait_applied(index, deadline).await?;
+                    return Ok(response);
+                }
+                Err(Forwarded::Retry(e)) => {
+                    tracing::debug!(error = %e, "forwarding to the leader failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Forwarded::Final(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Proposes on this node if it is the leader; otherwise says who leads, if known.
+    pub async fn propose_local(
+        &self,
+        command: Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<LocalWrite, ProposeError> {
+        self.check_quorum_contact()?;
+        let write = tokio::time::timeout_at(deadline, self.raft.client_write(command));
+        let Ok(result) = write.await else {
+            return Err(ProposeError::Unconfirmed(LEADER_WAIT));
+        };
+        match result {
+            Ok(reply) => Ok(LocalWrite::Done(reply.data, reply.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(LocalWrite::NotLeader(f.leader_node)),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ProposeError::Forward(e.to_string()))
+            }
+            Err(RaftError::Fatal(_)) => Err(ProposeError::ShuttingDown),
         }
     }
 
@@ -132,20 +140,23 @@ impl Controller {
         }
     }
 
-    async fn forward(&self, leader: &ControllerNode, command: &Command) -> Result<(CommandResponse, u64), ProposeError> {
-        let channel = self
-            .peers
-            .get(&leader.grpc_addr)
-            .map_err(|e| ProposeError::Forward(e.to_string()))?;
-        let bytes = serde_json::to_vec(command).map_err(|e| ProposeError::Forward(e.to_string()))?;
+    async fn forward(
+        &self,
+        leader: &ControllerNode,
+        command: &Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<(CommandResponse, u64), Forwarded> {
+        let retry = |e: String| Forwarded::Retry(e);
+        let channel = self.peers.get(&leader.grpc_addr).map_err(|e| retry(e.to_string()))?;
+        let bytes = serde_json::to_vec(command).map_err(|e| Forwarded::Final(ProposeError::Forward(e.to_string())))?;
         let mut request = tonic::Request::new(ProposeRequest { command: bytes });
-        request.set_timeout(LEADER_WAIT);
-        let reply = ClusterClient::new(channel)
-            .propose(request)
-            .await
-            .map_err(|s| ProposeError::Forward(format!("{:?}: {}", s.code(), s.message())))?
-            .into_inner();
-        let response = serde_json::from_slice(&reply.response).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let reply = match ClusterClient::new(channel).propose(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Err(classify_forward_error(&status)),
+        };
+        let response = serde_json::from_slice(&reply.response)
+            .map_err(|e| Forwarded::Final(ProposeError::Forward(e.to_string())))?;
         Ok((response, reply.log_index))
     }
 
@@ -164,7 +175,10 @@ impl Controller {
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            let index = match self.raft.ensure_linearizable().await {
+            let Ok(check) = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await else {
+                return Err(ProposeError::NoLeader);
+            };
+            let index = match check {
                 Ok(read_log_id) => read_log_id.map(|l| l.index).unwrap_or(0),
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
                     let Some((_, leader)) = self.wait_for_leader(deadline).await else {
@@ -212,3 +226,60 @@ impl Controller {
 }
 
 pub type SharedController = Arc<Controller>;
+
+pub enum LocalWrite {
+    /// Committed and applied here, at this log index.
+    Done(CommandResponse, u64),
+    /// Another node leads (if known).
+    NotLeader(Option<ControllerNode>),
+}
+
+pub enum Forwarded {
+    /// The leader surely did not take the command (it was not leader, or was not reached).
+    Retry(String),
+    Final(ProposeError),
+}
+
+/// Metadata key carrying why the leader refused a forwarded write.
+pub const ERROR_KIND: &str = "x-deployer-error";
+
+/// Encodes a leader-side refusal of a forwarded write, so the follower can tell its client.
+pub fn propose_error_status(e: &ProposeError) -> tonic::Status {
+    let (code, kind) = match e {
+        ProposeError::NoQuorum(_) => (tonic::Code::Unavailable, "no_quorum"),
+        ProposeError::Unconfirmed(_) => (tonic::Code::DeadlineExceeded, "unconfirmed"),
+        ProposeError::NoLeader => (tonic::Code::FailedPrecondition, "no_leader"),
+        ProposeError::ShuttingDown => (tonic::Code::Unavailable, "shutting_down"),
+        _ => (tonic::Code::Unavailable, "forward"),
+    };
+    let mut status = tonic::Status::new(code, e.to_string());
+    if let Ok(v) = kind.parse() {
+        status.metadata_mut().insert(ERROR_KIND, v);
+    }
+    status
+}
+
+fn classify_forward_error(status: &tonic::Status) -> Forwarded {
+    let kind = status.metadata().get(ERROR_KIND).and_then(|v| v.to_str().ok());
+    match kind {
+        Some("no_quorum") => {
+            let ms = status
+                .message()
+                .split_whitespace()
+                .find_map(|w| w.parse().ok())
+                .unwrap_or_default();
+            Forwarded::Final(ProposeError::NoQuorum(ms))
+        }
+        Some("unconfirmed") => Forwarded::Final(ProposeError::Unconfirmed(LEADER_WAIT)),
+        Some("shutting_down") | Some("no_leader") => Forwarded::Retry(status.message().to_string()),
+        Some(_) => Forwarded::Final(ProposeError::Forward(status.message().to_string())),
+        // Not leader any more, or not reached: the command was not proposed there.
+        None if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::Unavailable) => {
+            Forwarded::Retry(format!("{:?}: {}", status.code(), status.message()))
+        }
+        None if status.code() == tonic::Code::DeadlineExceeded => {
+            Forwarded::Final(ProposeError::Unconfirmed(LEADER_WAIT))
+        }
+        None => Forwarded::Final(ProposeError::Forward(format!("{:?}: {}", status.code(), status.message()))),
+    }
+}

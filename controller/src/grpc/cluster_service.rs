@@ -16,12 +16,38 @@ use openraft::ChangeMembers;
 
 use super::require_controller;
 use crate::command::{Command, JoinTokenKind};
-use crate::controller::SharedController;
+use crate::controller::{propose_error_status, LocalWrite, SharedController};
 use crate::raft::ControllerNode;
 use crate::util::{new_node_id, now_ms, rfc3339};
 
 /// Controller certificates are long-lived; agents get short-lived ones (agents issue).
 const CONTROLLER_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The caller's deadline (grpc-timeout), at most five seconds.
+fn request_deadline<T>(request: &tonic::Request<T>) -> Duration {
+    let max = Duration::from_secs(5);
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(max, |d| d.min(max))
+}
+
+/// `grpc-timeout` is an integer and a unit: H, M, S, m (ms), u (µs), n (ns).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Metadata key naming the leader's gRPC address when a call reached a follower.
 pub const LEADER_HINT: &str = "x-deployer-leader";
@@ -144,16 +170,14 @@ impl Cluster for ClusterService {
         require_controller(&request)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command)
             .map_err(|e| tonic::Status::invalid_argument(format!("malformed command: {e}")))?;
-        match self.controller.raft.client_write(command).await {
-            Ok(reply) => {
-                let response = serde_json::to_vec(&reply.data).map_err(|e| tonic::Status::internal(e.to_string()))?;
-                Ok(tonic::Response::new(ProposeReply {
-                    response,
-                    log_index: reply.log_id.index,
-                }))
+        let deadline = tokio::time::Instant::now() + request_deadline(&request);
+        match self.controller.propose_local(command, deadline).await {
+            Ok(LocalWrite::Done(response, log_index)) => {
+                let response = serde_json::to_vec(&response).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                Ok(tonic::Response::new(ProposeReply { response, log_index }))
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            Ok(LocalWrite::NotLeader(_)) => Err(self.not_leader()),
+            Err(e) => Err(propose_error_status(&e)),
         }
     }
 
