@@ -154,6 +154,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: args.token,
                 tuning: args.tuning.into(),
             };
+            if let Some(token) = &config.token {
+                deployer_common::token::JoinToken::parse(token)
+                    .map_err(|e| ConfigError(format!("invalid --token: {e}")))?;
+            }
             if config.join.as_deref().is_some_and(|j| !j.starts_with("https://")) {
                 return Err(ConfigError("--join must look like https://HOST:PORT (a controller's gRPC address)".into()).into());
             }

@@ -17,15 +17,6 @@ pub fn rfc3339(ms: UnixMillis) -> String {
         .unwrap_or_default()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_have_fixed_width() {
-        assert_eq!(super::rfc3339(1_764_000_000_400), "2025-11-24T16:00:00.400Z");
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
-    }
-}
-
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -35,4 +26,13 @@ pub fn new_node_id() -> u64 {
     let bytes = uuid::Uuid::new_v4();
     let n = u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([1; 8]));
     (n & ((1 << 53) - 1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_have_fixed_width() {
+        assert_eq!(super::rfc3339(1_764_000_000_400), "2025-11-24T16:00:00.400Z");
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
 }

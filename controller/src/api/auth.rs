@@ -49,11 +49,20 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be \"Bearer <token>\""))?;
-        let row = state
-            .state
-            .api_token_by_hash(&hash_secret(token))
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("the API token is not valid"))?;
+        let hash = hash_secret(token);
+        let row = match state.state.api_token_by_hash(&hash).await? {
+            Some(row) => row,
+            None => {
+                // This node may lag behind the cluster (just joined, or restarted): catch up
+                // before calling a token unknown.
+                state.read_barrier().await?;
+                state
+                    .state
+                    .api_token_by_hash(&hash)
+                    .await?
+                    .ok_or_else(|| ApiError::unauthorized("the API token is not valid"))?
+            }
+        };
         if row.revoked_at.is_some() {
             return Err(ApiError::unauthorized("the API token has been revoked"));
         }

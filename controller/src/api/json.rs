@@ -17,8 +17,16 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+        // Parse to a value first: serde would also fill a struct from an array of its fields.
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => {
+                if !v.is_object() {
+                    return Err(ApiError::validation("the request body must be a JSON object"));
+                }
+                serde_json::from_value(v)
+                    .map(ApiJson)
+                    .map_err(|e| ApiError::validation(format!("invalid request body: {e}")))
+            }
             Err(rejection) => Err(match &rejection {
                 JsonRejection::JsonDataError(e) => ApiError::validation(format!("invalid request body: {}", e.body_text())),
                 JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(format!("malformed JSON: {}", e.body_text())),
