@@ -79,6 +79,9 @@ struct TuningArgs {
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long, env = "DEPLOYER_RAFT_KEEP_LOGS", default_value_t = RaftTuning::default().keep_logs_after_snapshot)]
     raft_keep_logs: u64,
+    /// Size of the chunks a snapshot is sent in.
+    #[arg(long, env = "DEPLOYER_RAFT_SNAPSHOT_CHUNK_BYTES", default_value_t = RaftTuning::default().snapshot_chunk_bytes)]
+    raft_snapshot_chunk_bytes: u64,
 }
 
 impl From<TuningArgs> for RaftTuning {
@@ -89,6 +92,7 @@ impl From<TuningArgs> for RaftTuning {
             election_max_ms: a.raft_election_max_ms,
             snapshot_after_logs: a.raft_snapshot_logs,
             keep_logs_after_snapshot: a.raft_keep_logs,
+            snapshot_chunk_bytes: a.raft_snapshot_chunk_bytes,
         }
     }
 }

@@ -203,7 +203,11 @@ async fn log_extent(dir: &Path) -> anyhow::Result<LogExtent> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_was_down_while_the_log_was_purged_catches_up_through_a_snapshot() {
-    let mut cluster = Cluster::start(3, &["--raft-snapshot-logs", "20", "--raft-keep-logs", "0"])
+    let mut cluster = Cluster::start(
+        3,
+        // Small chunks, so the snapshot (tens of KiB) crosses in many InstallSnapshot calls.
+        &["--raft-snapshot-logs", "20", "--raft-keep-logs", "0", "--raft-snapshot-chunk-bytes", "4096"],
+    )
         .await
         .expect("start three controllers");
     let leader = cluster.leader().await.expect("a leader");

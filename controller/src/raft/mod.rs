@@ -53,6 +53,8 @@ pub struct RaftTuning {
     pub snapshot_after_logs: u64,
     /// Entries kept behind a snapshot, so a briefly lagging follower is fed from the log.
     pub keep_logs_after_snapshot: u64,
+    /// Snapshots travel to lagging followers in chunks of this many bytes.
+    pub snapshot_chunk_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -63,6 +65,7 @@ impl Default for RaftTuning {
             election_max_ms: 300,
             snapshot_after_logs: 10_000,
             keep_logs_after_snapshot: 2_000,
+            snapshot_chunk_bytes: 1024 * 1024,
         }
     }
 }
@@ -77,7 +80,7 @@ impl RaftTuning {
             install_snapshot_timeout: 2_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
             max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
-            snapshot_max_chunk_size: 1024 * 1024,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes.max(1),
             max_payload_entries: 512,
             ..Default::default()
         };
