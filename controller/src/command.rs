@@ -44,6 +44,11 @@ pub enum Command {
     DeleteProject {
         id: String,
     },
+    /// Writes that arrived together, committed as one entry; each is applied (or rejected) on
+    /// its own, in order, and answers on its own.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 impl Command {
@@ -56,6 +61,16 @@ impl Command {
             Command::CreateApiToken { .. } => "create_api_token",
             Command::CreateProject { .. } => "create_project",
             Command::DeleteProject { .. } => "delete_project",
+            Command::Batch { .. } => "batch",
+        }
+    }
+
+    /// Whether applying this may add, change or remove an API token.
+    pub fn touches_api_tokens(&self) -> bool {
+        match self {
+            Command::CreateApiToken { .. } => true,
+            Command::Batch { commands } => commands.iter().any(Command::touches_api_tokens),
+            _ => false,
         }
     }
 }
@@ -94,6 +109,10 @@ pub enum CommandResponse {
     Rejected {
         reason: Rejection,
         message: String,
+    },
+    /// One response per command of a `Batch`, in order.
+    Batch {
+        responses: Vec<CommandResponse>,
     },
 }
 

@@ -1,22 +1,34 @@
 //! One running controller node: its Raft, its copy of the state, and how it proposes commands.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deployer_common::seal::ClusterKey;
 use deployer_proto::cluster::cluster_client::ClusterClient;
 use deployer_proto::cluster::{ProposeRequest, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::command::{Command, CommandResponse};
 use crate::raft::network::PeerChannels;
 use crate::raft::{ControllerNode, NodeId, Raft};
-use crate::store::queries::StateReader;
+use crate::store::queries::{ApiTokenRow, StateReader};
 
 /// How long a write or a read barrier may wait for a leader before answering 503.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// Most writes committed together as one log entry.
+const MAX_BATCH: usize = 256;
+/// Batches on their way through Raft at once; while all are busy, new writes gather into the
+/// next batch.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Writes waiting for a batch; callers wait (back-pressure) when it is full.
+const PROPOSAL_QUEUE: usize = 4096;
+/// Most API tokens cached in memory.
+const TOKEN_CACHE_MAX: usize = 10_000;
 
 pub struct Controller {
     pub id: NodeId,
@@ -26,9 +38,27 @@ pub struct Controller {
     pub key: ClusterKey,
     pub peers: PeerChannels,
     pub applied: watch::Receiver<u64>,
+    proposals: mpsc::Sender<Proposal>,
+    tokens: TokenCache,
 }
 
-#[derive(Debug, thiserror::Error)]
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<CommandResponse, ProposeError>>,
+}
+
+/// API tokens by hash, dropped whenever the state machine applies a change to tokens.
+struct TokenCache {
+    generation: Arc<AtomicU64>,
+    entries: Mutex<(u64, HashMap<String, ApiTokenRow>)>,
+}
+
+/// What [`Controller::new`] returns besides the controller: the batcher to run.
+pub struct Batcher {
+    proposals: mpsc::Receiver<Proposal>,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProposeError {
     #[error("the cluster has no leader right now (an election may be in progress, or too few controllers are up); retry shortly")]
     NoLeader,
@@ -45,6 +75,62 @@ pub enum ProposeError {
 }
 
 impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        node: ControllerNode,
+        raft: Raft,
+        state: StateReader,
+        key: ClusterKey,
+        peers: PeerChannels,
+        applied: watch::Receiver<u64>,
+        tokens_generation: Arc<AtomicU64>,
+    ) -> (Arc<Controller>, Batcher) {
+        let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
+        let controller = Controller {
+            id,
+            node,
+            raft,
+            state,
+            key,
+            peers,
+            applied,
+            proposals: tx,
+            tokens: TokenCache {
+                generation: tokens_generation,
+                entries: Mutex::new((0, HashMap::new())),
+            },
+        };
+        (Arc::new(controller), Batcher { proposals: rx })
+    }
+
+    /// An API token by the hash of its secret, from memory when possible.
+    pub async fn api_token(&self, hash: &str) -> Result<Option<ApiTokenRow>, sqlx::Error> {
+        let generation = self.tokens.generation.load(Ordering::Acquire);
+        {
+            let mut cache = self.tokens.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.0 != generation {
+                cache.1.clear();
+                cache.0 = generation;
+            }
+            if let Some(row) = cache.1.get(hash) {
+                return Ok(Some(row.clone()));
+            }
+        }
+        let row = self.state.api_token_by_hash(hash).await?;
+        if let Some(row) = &row {
+            let mut cache = self.tokens.entries.lock().unwrap_or_else(|e| e.into_inner());
+            // Only if no change was applied since we looked: otherwise the row may be stale.
+            if cache.0 == generation {
+                if cache.1.len() >= TOKEN_CACHE_MAX {
+                    cache.1.clear();
+                }
+                cache.1.insert(hash.to_string(), row.clone());
+            }
+        }
+        Ok(row)
+    }
+
     pub fn leader(&self) -> Option<(NodeId, ControllerNode)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
@@ -71,8 +157,50 @@ impl Controller {
     }
 
     /// Commits `command` through the leader (this node or, forwarded, another) and waits until
-    /// this node has applied it, so a read here right after sees the write.
+    /// this node has applied it, so a read here right after sees the write. Writes that arrive
+    /// together are committed together (see [`Batcher`]).
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.proposals
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| ProposeError::ShuttingDown)?;
+        answer.await.map_err(|_| ProposeError::ShuttingDown)?
+    }
+
+    /// Commits a batch and answers each of its writers.
+    async fn commit_batch(&self, batch: Vec<Proposal>) {
+        if batch.len() == 1 {
+            for p in batch {
+                let result = self.propose_now(p.command).await;
+                let _ = p.reply.send(result);
+            }
+            return;
+        }
+        let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        let count = commands.len();
+        match self.propose_now(Command::Batch { commands }).await {
+            Ok(CommandResponse::Batch { responses }) if responses.len() == count => {
+                for (reply, response) in replies.into_iter().zip(responses) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Ok(other) => {
+                tracing::error!(?other, "a batch was answered with something other than one response per write");
+                for reply in replies {
+                    let _ = reply.send(Err(ProposeError::Forward("malformed batch response".into())));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Commits `command` as one log entry, through the leader.
+    async fn propose_now(&self, command: Command) -> Result<CommandResponse, ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
             let leader = match self.propose_local(command.clone(), deadline).await? {
@@ -226,6 +354,34 @@ impl Controller {
 }
 
 pub type SharedController = Arc<Controller>;
+
+impl Batcher {
+    /// Gathers writes into batches and commits them, several batches in flight at once. Runs
+    /// until aborted; the batches in flight are aborted with it (their writers see
+    /// `ShuttingDown`).
+    pub async fn run(mut self, controller: SharedController) {
+        let slots = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+        let mut in_flight = JoinSet::new();
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            // Wait for a free slot first: meanwhile, writes queue up into a larger batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let Some(first) = self.proposals.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.proposals.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let controller = controller.clone();
+            in_flight.spawn(async move {
+                controller.commit_batch(batch).await;
+                drop(slot);
+            });
+        }
+    }
+}
 
 pub enum LocalWrite {
     /// Committed and applied here, at this log index.

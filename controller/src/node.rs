@@ -177,6 +177,7 @@ pub async fn serve(
     let sm = StateMachine::open(&paths.dir).await.context("cannot open the state database")?;
     let reader = StateReader::new(sm.reader());
     let applied = sm.applied_index();
+    let tokens_generation = sm.tokens_generation();
     let peers = PeerChannels::new(peer_tls);
     let raft_config = Arc::new(config.tuning.openraft_config()?);
     let raft = Raft::new(record.node_id, raft_config, Network::new(peers.clone()), log, sm)
@@ -187,15 +188,17 @@ pub async fn serve(
         grpc_addr: record.grpc_addr.clone(),
         http_addr: record.http_addr.clone(),
     };
-    let controller: SharedController = Arc::new(Controller {
-        id: record.node_id,
-        node: node.clone(),
-        raft: raft.clone(),
-        state: reader,
+    let (controller, batcher): (SharedController, _) = Controller::new(
+        record.node_id,
+        node.clone(),
+        raft.clone(),
+        reader,
         key,
         peers,
         applied,
-    });
+        tokens_generation,
+    );
+    let batcher = tokio::spawn(batcher.run(controller.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -263,6 +266,8 @@ pub async fn serve(
     if let Some(task) = finisher {
         task.abort();
     }
+    // Writes still gathering are answered "shutting down"; HTTP drains below.
+    batcher.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),

@@ -3,6 +3,17 @@
 //! the HTTP API. It prints figures beside the issue's targets and a 1-node baseline run in the
 //! same process; it never asserts a timing.
 //!
+//! - Throughput: `POST /api/v1/projects` with unique names from N keep-alive clients, to the
+//!   leader and to the followers (which forward over gRPC); a write counts when answered 201.
+//!   Each configuration runs `RAFT_BENCH_REPS` times, interleaved with the others and with the
+//!   1-node baseline, and the medians are printed, with each process's CPU time and context
+//!   switches per write read from `/proc`.
+//! - Failover: one client keeps writing, moving to the next node on an error; the leader is
+//!   killed with SIGKILL; the figure is the time until a surviving node acknowledges a write.
+//!   The killed node is restarted and the next trial waits for one stable leader for 2 s.
+//! - Steady: a write load while `GET /api/v1/cluster` is polled on every node every 100 ms;
+//!   every term change counts as a leader change.
+//!
 //! ```text
 //! cargo build --release --bins && cargo bench -p deployer-tests --bench raft            # full
 //! cargo build --release --bins && cargo bench -p deployer-tests --bench raft -- --quick # ~2 min
@@ -310,11 +321,42 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Voluntary and involuntary context switches of all threads of a process.
+fn context_switches(pid: u32) -> Option<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Processes to account: (label, pid).
 type Procs = Vec<(String, u32)>;
 
-fn cpu_snapshot(procs: &Procs) -> Vec<f64> {
-    procs.iter().map(|(_, pid)| cpu_seconds(*pid).unwrap_or(f64::NAN)).collect()
+/// Per process: (CPU seconds, context switches).
+fn usage_snapshot(procs: &Procs) -> Vec<(f64, f64)> {
+    procs
+        .iter()
+        .map(|(_, pid)| (cpu_seconds(*pid).unwrap_or(f64::NAN), context_switches(*pid).unwrap_or(f64::NAN)))
+        .collect()
+}
+
+/// What one process spent during a measured window.
+#[derive(Clone, Debug)]
+struct ProcUse {
+    label: String,
+    /// % of one core.
+    cpu_pct: f64,
+    cpu_us_per_write: f64,
+    switches_per_write: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,8 +378,8 @@ struct Config {
 #[derive(Default)]
 struct Runs {
     figures: Vec<Figures>,
-    /// Per run: CPU use of each accounted process, in % of one core.
-    cpu: Vec<Vec<(String, f64)>>,
+    /// Per run: what each accounted process spent.
+    usage: Vec<Vec<ProcUse>>,
     failures: BTreeMap<u16, usize>,
 }
 
@@ -347,7 +389,7 @@ async fn leader_and_followers(cluster: &Cluster) -> anyhow::Result<(usize, Vec<u
     Ok((leader, followers))
 }
 
-async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&PathBuf>) -> anyhow::Result<(Figures, Vec<(String, f64)>, LoadResult)> {
+async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&PathBuf>) -> anyhow::Result<(Figures, Vec<ProcUse>, LoadResult)> {
     let (leader, followers) = leader_and_followers(cluster).await?;
     let targets: Vec<String> = match config.target {
         Target::Leader => vec![cluster.nodes[leader].url()],
@@ -367,7 +409,7 @@ async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&
         Some(_) => procs.iter().take(2).cloned().collect(),
         None => Vec::new(),
     };
-    let (load, cpu) = write_load(&targets, &auth, config.clients, warmup + window, |start| {
+    let (load, spent) = write_load(&targets, &auth, config.clients, warmup + window, |start| {
         let procs = procs.clone();
         async move {
             tokio::time::sleep_until((start + warmup).into()).await;
@@ -375,22 +417,29 @@ async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&
                 .iter()
                 .filter_map(|(label, pid)| start_perf(perf.expect("perf dir"), label, *pid))
                 .collect();
-            let before = cpu_snapshot(&procs);
+            let before = usage_snapshot(&procs);
             tokio::time::sleep_until((start + warmup + window).into()).await;
-            let after = cpu_snapshot(&procs);
+            let after = usage_snapshot(&procs);
             for r in recorders {
                 stop_perf(r);
             }
-            procs
-                .iter()
-                .zip(before.iter().zip(after))
-                .map(|((label, _), (b, a))| (label.clone(), (a - b) / window.as_secs_f64() * 100.0))
-                .collect::<Vec<_>>()
+            before.into_iter().zip(after).map(|(b, a)| (a.0 - b.0, a.1 - b.1)).collect::<Vec<_>>()
         }
     })
     .await;
     let fig = figures(&load.acks, warmup, warmup + window);
-    Ok((fig, cpu, load))
+    let writes = fig.count.max(1) as f64;
+    let usage = procs
+        .iter()
+        .zip(spent)
+        .map(|((label, _), (cpu_s, switches))| ProcUse {
+            label: label.clone(),
+            cpu_pct: cpu_s / window.as_secs_f64() * 100.0,
+            cpu_us_per_write: cpu_s * 1e6 / writes,
+            switches_per_write: switches / writes,
+        })
+        .collect();
+    Ok((fig, usage, load))
 }
 
 fn start_perf(dir: &PathBuf, label: &str, pid: u32) -> Option<std::process::Child> {
@@ -437,7 +486,7 @@ async fn throughput(opts: &Opts, cluster: &Cluster, baseline: &Cluster) -> anyho
             let on = if config.nodes == 3 { cluster } else { baseline };
             let profiled = rep == 0 && config.target == Target::Leader && config.clients == max_clients;
             let perf = if profiled { opts.perf.as_ref() } else { None };
-            let (fig, cpu, load) = measure(opts, on, config, perf).await?;
+            let (fig, usage, load) = measure(opts, on, config, perf).await?;
             eprintln!(
                 "  run {}/{}: {} node(s), {:>3} client(s) -> {:?}: {:>8.0} writes/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
                 rep + 1,
@@ -452,7 +501,7 @@ async fn throughput(opts: &Opts, cluster: &Cluster, baseline: &Cluster) -> anyho
             );
             let runs = results.entry(config.clone()).or_default();
             runs.figures.push(fig);
-            runs.cpu.push(cpu);
+            runs.usage.push(usage);
             for (k, v) in load.failures {
                 *runs.failures.entry(k).or_default() += v;
             }
@@ -471,6 +520,43 @@ struct Trial {
     elected: Option<Duration>,
     /// Restart of the killed node to it serving linearizable reads as a voter again.
     rejoined: Duration,
+    /// Terms started between the failover's election and a stable cluster after the restart:
+    /// elections the rejoining node caused.
+    rejoin_terms: u64,
+}
+
+/// Waits until every node names the same leader in the same term for `window`; returns the term.
+async fn wait_stable(cluster: &Cluster, window: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut since: Option<(Instant, (u64, u64))> = None;
+    loop {
+        let mut agreed: Option<(u64, u64)> = None;
+        let mut all = true;
+        for i in 0..cluster.nodes.len() {
+            let view = cluster.cluster_view(i).await.ok();
+            match (view.as_ref().map(raft_id_and_term), agreed) {
+                (Some((Some(l), t)), None) => agreed = Some((l, t)),
+                (Some((Some(l), t)), Some(a)) if a == (l, t) => {}
+                _ => all = false,
+            }
+        }
+        let now = Instant::now();
+        match (all, agreed) {
+            (true, Some(a)) => match since {
+                Some((t0, b)) if b == a => {
+                    if now - t0 >= window {
+                        return Ok(a.1);
+                    }
+                }
+                _ => since = Some((now, a)),
+            },
+            _ => since = None,
+        }
+        if now > deadline {
+            bail!("the cluster did not settle on one leader within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn raft_id_and_term(view: &Value) -> (Option<u64>, u64) {
@@ -533,7 +619,7 @@ async fn failover(opts: &Opts, cluster: &mut Cluster) -> anyhow::Result<Vec<Tria
                             if let Ok(v) = a.json::<Value>().await {
                                 let (new_leader, new_term) = raft_id_and_term(&v);
                                 if new_term > term && new_leader.is_some_and(|l| l != leader_id) {
-                                    return killed_at.elapsed();
+                                    return (killed_at.elapsed(), new_term);
                                 }
                             }
                         }
@@ -551,6 +637,11 @@ async fn failover(opts: &Opts, cluster: &mut Cluster) -> anyhow::Result<Vec<Tria
         .context("no write committed within 20 s of killing the leader")??;
         let commit = at - killed_at;
         let elected = tokio::time::timeout(Duration::from_secs(5), election).await.ok().and_then(Result::ok);
+        let new_term = match elected {
+            Some((_, t)) => t,
+            None => raft_id_and_term(&cluster.cluster_view(cluster.leader().await?).await?).1,
+        };
+        let elected = elected.map(|(d, _)| d);
 
         let restarted = Instant::now();
         cluster.nodes[leader].start(&[])?;
@@ -573,15 +664,25 @@ async fn failover(opts: &Opts, cluster: &mut Cluster) -> anyhow::Result<Vec<Tria
         })
         .await?;
         let rejoined = restarted.elapsed();
+        // The next trial starts from a settled cluster: the rejoining node may still force an
+        // election or two (openraft 0.9 has no pre-vote).
+        let stable_term = wait_stable(cluster, Duration::from_secs(2)).await?;
+        let rejoin_terms = stable_term.saturating_sub(new_term);
         eprintln!(
-            "  failover {}/{}: first commit after kill {:>6.1} ms, new leader seen {:>6} ms, rejoin {:>6.0} ms",
+            "  failover {}/{}: first commit after kill {:>6.1} ms, new leader seen {:>6} ms, rejoin {:>6.0} ms, elections caused by the rejoin {}",
             trial + 1,
             opts.trials,
             commit.as_secs_f64() * 1000.0,
             elected.map(|e| format!("{:.1}", e.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into()),
             rejoined.as_secs_f64() * 1000.0,
+            rejoin_terms,
         );
-        trials.push(Trial { commit, elected, rejoined });
+        trials.push(Trial {
+            commit,
+            elected,
+            rejoined,
+            rejoin_terms,
+        });
     }
     stop.store(true, Ordering::Relaxed);
     let _ = writer.await;
@@ -751,10 +852,9 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
                     list(&values, decimals),
                 );
             }
-            let cpu = median_cpu(&three.cpu);
-            println!("  {:<28} {}", "CPU, % of one core", cpu);
+            print_usage("3 nodes", &three.usage);
             if let Some(one) = one.filter(|_| target == Target::Leader) {
-                println!("  {:<28} {}", "  baseline CPU", median_cpu(&one.cpu));
+                print_usage("baseline", &one.usage);
             }
             if !three.failures.is_empty() {
                 println!("  {:<28} {:?} (status: count; 0 = transport error)", "failed writes", three.failures);
@@ -762,20 +862,37 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
         }
     }
     println!("  (followers rows: baseline in parentheses is the 1-node leader run; a follower forwards over gRPC)");
+    println!("  (cpu: % of one core over the window; us = CPU microseconds and cs = context switches per acknowledged write)");
     println!();
 }
 
-fn median_cpu(runs: &[Vec<(String, f64)>]) -> String {
-    let Some(first) = runs.first() else { return String::new() };
-    first
+/// Medians over the runs of what each process spent, and the write rate the machine's cores
+/// could carry at that CPU cost per write.
+fn print_usage(what: &str, runs: &[Vec<ProcUse>]) {
+    let Some(first) = runs.first() else { return };
+    let per_proc = |pick: fn(&ProcUse) -> f64| -> Vec<f64> {
+        (0..first.len())
+            .map(|i| median(&runs.iter().filter_map(|r| r.get(i).map(pick)).collect::<Vec<_>>()))
+            .collect()
+    };
+    let pct = per_proc(|u| u.cpu_pct);
+    let us = per_proc(|u| u.cpu_us_per_write);
+    let sw = per_proc(|u| u.switches_per_write);
+    let cells: Vec<String> = first
         .iter()
         .enumerate()
-        .map(|(i, (label, _))| {
-            let m = median(&runs.iter().filter_map(|r| r.get(i).map(|x| x.1)).collect::<Vec<_>>());
-            format!("{label} {m:.0}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .map(|(i, u)| format!("{} {:.0}% {:.0}us {:.1}cs", u.label, pct[i], us[i], sw[i]))
+        .collect();
+    let total_us: f64 = us.iter().filter(|v| !v.is_nan()).sum();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!("  {:<28} {}", format!("{what}: cpu, per write"), cells.join(", "));
+    println!(
+        "  {:<28} {:.0} us of CPU per write in all; {} cores carry at most ~{:.0} writes/s at that cost",
+        "",
+        total_us,
+        cores,
+        cores * 1e6 / total_us
+    );
 }
 
 fn print_steady(s: &Steady) {
@@ -831,5 +948,12 @@ fn print_failover(trials: &[Trial]) {
         list(&elected, 0)
     );
     println!("  restart to voter serving reads ms    p50 {:.0}, max {:.0}", median(&rejoined), rejoined.iter().copied().fold(f64::NAN, f64::max));
+    let rejoin_terms: Vec<u64> = trials.iter().map(|t| t.rejoin_terms).collect();
+    println!(
+        "  elections forced by the restarted node rejoining: {} in {} restarts {:?} (each is a leader change outside the failover)",
+        rejoin_terms.iter().sum::<u64>(),
+        trials.len(),
+        rejoin_terms
+    );
     println!();
 }

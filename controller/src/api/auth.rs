@@ -50,15 +50,14 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be \"Bearer <token>\""))?;
         let hash = hash_secret(token);
-        let row = match state.state.api_token_by_hash(&hash).await? {
+        let row = match state.api_token(&hash).await? {
             Some(row) => row,
             None => {
                 // This node may lag behind the cluster (just joined, or restarted): catch up
                 // before calling a token unknown.
                 state.read_barrier().await?;
                 state
-                    .state
-                    .api_token_by_hash(&hash)
+                    .api_token(&hash)
                     .await?
                     .ok_or_else(|| ApiError::unauthorized("the API token is not valid"))?
             }

@@ -8,10 +8,10 @@ use deployer_common::token::JoinToken;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{applied, ApiError};
 use super::json::ApiJson;
 use super::AppState;
-use crate::command::{Command, CommandResponse, JoinTokenKind, Rejection};
+use crate::command::{Command, JoinTokenKind};
 use crate::util::{new_id, now_ms, rfc3339};
 
 /// Join tokens live a day unless asked otherwise, and at most 30 days.
@@ -100,14 +100,16 @@ async fn create_token(
     let now = now_ms();
     let id = new_id();
     let expires_at = now + (ttl_s as i64) * 1000;
-    c.propose(Command::CreateJoinToken {
-        id: id.clone(),
-        kind,
-        secret_hash: token.secret_hash(),
-        created_at: now,
-        expires_at,
-    })
-    .await?;
+    applied(
+        c.propose(Command::CreateJoinToken {
+            id: id.clone(),
+            kind,
+            secret_hash: token.secret_hash(),
+            created_at: now,
+            expires_at,
+        })
+        .await?,
+    )?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -148,12 +150,6 @@ async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<V
 
 async fn revoke_token(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require("admin")?;
-    match c.propose(Command::RevokeJoinToken { id, at: now_ms() }).await? {
-        CommandResponse::Rejected {
-            reason: Rejection::NotFound,
-            message,
-        } => Err(ApiError::not_found(message)),
-        CommandResponse::Rejected { message, .. } => Err(ApiError::conflict(message)),
-        CommandResponse::Applied => Ok(StatusCode::NO_CONTENT),
-    }
+    applied(c.propose(Command::RevokeJoinToken { id, at: now_ms() }).await?)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -4,7 +4,24 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::command::{CommandResponse, Rejection};
 use crate::controller::ProposeError;
+
+/// The API's view of an applied command: done, or refused with the fitting status.
+pub fn applied(response: CommandResponse) -> Result<(), ApiError> {
+    match response {
+        CommandResponse::Applied => Ok(()),
+        CommandResponse::Rejected {
+            reason: Rejection::Conflict,
+            message,
+        } => Err(ApiError::conflict(message)),
+        CommandResponse::Rejected {
+            reason: Rejection::NotFound,
+            message,
+        } => Err(ApiError::not_found(message)),
+        CommandResponse::Batch { .. } => Err(ApiError::internal("command", "a single write was answered as a batch")),
+    }
+}
 
 #[derive(Debug)]
 pub struct ApiError {

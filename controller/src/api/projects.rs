@@ -7,10 +7,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{applied, ApiError};
 use super::json::ApiJson;
 use super::AppState;
-use crate::command::{Command, CommandResponse, Rejection};
+use crate::command::Command;
 use crate::store::queries::Project;
 use crate::util::{new_id, now_ms, rfc3339};
 
@@ -75,14 +75,8 @@ async fn create(
         name: project.name.clone(),
         created_at: project.created_at,
     };
-    match c.propose(command).await? {
-        CommandResponse::Applied => Ok((StatusCode::CREATED, Json(project.into()))),
-        CommandResponse::Rejected {
-            reason: Rejection::Conflict,
-            message,
-        } => Err(ApiError::conflict(message)),
-        CommandResponse::Rejected { message, .. } => Err(ApiError::validation(message)),
-    }
+    applied(c.propose(command).await?)?;
+    Ok((StatusCode::CREATED, Json(project.into())))
 }
 
 #[derive(Deserialize)]
@@ -128,14 +122,8 @@ async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>)
 
 async fn remove(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require("admin")?;
-    match c.propose(Command::DeleteProject { id }).await? {
-        CommandResponse::Applied => Ok(StatusCode::NO_CONTENT),
-        CommandResponse::Rejected {
-            reason: Rejection::NotFound,
-            message,
-        } => Err(ApiError::not_found(message)),
-        CommandResponse::Rejected { message, .. } => Err(ApiError::conflict(message)),
-    }
+    applied(c.propose(Command::DeleteProject { id }).await?)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

@@ -5,7 +5,24 @@ use sqlx::{Sqlite, Transaction};
 use crate::command::{Command, CommandResponse, Rejection};
 
 pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
+    if let Command::Batch { commands } = command {
+        let mut responses = Vec::with_capacity(commands.len());
+        for command in commands {
+            // Batches are flat: the proposer never nests them.
+            let response = match command {
+                Command::Batch { .. } => CommandResponse::rejected(Rejection::Conflict, "nested batch"),
+                command => apply_one(tx, command).await?,
+            };
+            responses.push(response);
+        }
+        return Ok(CommandResponse::Batch { responses });
+    }
+    apply_one(tx, command).await
+}
+
+async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
     match command {
+        Command::Batch { .. } => return Ok(CommandResponse::rejected(Rejection::Conflict, "nested batch")),
         Command::InitCluster {
             ca_cert_pem,
             ca_key_sealed_hex,

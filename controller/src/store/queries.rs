@@ -32,6 +32,7 @@ pub struct JoinTokenRow {
     pub revoked_at: Option<UnixMillis>,
 }
 
+#[derive(Clone, Debug)]
 pub struct ApiTokenRow {
     pub id: String,
     pub name: String,

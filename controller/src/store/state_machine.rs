@@ -33,6 +33,8 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     files: Arc<SnapshotFiles>,
     applied: watch::Sender<u64>,
+    /// Bumped whenever API tokens may have changed, so caches of them know to drop their copy.
+    tokens_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
@@ -60,6 +62,7 @@ impl StateMachine {
             }),
             snapshot_dir,
             applied,
+            tokens_generation: Arc::default(),
         };
         // If the database lost what a snapshot already holds, start again from the snapshot:
         // the log behind it may have been purged.
@@ -77,6 +80,14 @@ impl StateMachine {
 
     pub fn reader(&self) -> SqlitePool {
         self.reader.clone()
+    }
+
+    pub fn tokens_generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.tokens_generation.clone()
+    }
+
+    fn tokens_changed(&self) {
+        self.tokens_generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// The index of the last applied entry, updated after each applied batch is committed.
@@ -184,11 +195,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut last = None;
         let mut membership = None;
+        let mut tokens_changed = false;
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => responses.push(CommandResponse::Applied),
                 EntryPayload::Normal(command) => {
+                    tokens_changed |= command.touches_api_tokens();
                     let kind = command.kind();
                     let response = super::apply::apply(&mut tx, command).await.map_err(err)?;
                     tracing::debug!(index = entry.log_id.index, command = kind, "applied");
@@ -221,6 +234,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         tx.commit().await.map_err(err)?;
+        if tokens_changed {
+            self.tokens_changed();
+        }
         self.applied.send_replace(last.index);
         Ok(responses)
     }
@@ -250,6 +266,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| snapshot_err(Write, e))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.tokens_changed();
         self.applied.send_replace(index);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         Ok(())
