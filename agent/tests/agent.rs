@@ -17,10 +17,7 @@ fn agent(args: &[&str]) -> Output {
 fn version_is_printed() {
     let out = agent(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("deployer-agent {}\n", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("deployer-agent {}\n", env!("CARGO_PKG_VERSION")));
 }
 
 #[test]
@@ -38,14 +35,8 @@ fn run_accepts_the_contract_flags_and_says_it_is_not_implemented() {
     ]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("error: agent support is not implemented yet"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("DPLY1"),
-        "the token must not be echoed: {stderr}"
-    );
+    assert!(stderr.starts_with("error: agent support is not implemented yet"), "{stderr}");
+    assert!(!stderr.contains("DPLY1"), "the token must not be echoed: {stderr}");
 }
 
 #[test]
@@ -53,17 +44,8 @@ fn bad_flags_are_usage_errors() {
     let missing = agent(&["run", "--token", "t", "--data-dir", "/tmp/agent"]);
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--controller"));
-    let bad_label = agent(&[
-        "run",
-        "--controller",
-        "https://c:1",
-        "--token",
-        "t",
-        "--data-dir",
-        "d",
-        "--labels",
-        "zone",
-    ]);
+    let bad_label =
+        agent(&["run", "--controller", "https://c:1", "--token", "t", "--data-dir", "d", "--labels", "zone"]);
     assert_eq!(bad_label.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_label.stderr).contains("key=value"));
 }

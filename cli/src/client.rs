@@ -17,19 +17,12 @@ const TOKEN_HINT: &str =
 pub enum CliError {
     /// The invocation cannot work as given; exits 2 like clap's own usage errors.
     #[error("{message}")]
-    Usage {
-        message: String,
-        hint: Option<String>,
-    },
+    Usage { message: String, hint: Option<String> },
     #[error("cannot reach the controller at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     /// The API's own `{"error":{"code","message"}}` answer.
     #[error("{message}")]
-    Api {
-        status: StatusCode,
-        code: String,
-        message: String,
-    },
+    Api { status: StatusCode, code: String, message: String },
     #[error("{0}")]
     Unexpected(String),
     #[error("cannot write the output: {0}")]
@@ -47,10 +40,9 @@ impl CliError {
     pub fn hint(&self) -> Option<String> {
         match self {
             CliError::Usage { hint, .. } => hint.clone(),
-            CliError::Unreachable { .. } => Some(
-                "is the controller running? set DEPLOYER_URL (or pass --url) to its HTTP address"
-                    .into(),
-            ),
+            CliError::Unreachable { .. } => {
+                Some("is the controller running? set DEPLOYER_URL (or pass --url) to its HTTP address".into())
+            }
             CliError::Api { status, .. } if *status == StatusCode::UNAUTHORIZED => {
                 Some(format!("check the token: {TOKEN_HINT}"))
             }
@@ -68,11 +60,8 @@ pub struct Answer {
 impl Answer {
     /// The body as one of the CLI's views of a resource.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CliError> {
-        serde_json::from_value(self.json.clone()).map_err(|e| {
-            CliError::Unexpected(format!(
-                "the controller's answer has an unexpected shape: {e}"
-            ))
-        })
+        serde_json::from_value(self.json.clone())
+            .map_err(|e| CliError::Unexpected(format!("the controller's answer has an unexpected shape: {e}")))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,37 +77,28 @@ pub struct Client {
 
 impl Client {
     pub fn new(url: &str, token: Option<String>) -> Result<Client, CliError> {
-        let usage = |message: String| {
-            CliError::Usage {
+        let usage = |message: String| CliError::Usage {
             message,
-            hint: Some("set DEPLOYER_URL (or pass --url) to the controller's HTTP address, like http://127.0.0.1:7700".into()),
-        }
+            hint: Some(
+                "set DEPLOYER_URL (or pass --url) to the controller's HTTP address, like http://127.0.0.1:7700".into(),
+            ),
         };
         if !url.contains("://") {
-            return Err(usage(format!(
-                "invalid controller URL {url:?}: it needs a scheme, as in http://{url}"
-            )));
+            return Err(usage(format!("invalid controller URL {url:?}: it needs a scheme, as in http://{url}")));
         }
-        let base =
-            Url::parse(url).map_err(|e| usage(format!("invalid controller URL {url:?}: {e}")))?;
+        let base = Url::parse(url).map_err(|e| usage(format!("invalid controller URL {url:?}: {e}")))?;
         match base.scheme() {
             "http" => {}
             // This build of reqwest has no TLS, and the controller's API serves plain HTTP for now.
             "https" => {
                 return Err(usage(format!(
-                "{url}: https:// URLs are not supported yet; use the controller's http:// address"
-            )))
-            }
-            other => {
-                return Err(usage(format!(
-                    "{url}: unsupported URL scheme {other:?}; use http://"
+                    "{url}: https:// URLs are not supported yet; use the controller's http:// address"
                 )))
             }
+            other => return Err(usage(format!("{url}: unsupported URL scheme {other:?}; use http://"))),
         }
         if base.cannot_be_a_base() || base.host().is_none() {
-            return Err(usage(format!(
-                "invalid controller URL {url:?}: it has no host"
-            )));
+            return Err(usage(format!("invalid controller URL {url:?}: it has no host")));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -126,11 +106,7 @@ impl Client {
             .user_agent(concat!("deployer-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CliError::Unexpected(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(Client {
-            base,
-            token: token.filter(|t| !t.trim().is_empty()),
-            http,
-        })
+        Ok(Client { base, token: token.filter(|t| !t.trim().is_empty()), http })
     }
 
     /// `<base>/api/v1/<segments...>`, each segment percent-encoded so an id cannot change the route.
@@ -149,11 +125,7 @@ impl Client {
         self.base.as_str().trim_end_matches('/').to_string()
     }
 
-    pub async fn get(
-        &self,
-        segments: &[&str],
-        query: &[(&str, String)],
-    ) -> Result<Answer, CliError> {
+    pub async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Answer, CliError> {
         self.send(Method::GET, segments, query, None, true).await
     }
 
@@ -163,8 +135,7 @@ impl Client {
     }
 
     pub async fn post(&self, segments: &[&str], body: &Value) -> Result<Answer, CliError> {
-        self.send(Method::POST, segments, &[], Some(body), true)
-            .await
+        self.send(Method::POST, segments, &[], Some(body), true).await
     }
 
     pub async fn delete(&self, segments: &[&str]) -> Result<Answer, CliError> {
@@ -180,14 +151,8 @@ impl Client {
         auth: bool,
     ) -> Result<Answer, CliError> {
         // The URL parser drops "." and ".." segments, which would turn `show ..` into a listing.
-        if let Some(bad) = segments
-            .iter()
-            .find(|s| matches!(s.trim(), "" | "." | ".."))
-        {
-            return Err(CliError::Usage {
-                message: format!("{bad:?} is not a valid id"),
-                hint: None,
-            });
+        if let Some(bad) = segments.iter().find(|s| matches!(s.trim(), "" | "." | "..")) {
+            return Err(CliError::Usage { message: format!("{bad:?} is not a valid id"), hint: None });
         }
         let mut request = self.http.request(method, self.endpoint(segments));
         if !query.is_empty() {
@@ -206,19 +171,11 @@ impl Client {
         let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         let raw = response.text().await.map_err(|e| self.unreachable(&e))?;
-        let parsed = if raw.trim().is_empty() {
-            Ok(Value::Null)
-        } else {
-            serde_json::from_str::<Value>(&raw)
-        };
+        let parsed = if raw.trim().is_empty() { Ok(Value::Null) } else { serde_json::from_str::<Value>(&raw) };
         match parsed {
             Ok(json) if status.is_success() => Ok(Answer { raw, json }),
             Ok(json) => match api_error(&json) {
-                Some((code, message)) => Err(CliError::Api {
-                    status,
-                    code,
-                    message,
-                }),
+                Some((code, message)) => Err(CliError::Api { status, code, message }),
                 None => Err(self.not_the_api(status, &raw)),
             },
             Err(_) => Err(self.not_the_api(status, &raw)),
@@ -226,15 +183,9 @@ impl Client {
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> CliError {
-        let reason = if e.is_timeout() {
-            format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
-        } else {
-            root_cause(e)
-        };
-        CliError::Unreachable {
-            url: self.shown_base(),
-            reason,
-        }
+        let reason =
+            if e.is_timeout() { format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()) } else { root_cause(e) };
+        CliError::Unreachable { url: self.shown_base(), reason }
     }
 
     fn not_the_api(&self, status: StatusCode, raw: &str) -> CliError {
@@ -254,11 +205,7 @@ impl Client {
 fn api_error(json: &Value) -> Option<(String, String)> {
     let error = json.get("error")?;
     let message = error.get("message")?.as_str()?.to_string();
-    let code = error
-        .get("code")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let code = error.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
     Some((code, message))
 }
 
@@ -278,10 +225,7 @@ mod tests {
     #[test]
     fn endpoints_keep_a_base_path_and_encode_ids() {
         let c = Client::new("http://h:1/deployer/", None).unwrap();
-        assert_eq!(
-            c.endpoint(&["projects", "a/b c"]).as_str(),
-            "http://h:1/deployer/api/v1/projects/a%2Fb%20c"
-        );
+        assert_eq!(c.endpoint(&["projects", "a/b c"]).as_str(), "http://h:1/deployer/api/v1/projects/a%2Fb%20c");
         let c = Client::new("http://h:1", None).unwrap();
         assert_eq!(c.endpoint(&["health"]).as_str(), "http://h:1/api/v1/health");
     }
@@ -289,9 +233,7 @@ mod tests {
     #[test]
     fn only_plain_http_urls_are_accepted() {
         for bad in ["https://h:1", "ftp://h", "127.0.0.1:7700", "not a url"] {
-            let e = Client::new(bad, None)
-                .err()
-                .unwrap_or_else(|| panic!("{bad} should be refused"));
+            let e = Client::new(bad, None).err().unwrap_or_else(|| panic!("{bad} should be refused"));
             assert_eq!(e.exit_code(), 2, "{bad}");
         }
     }

@@ -113,12 +113,7 @@ async fn status(client: &Client, format: Format) -> Result<(), CliError> {
             node.addr.clone(),
             or_dash(node.http_addr.as_deref()),
             if node.voter { "yes" } else { "no" }.into(),
-            if cluster.leader_id == Some(node.id) {
-                "*"
-            } else {
-                ""
-            }
-            .into(),
+            if cluster.leader_id == Some(node.id) { "*" } else { "" }.into(),
         ]);
     }
     out.push_str(&table.render());
@@ -156,22 +151,14 @@ async fn token(command: TokenCommand, client: &Client, format: Format) -> Result
             }
             let tokens: Vec<TokenView> = answer.decode()?;
             if tokens.is_empty() {
-                eprintln!(
-                    "No join tokens; create one with `deployer cluster token create --kind agent`."
-                );
+                eprintln!("No join tokens; create one with `deployer cluster token create --kind agent`.");
                 return Ok(());
             }
             let now = OffsetDateTime::now_utc();
             let mut table = Table::new(&["ID", "KIND", "CREATED", "EXPIRES", "STATUS"]);
             for t in tokens {
                 let status = token_status(&t, now);
-                table.row(vec![
-                    t.id,
-                    t.kind,
-                    timestamp(&t.created_at),
-                    timestamp(&t.expires_at),
-                    status.into(),
-                ]);
+                table.row(vec![t.id, t.kind, timestamp(&t.created_at), timestamp(&t.expires_at), status.into()]);
             }
             emit(&table.render())
         }
@@ -210,21 +197,9 @@ mod tests {
             revoked_at: revoked.map(Into::into),
         };
         let now = OffsetDateTime::parse("2030-01-01T00:00:00Z", &Rfc3339).unwrap();
-        assert_eq!(
-            token_status(&view("2031-01-01T00:00:00.5Z", None), now),
-            "active"
-        );
-        assert_eq!(
-            token_status(&view("2029-01-01T00:00:00Z", None), now),
-            "expired"
-        );
-        assert_eq!(
-            token_status(
-                &view("2031-01-01T00:00:00Z", Some("2029-06-01T00:00:00Z")),
-                now
-            ),
-            "revoked"
-        );
+        assert_eq!(token_status(&view("2031-01-01T00:00:00.5Z", None), now), "active");
+        assert_eq!(token_status(&view("2029-01-01T00:00:00Z", None), now), "expired");
+        assert_eq!(token_status(&view("2031-01-01T00:00:00Z", Some("2029-06-01T00:00:00Z")), now), "revoked");
         assert_eq!(token_status(&view("soon", None), now), "unknown");
     }
 }

@@ -19,12 +19,7 @@ use projects::ProjectsCommand;
 #[command(name = "deployer", version, about)]
 struct Cli {
     /// The controller's HTTP API address.
-    #[arg(
-        long,
-        global = true,
-        env = "DEPLOYER_URL",
-        default_value = "http://127.0.0.1:7700"
-    )]
+    #[arg(long, global = true, env = "DEPLOYER_URL", default_value = "http://127.0.0.1:7700")]
     url: String,
     /// API token (a new cluster's admin token is in <data-dir>/admin-token).
     #[arg(long, global = true, env = "DEPLOYER_TOKEN", hide_env_values = true)]
@@ -58,10 +53,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -93,10 +85,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             match answer.json.get("status").and_then(|s| s.as_str()) {
                 Some(status) => emit(&format!("{status} ({})\n", cli.url.trim_end_matches('/'))),
-                None => Err(CliError::Unexpected(format!(
-                    "unexpected health answer: {}",
-                    answer.raw.trim()
-                ))),
+                None => Err(CliError::Unexpected(format!("unexpected health answer: {}", answer.raw.trim()))),
             }
         }
         Command::Completions { shell } => {

@@ -20,10 +20,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&'static str]) -> Table {
-        Table {
-            header: header.to_vec(),
-            rows: Vec::new(),
-        }
+        Table { header: header.to_vec(), rows: Vec::new() }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -34,15 +31,8 @@ impl Table {
     pub fn render(&self) -> String {
         let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
         let lines: Vec<&Vec<String>> = std::iter::once(&header).chain(&self.rows).collect();
-        let widths: Vec<usize> = (0..header.len())
-            .map(|i| {
-                lines
-                    .iter()
-                    .map(|l| l[i].chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
+        let widths: Vec<usize> =
+            (0..header.len()).map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0)).collect();
         let mut out = String::new();
         for line in lines {
             let mut text = String::new();
@@ -60,10 +50,7 @@ impl Table {
 /// `name:  value` lines with the values aligned.
 pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{:width$}  {v}\n", format!("{k}:"), width = width + 1))
-        .collect()
+    pairs.iter().map(|(k, v)| format!("{:width$}  {v}\n", format!("{k}:"), width = width + 1)).collect()
 }
 
 /// An API timestamp in a table: whole seconds, so a column keeps one width (the API drops
@@ -163,28 +150,19 @@ mod tests {
         let mut t = Table::new(&["ID", "NAME", "X"]);
         t.row(vec!["1".into(), "web-frontend".into(), "".into()]);
         t.row(vec!["12345".into(), "api".into(), "*".into()]);
-        assert_eq!(
-            t.render(),
-            "ID     NAME          X\n1      web-frontend\n12345  api           *\n"
-        );
+        assert_eq!(t.render(), "ID     NAME          X\n1      web-frontend\n12345  api           *\n");
     }
 
     #[test]
     fn timestamps_are_shown_to_the_second_in_utc() {
         assert_eq!(timestamp("2026-11-26T18:05:54.4Z"), "2026-11-26T18:05:54Z");
-        assert_eq!(
-            timestamp("2026-11-26T18:05:54+01:00"),
-            "2026-11-26T17:05:54Z"
-        );
+        assert_eq!(timestamp("2026-11-26T18:05:54+01:00"), "2026-11-26T17:05:54Z");
         assert_eq!(timestamp("soon"), "soon");
     }
 
     #[test]
     fn fields_align_values() {
-        assert_eq!(
-            fields(&[("id", "1".into()), ("created", "now".into())]),
-            "id:       1\ncreated:  now\n"
-        );
+        assert_eq!(fields(&[("id", "1".into()), ("created", "now".into())]), "id:       1\ncreated:  now\n");
     }
 
     #[test]
@@ -195,13 +173,7 @@ mod tests {
             []
         ]);
         let compact = serde_json::to_string(&v).unwrap();
-        assert_eq!(
-            pretty_json(&compact),
-            serde_json::to_string_pretty(&v).unwrap()
-        );
-        assert_eq!(
-            pretty_json("{ \"z\" : 1 , \"a\" : [ ] }"),
-            "{\n  \"z\": 1,\n  \"a\": []\n}"
-        );
+        assert_eq!(pretty_json(&compact), serde_json::to_string_pretty(&v).unwrap());
+        assert_eq!(pretty_json("{ \"z\" : 1 , \"a\" : [ ] }"), "{\n  \"z\": 1,\n  \"a\": []\n}");
     }
 }

@@ -35,19 +35,11 @@ struct ProjectView {
 
 impl ProjectView {
     fn fields(self) -> String {
-        fields(&[
-            ("id", self.id),
-            ("name", self.name),
-            ("created", timestamp(&self.created_at)),
-        ])
+        fields(&[("id", self.id), ("name", self.name), ("created", timestamp(&self.created_at))])
     }
 }
 
-pub async fn run(
-    command: ProjectsCommand,
-    client: &Client,
-    format: Format,
-) -> Result<(), CliError> {
+pub async fn run(command: ProjectsCommand, client: &Client, format: Format) -> Result<(), CliError> {
     match command {
         ProjectsCommand::Create { name } => {
             let answer = client.post(&["projects"], &json!({ "name": name })).await?;

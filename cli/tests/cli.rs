@@ -18,11 +18,7 @@ fn controller_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let path = PathBuf::from(env!("CARGO_BIN_EXE_deployer")).with_file_name("deployer-controller");
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --bins` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} not found: run `cargo build --bins` first", path.display());
     path
 }
 
@@ -30,10 +26,7 @@ fn controller_bin() -> PathBuf {
 fn free_ports() -> (u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").unwrap();
     let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 /// What a user sees from one `deployer` invocation.
@@ -45,30 +38,20 @@ struct Run {
 
 impl Run {
     fn ok(self) -> Run {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "expected success\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(0), "expected success\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         self
     }
 
     fn json(self) -> Value {
         let run = self.ok();
-        serde_json::from_str(&run.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
     }
 }
 
 /// Runs `deployer` with exactly this URL and token, whatever the test's own environment holds.
 fn deployer(url: &str, token: Option<&str>, args: &[&str]) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_deployer"));
-    command
-        .args(args)
-        .env("DEPLOYER_URL", url)
-        .env_remove("DEPLOYER_TOKEN");
+    command.args(args).env("DEPLOYER_URL", url).env_remove("DEPLOYER_TOKEN");
     if let Some(token) = token {
         command.env("DEPLOYER_TOKEN", token);
     }
@@ -98,45 +81,28 @@ impl Controller {
             .arg("serve")
             .arg("--data-dir")
             .arg(&data)
-            .args([
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--grpc",
-                &format!("127.0.0.1:{grpc}"),
-            ])
+            .args(["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
             .env("DEPLOYER_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("spawn deployer-controller");
-        let mut c = Controller {
-            child,
-            dir,
-            url: format!("http://127.0.0.1:{http}"),
-            token: String::new(),
-        };
+        let mut c = Controller { child, dir, url: format!("http://127.0.0.1:{http}"), token: String::new() };
         let token_file = data.join("admin-token");
         c.token = wait_until(&mut c.child, "the admin token file", || {
-            std::fs::read_to_string(&token_file)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
+            std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
         });
         wait_until(&mut c.child, "the health check", || {
             (deployer(&c.url, None, &["health"]).code == Some(0)).then_some(())
         });
         // The token file is written before the token is committed, so wait until it works and
         // there is a leader.
-        wait_until(
-            &mut c.child,
-            "an elected leader that accepts the admin token",
-            || {
-                let run = deployer(&c.url, Some(&c.token), &["cluster", "status", "-o", "json"]);
-                let v: Value = serde_json::from_str(&run.stdout).ok()?;
-                v["leader_id"].as_u64().map(|_| ())
-            },
-        );
+        wait_until(&mut c.child, "an elected leader that accepts the admin token", || {
+            let run = deployer(&c.url, Some(&c.token), &["cluster", "status", "-o", "json"]);
+            let v: Value = serde_json::from_str(&run.stdout).ok()?;
+            v["leader_id"].as_u64().map(|_| ())
+        });
         c
     }
 
@@ -155,10 +121,7 @@ fn wait_until<T>(controller: &mut Child, what: &str, mut f: impl FnMut() -> Opti
         if let Ok(Some(status)) = controller.try_wait() {
             panic!("the controller exited ({status}) while waiting for {what}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {START_TIMEOUT:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {START_TIMEOUT:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -168,8 +131,7 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
             eprintln!("--- controller log ---\n{log}");
         }
     }
@@ -187,23 +149,13 @@ fn projects_cluster_and_tokens_against_a_real_controller() {
     let lines: Vec<&str> = status.lines().collect();
     assert!(lines[0].starts_with("leader:"), "{status}");
     assert!(lines[1].starts_with("term:"), "{status}");
-    let header = lines
-        .iter()
-        .position(|l| l.starts_with("ID "))
-        .expect("a node table");
-    assert_eq!(
-        lines[header].split_whitespace().collect::<Vec<_>>(),
-        ["ID", "ADDR", "HTTP_ADDR", "VOTER", "LEADER"]
-    );
+    let header = lines.iter().position(|l| l.starts_with("ID ")).expect("a node table");
+    assert_eq!(lines[header].split_whitespace().collect::<Vec<_>>(), ["ID", "ADDR", "HTTP_ADDR", "VOTER", "LEADER"]);
     let nodes = &lines[header + 1..];
     assert_eq!(nodes.len(), 1, "{status}");
     let node: Vec<&str> = nodes[0].split_whitespace().collect();
     assert_eq!(node[3..], ["yes", "*"], "{status}");
-    assert_eq!(
-        lines[0].split_whitespace().nth(1),
-        Some(node[0]),
-        "the leader is the one node: {status}"
-    );
+    assert_eq!(lines[0].split_whitespace().nth(1), Some(node[0]), "the leader is the one node: {status}");
     let cluster = c.run(&["cluster", "status", "--output", "json"]).json();
     assert_eq!(cluster["nodes"].as_array().map(Vec::len), Some(1));
     assert_eq!(cluster["nodes"][0]["voter"], true);
@@ -213,198 +165,89 @@ fn projects_cluster_and_tokens_against_a_real_controller() {
     let empty = c.run(&["projects", "list"]).ok();
     assert_eq!(empty.stdout, "");
     assert!(empty.stderr.contains("No projects"), "{}", empty.stderr);
-    assert_eq!(
-        c.run(&["projects", "list", "-o", "json"]).json(),
-        serde_json::json!([])
-    );
+    assert_eq!(c.run(&["projects", "list", "-o", "json"]).json(), serde_json::json!([]));
 
     let web = c.run(&["projects", "create", "web"]).ok().stdout;
-    assert!(
-        web.lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["name:", "web"]),
-        "{web}"
-    );
-    let api = c
-        .run(&["projects", "create", "api", "--output", "json"])
-        .ok();
-    assert!(
-        api.stdout.starts_with("{\n  \"id\": "),
-        "the API's key order is kept: {}",
-        api.stdout
-    );
+    assert!(web.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["name:", "web"]), "{web}");
+    let api = c.run(&["projects", "create", "api", "--output", "json"]).ok();
+    assert!(api.stdout.starts_with("{\n  \"id\": "), "the API's key order is kept: {}", api.stdout);
     let api: Value = serde_json::from_str(&api.stdout).unwrap();
     assert_eq!(api["name"], "api");
     let api_id = api["id"].as_str().unwrap().to_string();
 
     let table = c.run(&["projects", "list"]).ok().stdout;
-    let rows: Vec<Vec<&str>> = table
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 3, "{table}");
     assert_eq!(rows[0], ["ID", "NAME", "CREATED"]);
-    assert_eq!(
-        (rows[1][0], rows[1][1]),
-        (api_id.as_str(), "api"),
-        "newest first: {table}"
-    );
+    assert_eq!((rows[1][0], rows[1][1]), (api_id.as_str(), "api"), "newest first: {table}");
     assert_eq!(rows[2][1], "web");
     let name_column = table.lines().next().unwrap().find("NAME").unwrap();
-    assert!(
-        table
-            .lines()
-            .all(|l| l[name_column..].starts_with(|ch: char| ch != ' ')),
-        "aligned: {table}"
-    );
+    assert!(table.lines().all(|l| l[name_column..].starts_with(|ch: char| ch != ' ')), "aligned: {table}");
     let listed = c.run(&["projects", "list", "-o", "json"]).json();
-    let names: Vec<&str> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["api", "web"]);
-    assert_eq!(
-        c.run(&["projects", "list", "--limit", "1", "-o", "json"])
-            .json()
-            .as_array()
-            .map(Vec::len),
-        Some(1)
-    );
+    assert_eq!(c.run(&["projects", "list", "--limit", "1", "-o", "json"]).json().as_array().map(Vec::len), Some(1));
 
     // A taken name is the API's message, on stderr, and a failure.
     let duplicate = c.run(&["projects", "create", "web"]);
     assert_eq!(duplicate.code, Some(1));
-    assert_eq!(
-        duplicate.stderr,
-        "error: a project named \"web\" already exists\n"
-    );
+    assert_eq!(duplicate.stderr, "error: a project named \"web\" already exists\n");
     assert_eq!(duplicate.stdout, "");
     let invalid = c.run(&["projects", "create", "Web"]);
     assert_eq!(invalid.code, Some(1));
-    assert!(
-        invalid
-            .stderr
-            .starts_with("error: name may contain only lowercase"),
-        "{}",
-        invalid.stderr
-    );
+    assert!(invalid.stderr.starts_with("error: name may contain only lowercase"), "{}", invalid.stderr);
 
     let shown = c.run(&["projects", "show", &api_id]).ok().stdout;
     assert!(shown.contains(&api_id) && shown.contains("api"), "{shown}");
-    assert_eq!(
-        c.run(&["projects", "delete", &api_id]).ok().stdout,
-        format!("deleted project {api_id}\n")
-    );
+    assert_eq!(c.run(&["projects", "delete", &api_id]).ok().stdout, format!("deleted project {api_id}\n"));
     let gone = c.run(&["projects", "show", &api_id]);
     assert_eq!(gone.code, Some(1));
     assert_eq!(gone.stderr, format!("error: no project with id {api_id}\n"));
     // An id cannot reach another route.
     let odd = c.run(&["projects", "show", "../cluster"]);
     assert_eq!(odd.code, Some(1));
-    assert!(
-        odd.stderr
-            .starts_with("error: no project with id ../cluster"),
-        "{}",
-        odd.stderr
-    );
+    assert!(odd.stderr.starts_with("error: no project with id ../cluster"), "{}", odd.stderr);
     assert_eq!(c.run(&["projects", "show", ".."]).code, Some(2));
 
     // Tokens: a wrong one is refused with a hint; a missing one is a usage error.
     let bad = deployer(&c.url, Some("dpl_not-a-token"), &["projects", "list"]);
     assert_eq!(bad.code, Some(1));
-    assert!(
-        bad.stderr
-            .starts_with("error: the API token is not valid\nhint: "),
-        "{}",
-        bad.stderr
-    );
+    assert!(bad.stderr.starts_with("error: the API token is not valid\nhint: "), "{}", bad.stderr);
     assert!(bad.stderr.contains("DEPLOYER_TOKEN"), "{}", bad.stderr);
     let missing = deployer(&c.url, None, &["projects", "list"]);
     assert_eq!(missing.code, Some(2));
-    assert!(
-        missing.stderr.contains("DEPLOYER_TOKEN") && missing.stderr.contains("admin-token"),
-        "{}",
-        missing.stderr
-    );
+    assert!(missing.stderr.contains("DEPLOYER_TOKEN") && missing.stderr.contains("admin-token"), "{}", missing.stderr);
     let flag = deployer(&c.url, None, &["projects", "list", "--token", &c.token]).ok();
     assert!(flag.stdout.contains("web"));
 
     // Join tokens: create, list, revoke.
-    let created = c
-        .run(&["cluster", "token", "create", "--kind", "agent"])
-        .ok();
+    let created = c.run(&["cluster", "token", "create", "--kind", "agent"]).ok();
     let token_line = created.stdout.lines().next().unwrap();
-    assert!(
-        token_line.starts_with("token:") && token_line.contains("DPLY1."),
-        "{}",
-        created.stdout
-    );
+    assert!(token_line.starts_with("token:") && token_line.contains("DPLY1."), "{}", created.stdout);
     assert!(created.stdout.contains("expires:"), "{}", created.stdout);
-    let quiet = c
-        .run(&[
-            "cluster",
-            "token",
-            "create",
-            "--kind",
-            "controller",
-            "--ttl",
-            "600",
-            "-q",
-        ])
-        .ok()
-        .stdout;
-    assert!(
-        quiet.starts_with("DPLY1.") && quiet.lines().count() == 1,
-        "{quiet}"
-    );
-    let as_json = c
-        .run(&[
-            "cluster", "token", "create", "--kind", "agent", "-o", "json",
-        ])
-        .json();
+    let quiet = c.run(&["cluster", "token", "create", "--kind", "controller", "--ttl", "600", "-q"]).ok().stdout;
+    assert!(quiet.starts_with("DPLY1.") && quiet.lines().count() == 1, "{quiet}");
+    let as_json = c.run(&["cluster", "token", "create", "--kind", "agent", "-o", "json"]).json();
     assert_eq!(as_json["kind"], "agent");
     assert!(as_json["expires_at"].is_string());
     let revoke_id = as_json["id"].as_str().unwrap().to_string();
-    let too_long = c.run(&[
-        "cluster", "token", "create", "--kind", "agent", "--ttl", "99999999",
-    ]);
+    let too_long = c.run(&["cluster", "token", "create", "--kind", "agent", "--ttl", "99999999"]);
     assert_eq!(too_long.code, Some(1));
-    assert!(
-        too_long.stderr.starts_with("error: ttl_s must be between"),
-        "{}",
-        too_long.stderr
-    );
+    assert!(too_long.stderr.starts_with("error: ttl_s must be between"), "{}", too_long.stderr);
 
     let revoked = c.run(&["cluster", "token", "revoke", &revoke_id]).ok();
     assert_eq!(revoked.stdout, format!("revoked join token {revoke_id}\n"));
     let list = c.run(&["cluster", "token", "list"]).ok().stdout;
-    let rows: Vec<Vec<&str>> = list
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> = list.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows[0], ["ID", "KIND", "CREATED", "EXPIRES", "STATUS"]);
     assert_eq!(rows.len(), 4, "{list}");
     let status_of = |id: &str| rows.iter().find(|r| r[0] == id).map(|r| r[4]);
     assert_eq!(status_of(&revoke_id), Some("revoked"), "{list}");
-    assert_eq!(
-        rows.iter().filter(|r| r[4] == "active").count(),
-        2,
-        "{list}"
-    );
-    assert_eq!(
-        c.run(&["cluster", "token", "list", "-o", "json"])
-            .json()
-            .as_array()
-            .map(Vec::len),
-        Some(3)
-    );
+    assert_eq!(rows.iter().filter(|r| r[4] == "active").count(), 2, "{list}");
+    assert_eq!(c.run(&["cluster", "token", "list", "-o", "json"]).json().as_array().map(Vec::len), Some(3));
     let unknown = c.run(&["cluster", "token", "revoke", "no-such-token"]);
     assert_eq!(unknown.code, Some(1));
-    assert_eq!(
-        unknown.stderr,
-        "error: no join token with id no-such-token\n"
-    );
+    assert_eq!(unknown.stderr, "error: no join token with id no-such-token\n");
 }
 
 #[test]
@@ -413,17 +256,8 @@ fn an_unreachable_controller_is_named_with_a_hint() {
     let url = format!("http://127.0.0.1:{port}");
     let run = deployer(&url, Some("t"), &["projects", "list"]);
     assert_eq!(run.code, Some(1));
-    assert!(
-        run.stderr
-            .starts_with(&format!("error: cannot reach the controller at {url}: ")),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("is the controller running?") && run.stderr.contains("DEPLOYER_URL"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.starts_with(&format!("error: cannot reach the controller at {url}: ")), "{}", run.stderr);
+    assert!(run.stderr.contains("is the controller running?") && run.stderr.contains("DEPLOYER_URL"), "{}", run.stderr);
     let health = deployer(&url, None, &["health"]);
     assert_eq!(health.code, Some(1));
 }
@@ -431,30 +265,12 @@ fn an_unreachable_controller_is_named_with_a_hint() {
 #[test]
 fn usage_errors_exit_2() {
     let url = "http://127.0.0.1:9";
-    assert_eq!(
-        deployer(url, Some("t"), &["cluster", "token", "create"]).code,
-        Some(2)
-    );
-    assert_eq!(
-        deployer(
-            url,
-            Some("t"),
-            &["cluster", "token", "create", "--kind", "admin"]
-        )
-        .code,
-        Some(2)
-    );
-    assert_eq!(
-        deployer(url, Some("t"), &["projects", "list", "--output", "yaml"]).code,
-        Some(2)
-    );
+    assert_eq!(deployer(url, Some("t"), &["cluster", "token", "create"]).code, Some(2));
+    assert_eq!(deployer(url, Some("t"), &["cluster", "token", "create", "--kind", "admin"]).code, Some(2));
+    assert_eq!(deployer(url, Some("t"), &["projects", "list", "--output", "yaml"]).code, Some(2));
     let no_scheme = deployer("127.0.0.1:7700", Some("t"), &["health"]);
     assert_eq!(no_scheme.code, Some(2));
-    assert!(
-        no_scheme.stderr.contains("http://127.0.0.1:7700"),
-        "{}",
-        no_scheme.stderr
-    );
+    assert!(no_scheme.stderr.contains("http://127.0.0.1:7700"), "{}", no_scheme.stderr);
 }
 
 #[test]
@@ -462,10 +278,6 @@ fn completions_are_printed_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
         // A bad URL does not matter: completions never talk to the controller.
         let run = deployer("nonsense", None, &["completions", shell]).ok();
-        assert!(
-            run.stdout.contains("deployer") && run.stdout.contains("projects"),
-            "{shell}: {}",
-            run.stdout
-        );
+        assert!(run.stdout.contains("deployer") && run.stdout.contains("projects"), "{shell}: {}", run.stdout);
     }
 }

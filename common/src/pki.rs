@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
@@ -88,28 +88,19 @@ impl Identity {
     /// Parses an identity URI strictly: exact scheme and trust domain, exactly two path
     /// segments, a canonical decimal u64 for a controller, `[a-z0-9-]{1,64}` for an agent.
     pub fn parse_uri(uri: &str) -> Result<Identity, PkiError> {
-        let invalid = |reason| PkiError::InvalidIdentityUri {
-            uri: uri.to_string(),
-            reason,
-        };
-        let rest = uri
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| invalid("scheme must be spiffe://"))?;
+        let invalid = |reason| PkiError::InvalidIdentityUri { uri: uri.to_string(), reason };
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(|| invalid("scheme must be spiffe://"))?;
         let path = rest
             .strip_prefix(TRUST_DOMAIN)
             .and_then(|p| p.strip_prefix('/'))
             .ok_or_else(|| invalid("trust domain must be \"deployer\""))?;
-        let (kind, id) = path
-            .split_once('/')
-            .ok_or_else(|| invalid("path must be /controller/<id> or /agent/<id>"))?;
+        let (kind, id) = path.split_once('/').ok_or_else(|| invalid("path must be /controller/<id> or /agent/<id>"))?;
         if id.contains('/') {
             return Err(invalid("path has extra segments"));
         }
         match kind {
             "controller" => {
-                let n: u64 = id
-                    .parse()
-                    .map_err(|_| invalid("controller id must be a decimal u64"))?;
+                let n: u64 = id.parse().map_err(|_| invalid("controller id must be a decimal u64"))?;
                 // Only the canonical spelling, so one identity has exactly one URI.
                 if n.to_string() != id {
                     return Err(invalid("controller id must be a decimal u64"));
@@ -139,9 +130,7 @@ impl fmt::Display for Identity {
 
 fn is_valid_agent_id(id: &str) -> bool {
     (1..=MAX_AGENT_ID_LEN).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The cluster CA: its certificate and private key.
@@ -154,18 +143,14 @@ pub struct ClusterCa {
 
 impl fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterCa")
-            .field("fingerprint", &self.fingerprint())
-            .field("key", &"[redacted]")
-            .finish()
+        f.debug_struct("ClusterCa").field("fingerprint", &self.fingerprint()).field("key", &"[redacted]").finish()
     }
 }
 
 impl ClusterCa {
     /// A new self-signed ECDSA P-256 CA, valid for ten years, that may sign leaves only.
     pub fn generate() -> Result<ClusterCa, PkiError> {
-        let key =
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, CA_COMMON_NAME);
@@ -179,12 +164,7 @@ impl ClusterCa {
         let cert = params.self_signed(&key).map_err(PkiError::Generate)?;
         let cert_der = cert.der().to_vec();
         let key_pem = key.serialize_pem();
-        Ok(ClusterCa {
-            cert_pem: cert.pem(),
-            key_pem,
-            cert_der,
-            issuer: Issuer::new(params, key),
-        })
+        Ok(ClusterCa { cert_pem: cert.pem(), key_pem, cert_der, issuer: Issuer::new(params, key) })
     }
 
     /// Loads a CA from its certificate and PKCS#8 private key; checks that the certificate is
@@ -203,12 +183,7 @@ impl ClusterCa {
         }
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
             .map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
-        Ok(ClusterCa {
-            cert_pem: pem_encode_cert(&cert_der),
-            key_pem: key_pem.to_string(),
-            cert_der,
-            issuer,
-        })
+        Ok(ClusterCa { cert_pem: pem_encode_cert(&cert_der), key_pem: key_pem.to_string(), cert_der, issuer })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -243,21 +218,17 @@ impl ClusterCa {
         let public_key = verified_csr_public_key(csr_pem)?;
 
         let mut sans = Vec::with_capacity(1 + dns_names.len());
-        sans.push(SanType::URI(
-            Ia5String::try_from(identity.uri()).map_err(PkiError::Sign)?,
-        ));
+        sans.push(SanType::URI(Ia5String::try_from(identity.uri()).map_err(PkiError::Sign)?));
         for name in dns_names {
             sans.push(match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
                 Err(_) => SanType::DnsName(
-                    Ia5String::try_from(name.as_str())
-                        .map_err(|_| PkiError::InvalidDnsName(name.clone()))?,
+                    Ia5String::try_from(name.as_str()).map_err(|_| PkiError::InvalidDnsName(name.clone()))?,
                 ),
             });
         }
 
-        let validity =
-            time::Duration::try_from(validity).map_err(|_| PkiError::ValidityOutOfRange)?;
+        let validity = time::Duration::try_from(validity).map_err(|_| PkiError::ValidityOutOfRange)?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -266,20 +237,13 @@ impl ClusterCa {
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = now - BACKDATE;
-        params.not_after = now
-            .checked_add(validity)
-            .ok_or(PkiError::ValidityOutOfRange)?;
+        params.not_after = now.checked_add(validity).ok_or(PkiError::ValidityOutOfRange)?;
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
 
-        let cert = params
-            .signed_by(&public_key, &self.issuer)
-            .map_err(PkiError::Sign)?;
+        let cert = params.signed_by(&public_key, &self.issuer).map_err(PkiError::Sign)?;
         Ok(cert.pem())
     }
 }
@@ -289,20 +253,15 @@ impl ClusterCa {
 fn verified_csr_public_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, PkiError> {
     let block = pem::parse(csr_pem).map_err(PkiError::Pem)?;
     if block.tag() != "CERTIFICATE REQUEST" {
-        return Err(PkiError::InvalidCsr(format!(
-            "expected a CERTIFICATE REQUEST PEM block, found {:?}",
-            block.tag()
-        )));
+        return Err(PkiError::InvalidCsr(format!("expected a CERTIFICATE REQUEST PEM block, found {:?}", block.tag())));
     }
-    let (rest, csr) = X509CertificationRequest::from_der(block.contents())
-        .map_err(|e| PkiError::InvalidCsr(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(block.contents()).map_err(|e| PkiError::InvalidCsr(e.to_string()))?;
     if !rest.is_empty() {
         return Err(PkiError::InvalidCsr("trailing data after the CSR".into()));
     }
-    csr.verify_signature()
-        .map_err(|_| PkiError::CsrSignatureInvalid)?;
-    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-        .map_err(PkiError::UnsupportedCsrKey)
+    csr.verify_signature().map_err(|_| PkiError::CsrSignatureInvalid)?;
+    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw).map_err(PkiError::UnsupportedCsrKey)
 }
 
 /// New ECDSA P-256 key and a CSR for it. Returns (key_pem, csr_pem).
@@ -329,23 +288,14 @@ pub fn fingerprint_of_der(der: &[u8]) -> String {
 /// The single spiffe://deployer/... URI SAN of a DER certificate (error if none or several).
 pub fn identity_of_cert_der(der: &[u8]) -> Result<Identity, PkiError> {
     let cert = parse_cert(der)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
-    let mut spiffe_uris = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| match name {
-            // Any spiffe URI counts, so a look-alike cannot hide next to a real identity.
-            GeneralName::URI(uri)
-                if uri
-                    .get(..9)
-                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://")) =>
-            {
-                Some(*uri)
-            }
-            _ => None,
-        });
+    let san = cert.subject_alternative_name().map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
+    let mut spiffe_uris = san.iter().flat_map(|ext| ext.value.general_names.iter()).filter_map(|name| match name {
+        // Any spiffe URI counts, so a look-alike cannot hide next to a real identity.
+        GeneralName::URI(uri) if uri.get(..9).is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://")) => {
+            Some(*uri)
+        }
+        _ => None,
+    });
     let uri = spiffe_uris.next().ok_or(PkiError::NoIdentity)?;
     if spiffe_uris.next().is_some() {
         return Err(PkiError::SeveralIdentities);
@@ -364,12 +314,9 @@ pub fn not_after_der(der: &[u8]) -> Result<OffsetDateTime, PkiError> {
 }
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, PkiError> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(PkiError::InvalidCertificate(
-            "trailing data after the certificate".into(),
-        ));
+        return Err(PkiError::InvalidCertificate("trailing data after the certificate".into()));
     }
     Ok(cert)
 }
@@ -393,9 +340,7 @@ pub(crate) fn pem_encode_cert(der: &[u8]) -> String {
 /// A random positive 127-bit serial, so renewals with the same key never collide.
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| PkiError::Random)?;
+    SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Random)?;
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
 }
@@ -437,14 +382,8 @@ mod tests {
         ] {
             assert_eq!(Identity::parse_uri(&id.uri()).unwrap(), id);
         }
-        assert_eq!(
-            Identity::Controller(42).uri(),
-            "spiffe://deployer/controller/42"
-        );
-        assert_eq!(
-            Identity::Agent("n1".into()).uri(),
-            "spiffe://deployer/agent/n1"
-        );
+        assert_eq!(Identity::Controller(42).uri(), "spiffe://deployer/controller/42");
+        assert_eq!(Identity::Agent("n1".into()).uri(), "spiffe://deployer/agent/n1");
         assert!(Identity::Controller(1).is_controller());
         assert!(!Identity::Agent("x".into()).is_controller());
     }
@@ -489,23 +428,16 @@ mod tests {
         assert_eq!(again.fingerprint(), ca.fingerprint());
         assert_eq!(fingerprint_of_pem(ca.cert_pem()).unwrap(), ca.fingerprint());
         assert_eq!(ca.fingerprint().len(), 64);
-        assert!(ca
-            .fingerprint()
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(ca.fingerprint().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert!(!format!("{ca:?}").contains("PRIVATE"));
 
         // The reloaded CA signs certificates that chain to the original certificate.
         let (_, csr) = generate_key_and_csr().unwrap();
-        let leaf = again
-            .sign_csr(&csr, &Identity::Controller(3), &[], DAY)
-            .unwrap();
+        let leaf = again.sign_csr(&csr, &Identity::Controller(3), &[], DAY).unwrap();
         let leaf_der = cert_der(&leaf);
         let (_, parsed) = X509Certificate::from_der(&leaf_der).unwrap();
         let (_, ca_parsed) = X509Certificate::from_der(ca.cert_der()).unwrap();
-        parsed
-            .verify_signature(Some(ca_parsed.public_key()))
-            .unwrap();
+        parsed.verify_signature(Some(ca_parsed.public_key())).unwrap();
     }
 
     #[test]
@@ -526,23 +458,15 @@ mod tests {
     fn from_pem_rejects_a_foreign_key() {
         let ca = ClusterCa::generate().unwrap();
         let other = ClusterCa::generate().unwrap();
-        assert!(matches!(
-            ClusterCa::from_pem(ca.cert_pem(), other.key_pem()),
-            Err(PkiError::KeyMismatch)
-        ));
+        assert!(matches!(ClusterCa::from_pem(ca.cert_pem(), other.key_pem()), Err(PkiError::KeyMismatch)));
     }
 
     #[test]
     fn from_pem_rejects_a_leaf() {
         let ca = ClusterCa::generate().unwrap();
         let (key, csr) = generate_key_and_csr().unwrap();
-        let leaf = ca
-            .sign_csr(&csr, &Identity::Controller(1), &[], DAY)
-            .unwrap();
-        assert!(matches!(
-            ClusterCa::from_pem(&leaf, &key),
-            Err(PkiError::NotACa)
-        ));
+        let leaf = ca.sign_csr(&csr, &Identity::Controller(1), &[], DAY).unwrap();
+        assert!(matches!(ClusterCa::from_pem(&leaf, &key), Err(PkiError::NotACa)));
     }
 
     #[test]
@@ -550,30 +474,15 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         let (_, csr) = csr_asking_for("spiffe://deployer/controller/1", "controller-1");
         let agent = Identity::Agent("a1".into());
-        let pem = ca
-            .sign_csr(
-                &csr,
-                &agent,
-                &["node1.internal".into(), "10.0.0.7".into()],
-                DAY,
-            )
-            .unwrap();
+        let pem = ca.sign_csr(&csr, &agent, &["node1.internal".into(), "10.0.0.7".into()], DAY).unwrap();
         let der = cert_der(&pem);
         assert_eq!(identity_of_cert_der(&der).unwrap(), agent);
 
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         assert!(!cert.is_ca());
         assert!(!cert.subject().to_string().contains("controller-1"));
-        let names = &cert
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names;
-        let uris: Vec<_> = names
-            .iter()
-            .filter(|n| matches!(n, GeneralName::URI(_)))
-            .collect();
+        let names = &cert.subject_alternative_name().unwrap().unwrap().value.general_names;
+        let uris: Vec<_> = names.iter().filter(|n| matches!(n, GeneralName::URI(_))).collect();
         assert_eq!(uris.len(), 1);
         assert!(names.contains(&GeneralName::DNSName("node1.internal")));
         assert!(!names.contains(&GeneralName::DNSName("evil.example")));
@@ -587,14 +496,7 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         let (_, csr) = generate_key_and_csr().unwrap();
         let before = OffsetDateTime::now_utc();
-        let pem = ca
-            .sign_csr(
-                &csr,
-                &Identity::Agent("a1".into()),
-                &[],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+        let pem = ca.sign_csr(&csr, &Identity::Agent("a1".into()), &[], Duration::from_secs(3600)).unwrap();
         let der = cert_der(&pem);
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         let nb = cert.validity().not_before.to_datetime();
@@ -611,21 +513,14 @@ mod tests {
         let block = pem::parse(&csr_pem).unwrap();
         let mut der = block.contents().to_vec();
         // Change a byte of the requested common name ("agent-a1" -> "agent-b1").
-        let pos = der
-            .windows(8)
-            .position(|w| w == b"agent-a1")
-            .expect("CN in CSR");
+        let pos = der.windows(8).position(|w| w == b"agent-a1").expect("CN in CSR");
         der[pos + 6] = b'b';
         let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
-        let err = ca
-            .sign_csr(&tampered, &Identity::Agent("a1".into()), &[], DAY)
-            .unwrap_err();
+        let err = ca.sign_csr(&tampered, &Identity::Agent("a1".into()), &[], DAY).unwrap_err();
         assert!(matches!(err, PkiError::CsrSignatureInvalid), "{err}");
         assert_eq!(err.to_string(), "CSR signature is invalid");
 
-        assert!(ca
-            .sign_csr("not a csr", &Identity::Agent("a1".into()), &[], DAY)
-            .is_err());
+        assert!(ca.sign_csr("not a csr", &Identity::Agent("a1".into()), &[], DAY).is_err());
         assert!(matches!(
             ca.sign_csr(ca.cert_pem(), &Identity::Agent("a1".into()), &[], DAY),
             Err(PkiError::InvalidCsr(_))
@@ -635,14 +530,8 @@ mod tests {
     #[test]
     fn certificate_without_identity_is_reported() {
         let ca = ClusterCa::generate().unwrap();
-        assert!(matches!(
-            identity_of_cert_der(ca.cert_der()),
-            Err(PkiError::NoIdentity)
-        ));
-        assert_eq!(
-            PkiError::NoIdentity.to_string(),
-            "certificate has no deployer identity"
-        );
+        assert!(matches!(identity_of_cert_der(ca.cert_der()), Err(PkiError::NoIdentity)));
+        assert_eq!(PkiError::NoIdentity.to_string(), "certificate has no deployer identity");
     }
 
     #[test]
@@ -654,32 +543,21 @@ mod tests {
             SanType::URI(Ia5String::try_from("spiffe://deployer/controller/1").unwrap()),
         ];
         let cert = params.self_signed(&key).unwrap();
-        assert!(matches!(
-            identity_of_cert_der(cert.der()),
-            Err(PkiError::SeveralIdentities)
-        ));
+        assert!(matches!(identity_of_cert_der(cert.der()), Err(PkiError::SeveralIdentities)));
     }
 
     #[test]
     fn certificate_with_foreign_spiffe_identity_is_refused() {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from("spiffe://other/controller/1").unwrap(),
-        )];
+        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from("spiffe://other/controller/1").unwrap())];
         let cert = params.self_signed(&key).unwrap();
-        assert!(matches!(
-            identity_of_cert_der(cert.der()),
-            Err(PkiError::InvalidIdentityUri { .. })
-        ));
+        assert!(matches!(identity_of_cert_der(cert.der()), Err(PkiError::InvalidIdentityUri { .. })));
     }
 
     #[test]
     fn fingerprint_of_pem_needs_a_certificate() {
         let (key, _) = generate_key_and_csr().unwrap();
-        assert!(matches!(
-            fingerprint_of_pem(&key),
-            Err(PkiError::NoCertificate)
-        ));
+        assert!(matches!(fingerprint_of_pem(&key), Err(PkiError::NoCertificate)));
     }
 }

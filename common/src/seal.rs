@@ -64,28 +64,18 @@ impl ClusterKey {
     pub fn save(&self, path: &Path) -> Result<(), SealError> {
         let io_err = |action, path: &Path| {
             let path = path.to_path_buf();
-            move |source| SealError::Io {
-                action,
-                path,
-                source,
-            }
+            move |source| SealError::Io { action, path, source }
         };
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(".tmp");
         let tmp = path.with_file_name(tmp_name);
         // A leftover from an interrupted save would make create_new fail.
         match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_err("remove stale", &tmp)(e))
-            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove stale", &tmp)(e)),
             _ => {}
         }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let mut file =
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io_err("create", &tmp))?;
         file.write_all(format!("{}\n", self.to_hex()).as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io_err("write", &tmp))?;
@@ -95,33 +85,18 @@ impl ClusterKey {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("sync the directory of", path))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync the directory of", path))?;
         Ok(())
     }
 
     /// Reads a key written by [`ClusterKey::save`]; refuses a file that group or others could
     /// read or write.
     pub fn load(path: &Path) -> Result<ClusterKey, SealError> {
-        let io_err = |action| {
-            move |source| SealError::Io {
-                action,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
+        let io_err = |action| move |source| SealError::Io { action, path: path.to_path_buf(), source };
         let mut file = File::open(path).map_err(io_err("open"))?;
-        let mode = file
-            .metadata()
-            .map_err(io_err("stat"))?
-            .permissions()
-            .mode();
+        let mode = file.metadata().map_err(io_err("stat"))?.permissions().mode();
         if mode & 0o077 != 0 {
-            return Err(SealError::InsecurePermissions {
-                path: path.to_path_buf(),
-                mode: mode & 0o7777,
-            });
+            return Err(SealError::InsecurePermissions { path: path.to_path_buf(), mode: mode & 0o7777 });
         }
         let mut text = String::new();
         io::Read::read_to_string(&mut file, &mut text).map_err(io_err("read"))?;
@@ -137,11 +112,7 @@ impl ClusterKey {
         out.extend_from_slice(&nonce);
         let mut body = plaintext.to_vec();
         self.aead_key()
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut body,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
             // Only fails for inputs beyond GCM's ~64 GiB limit.
             .expect("plaintext too large for AES-GCM");
         out.extend_from_slice(&body);
@@ -155,19 +126,14 @@ impl ClusterKey {
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Truncated)?;
         let mut body = body.to_vec();
-        let plain_len = self
-            .aead_key()
-            .open_in_place(nonce, Aad::from(aad), &mut body)
-            .map_err(|_| SealError::Open)?
-            .len();
+        let plain_len =
+            self.aead_key().open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| SealError::Open)?.len();
         body.truncate(plain_len);
         Ok(body)
     }
 
     fn aead_key(&self) -> LessSafeKey {
-        LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &self.0).expect("32-byte key is valid for AES-256"),
-        )
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("32-byte key is valid for AES-256"))
     }
 }
 
@@ -220,33 +186,15 @@ mod tests {
         let key = ClusterKey::generate();
         let sealed = key.seal(b"database password", b"secret:db");
 
-        assert!(matches!(
-            key.open(&sealed, b"secret:other"),
-            Err(SealError::Open)
-        ));
-        assert!(matches!(
-            ClusterKey::generate().open(&sealed, b"secret:db"),
-            Err(SealError::Open)
-        ));
-        assert!(matches!(
-            key.open(&sealed[..sealed.len() - 1], b"secret:db"),
-            Err(SealError::Open)
-        ));
-        assert!(matches!(
-            key.open(&sealed[..27], b"secret:db"),
-            Err(SealError::Truncated)
-        ));
-        assert!(matches!(
-            key.open(&[], b"secret:db"),
-            Err(SealError::Truncated)
-        ));
+        assert!(matches!(key.open(&sealed, b"secret:other"), Err(SealError::Open)));
+        assert!(matches!(ClusterKey::generate().open(&sealed, b"secret:db"), Err(SealError::Open)));
+        assert!(matches!(key.open(&sealed[..sealed.len() - 1], b"secret:db"), Err(SealError::Open)));
+        assert!(matches!(key.open(&sealed[..27], b"secret:db"), Err(SealError::Truncated)));
+        assert!(matches!(key.open(&[], b"secret:db"), Err(SealError::Truncated)));
         for i in 0..sealed.len() {
             let mut flipped = sealed.clone();
             flipped[i] ^= 0x01;
-            assert!(
-                key.open(&flipped, b"secret:db").is_err(),
-                "flip at {i} accepted"
-            );
+            assert!(key.open(&flipped, b"secret:db").is_err(), "flip at {i} accepted");
         }
     }
 
@@ -256,14 +204,8 @@ mod tests {
         let hex = key.to_hex();
         assert_eq!(hex.len(), 64);
         assert_eq!(ClusterKey::from_hex(&hex).unwrap().0, key.0);
-        assert!(matches!(
-            ClusterKey::from_hex(&hex[..62]),
-            Err(SealError::InvalidKey)
-        ));
-        assert!(matches!(
-            ClusterKey::from_hex(&"zz".repeat(32)),
-            Err(SealError::InvalidKey)
-        ));
+        assert!(matches!(ClusterKey::from_hex(&hex[..62]), Err(SealError::InvalidKey)));
+        assert!(matches!(ClusterKey::from_hex(&"zz".repeat(32)), Err(SealError::InvalidKey)));
         assert!(!format!("{key:?}").contains(&hex));
     }
 
@@ -281,10 +223,7 @@ mod tests {
         let second = ClusterKey::generate();
         second.save(&path).unwrap();
         assert_eq!(ClusterKey::load(&path).unwrap().0, second.0);
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!dir.0.join("keyring.tmp").exists());
     }
 
@@ -295,10 +234,7 @@ mod tests {
         ClusterKey::generate().save(&path).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = ClusterKey::load(&path).unwrap_err();
-        assert!(
-            matches!(err, SealError::InsecurePermissions { mode: 0o644, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SealError::InsecurePermissions { mode: 0o644, .. }), "{err}");
         assert!(err.to_string().contains("chmod 600"));
     }
 

@@ -70,11 +70,7 @@ pub fn controller_client_config(
             ServerTrust::Ca(pem) => Anchor::Ca(
                 certs_from_pem(pem)?
                     .iter()
-                    .map(|der| {
-                        webpki::anchor_from_trusted_cert(der)
-                            .map(|a| a.to_owned())
-                            .map_err(TlsError::InvalidCa)
-                    })
+                    .map(|der| webpki::anchor_from_trusted_cert(der).map(|a| a.to_owned()).map_err(TlsError::InvalidCa))
                     .collect::<Result<_, _>>()?,
             ),
             ServerTrust::Fingerprint(fp) => Anchor::Pin(normalize_fingerprint(fp)?),
@@ -100,10 +96,7 @@ pub fn controller_client_config(
 /// [`ServerTrust::Fingerprint`] this is the cluster CA the joining node should keep.
 pub fn pinned_ca_from_chain(chain: &[CertificateDer<'_>], fingerprint: &str) -> Option<String> {
     let pin = normalize_fingerprint(fingerprint).ok()?;
-    chain
-        .iter()
-        .find(|der| fingerprint_of_der(der) == pin)
-        .map(|der| pem_encode_cert(der))
+    chain.iter().find(|der| fingerprint_of_der(der) == pin).map(|der| pem_encode_cert(der))
 }
 
 /// All CERTIFICATE blocks of a PEM string, in order (at least one).
@@ -218,18 +211,14 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
     let cert_error = match e {
         W::BadDer | W::BadDerTime | W::TrailingData(_) => CertificateError::BadEncoding,
         W::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
-        W::CertNotValidYet { time, not_before } => {
-            CertificateError::NotValidYetContext { time, not_before }
-        }
+        W::CertNotValidYet { time, not_before } => CertificateError::NotValidYetContext { time, not_before },
         W::InvalidCertValidity => CertificateError::Expired,
         W::UnknownIssuer => CertificateError::UnknownIssuer,
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        W::UnsupportedSignatureAlgorithmContext(cx) => {
-            CertificateError::UnsupportedSignatureAlgorithmContext {
-                signature_algorithm_id: cx.signature_algorithm_id,
-                supported_algorithms: cx.supported_algorithms,
-            }
-        }
+        W::UnsupportedSignatureAlgorithmContext(cx) => CertificateError::UnsupportedSignatureAlgorithmContext {
+            signature_algorithm_id: cx.signature_algorithm_id,
+            supported_algorithms: cx.supported_algorithms,
+        },
         W::UnsupportedSignatureAlgorithmForPublicKeyContext(cx) => {
             CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext {
                 signature_algorithm_id: cx.signature_algorithm_id,
@@ -270,28 +259,19 @@ mod tests {
         let chain = certs_from_pem(&format!("{cert}{}", ca.cert_pem())).unwrap();
         assert_eq!(chain.len(), 2);
         let provider = Arc::new(ring_provider::default_provider());
-        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
-            &[&rustls::version::TLS12]
-        } else {
-            &[&rustls::version::TLS13, &rustls::version::TLS12]
-        };
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(versions)
-            .unwrap();
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            if tls12_only { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+        let builder = ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions).unwrap();
         let builder = if require_client_cert {
             let mut roots = RootCertStore::empty();
             roots.add_parsable_certificates(certs_from_pem(ca.cert_pem()).unwrap());
             builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .unwrap(),
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap(),
             )
         } else {
             builder.with_no_client_auth()
         };
-        let mut config = builder
-            .with_single_cert(chain, key_from_pem(&key).unwrap())
-            .unwrap();
+        let mut config = builder.with_single_cert(chain, key_from_pem(&key).unwrap()).unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
         Arc::new(config)
     }
@@ -346,21 +326,13 @@ mod tests {
             Some((read, peer)) => (Some(read), peer),
             None => (None, None),
         };
-        Outcome {
-            client,
-            server_read,
-            client_identity_seen_by_server,
-            version,
-        }
+        Outcome { client, server_read, client_identity_seen_by_server, version }
     }
 
     /// The rustls certificate error behind a failed client handshake.
     fn certificate_error(outcome: &Outcome) -> CertificateError {
         let err = outcome.client.as_ref().expect_err("handshake should fail");
-        match err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
+        match err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
             Some(rustls::Error::InvalidCertificate(e)) => e.clone(),
             _ => panic!("not a certificate error: {err}"),
         }
@@ -375,10 +347,7 @@ mod tests {
             }
             other => panic!("refused for another reason: {other:?}"),
         }
-        assert_eq!(
-            outcome.server_read, None,
-            "server received application data"
-        );
+        assert_eq!(outcome.server_read, None, "server received application data");
     }
 
     /// Asserts the leaf did not chain to the trusted CA. Every cluster CA has the same subject,
@@ -386,24 +355,17 @@ mod tests {
     fn assert_chain_refused(outcome: &Outcome) {
         let err = certificate_error(outcome);
         assert!(
-            matches!(
-                err,
-                CertificateError::BadSignature | CertificateError::UnknownIssuer
-            ),
+            matches!(err, CertificateError::BadSignature | CertificateError::UnknownIssuer),
             "refused for another reason: {err:?}"
         );
-        assert_eq!(
-            outcome.server_read, None,
-            "server received application data"
-        );
+        assert_eq!(outcome.server_read, None, "server received application data");
     }
 
     #[tokio::test]
     async fn ca_trust_accepts_a_controller() {
         let ca = ClusterCa::generate().unwrap();
         let server = server_config(&ca, Identity::Controller(7), false, false);
-        let client =
-            controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
+        let client = controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
         let outcome = handshake(server, client).await;
         assert!(outcome.client.is_ok(), "{:?}", outcome.client.err());
         assert_eq!(outcome.version, Some(rustls::ProtocolVersion::TLSv1_3));
@@ -414,8 +376,7 @@ mod tests {
     async fn ca_trust_works_over_tls12() {
         let ca = ClusterCa::generate().unwrap();
         let server = server_config(&ca, Identity::Controller(7), true, false);
-        let client =
-            controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
+        let client = controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
         let outcome = handshake(server, client).await;
         assert!(outcome.client.is_ok(), "{:?}", outcome.client.err());
         assert_eq!(outcome.version, Some(rustls::ProtocolVersion::TLSv1_2));
@@ -442,8 +403,7 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         let other = ClusterCa::generate().unwrap();
         let server = server_config(&ca, Identity::Controller(1), false, false);
-        let client =
-            controller_client_config(&ServerTrust::Fingerprint(other.fingerprint()), None).unwrap();
+        let client = controller_client_config(&ServerTrust::Fingerprint(other.fingerprint()), None).unwrap();
         let outcome = handshake(server, client).await;
         assert_refused_by_verifier(&outcome, |r| matches!(r, PeerRefused::PinNotInChain));
     }
@@ -464,8 +424,7 @@ mod tests {
                 .with_single_cert(chain, key_from_pem(&key).unwrap())
                 .unwrap(),
         );
-        let client =
-            controller_client_config(&ServerTrust::Fingerprint(ca.fingerprint()), None).unwrap();
+        let client = controller_client_config(&ServerTrust::Fingerprint(ca.fingerprint()), None).unwrap();
         let outcome = handshake(server, client).await;
         assert_chain_refused(&outcome);
     }
@@ -475,8 +434,7 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         let other = ClusterCa::generate().unwrap();
         let server = server_config(&other, Identity::Controller(1), false, false);
-        let client =
-            controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
+        let client = controller_client_config(&ServerTrust::Ca(ca.cert_pem().to_string()), None).unwrap();
         let outcome = handshake(server, client).await;
         assert_chain_refused(&outcome);
     }
@@ -484,10 +442,7 @@ mod tests {
     #[tokio::test]
     async fn agent_identity_is_not_a_controller() {
         let ca = ClusterCa::generate().unwrap();
-        for trust in [
-            ServerTrust::Ca(ca.cert_pem().to_string()),
-            ServerTrust::Fingerprint(ca.fingerprint()),
-        ] {
+        for trust in [ServerTrust::Ca(ca.cert_pem().to_string()), ServerTrust::Fingerprint(ca.fingerprint())] {
             let server = server_config(&ca, Identity::Agent("a1".into()), false, false);
             let client = controller_client_config(&trust, None).unwrap();
             let outcome = handshake(server, client).await;
@@ -505,10 +460,7 @@ mod tests {
         let client = controller_client_config(&trust, Some((&agent_cert, &agent_key))).unwrap();
         let outcome = handshake(server.clone(), client).await;
         assert!(outcome.client.is_ok(), "{:?}", outcome.client.err());
-        assert_eq!(
-            outcome.client_identity_seen_by_server,
-            Some(Identity::Agent("n1".into()))
-        );
+        assert_eq!(outcome.client_identity_seen_by_server, Some(Identity::Agent("n1".into())));
         assert_eq!(outcome.server_read.as_deref(), Some(&b"ping"[..]));
 
         // Without a client certificate the server refuses to talk.
@@ -528,15 +480,9 @@ mod tests {
             Err(TlsError::NoCertificate)
         ));
         let ca = ClusterCa::generate().unwrap();
-        assert!(matches!(
-            key_from_pem(ca.cert_pem()),
-            Err(TlsError::NoPrivateKey)
-        ));
+        assert!(matches!(key_from_pem(ca.cert_pem()), Err(TlsError::NoPrivateKey)));
         assert!(key_from_pem(ca.key_pem()).is_ok());
-        assert!(matches!(
-            certs_from_pem(ca.key_pem()),
-            Err(TlsError::NoCertificate)
-        ));
+        assert!(matches!(certs_from_pem(ca.key_pem()), Err(TlsError::NoCertificate)));
         install_crypto_provider();
         install_crypto_provider();
     }

@@ -42,20 +42,14 @@ impl fmt::Debug for JoinToken {
 impl JoinToken {
     /// A token for the CA with `ca_fingerprint` and a fresh 256-bit secret.
     pub fn new(ca_fingerprint: String) -> JoinToken {
-        JoinToken {
-            ca_fingerprint,
-            secret: random_hex(SECRET_BYTES),
-        }
+        JoinToken { ca_fingerprint, secret: random_hex(SECRET_BYTES) }
     }
 
     /// Parses `DPLY1.<64 hex>.<64 hex>`, ignoring surrounding whitespace. Hex is accepted in
     /// either case and stored lowercase.
     pub fn parse(s: &str) -> Result<JoinToken, TokenError> {
         let s = s.trim();
-        let rest = s
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.strip_prefix('.'))
-            .ok_or(TokenError::WrongPrefix)?;
+        let rest = s.strip_prefix(PREFIX).and_then(|r| r.strip_prefix('.')).ok_or(TokenError::WrongPrefix)?;
         let (fingerprint, secret) = rest.split_once('.').ok_or(TokenError::WrongShape)?;
         if !is_hex_of_len(fingerprint, HEX_LEN) {
             return Err(TokenError::BadFingerprint);
@@ -64,10 +58,7 @@ impl JoinToken {
             // Also catches a fourth dot-separated part.
             return Err(TokenError::BadSecret);
         }
-        Ok(JoinToken {
-            ca_fingerprint: fingerprint.to_ascii_lowercase(),
-            secret: secret.to_ascii_lowercase(),
-        })
+        Ok(JoinToken { ca_fingerprint: fingerprint.to_ascii_lowercase(), secret: secret.to_ascii_lowercase() })
     }
 
     /// The hash that is stored in place of the secret.
@@ -88,10 +79,7 @@ fn is_hex_of_len(s: &str, len: usize) -> bool {
 
 /// Lowercase hex SHA-256 of a secret; only this is ever stored.
 pub fn hash_secret(secret: &str) -> String {
-    hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        secret.as_bytes(),
-    ))
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()))
 }
 
 /// `bytes` random bytes from the system CSPRNG, as lowercase hex.
@@ -138,10 +126,7 @@ mod tests {
         let b = JoinToken::new(fp());
         assert_ne!(a.secret, b.secret);
         assert_eq!(a.secret.len(), 64);
-        assert!(a
-            .secret
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+        assert!(a.secret.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
         assert!(!format!("{a:?}").contains(&a.secret));
     }
 
@@ -154,38 +139,19 @@ mod tests {
             (String::new(), TokenError::WrongPrefix),
             (format!("DPLY1{}.{secret}", fp()), TokenError::WrongPrefix),
             (format!("DPLY1.{}", fp()), TokenError::WrongShape),
-            (
-                format!("DPLY1.{}.{secret}", "ab".repeat(31)),
-                TokenError::BadFingerprint,
-            ),
-            (
-                format!("DPLY1.{}.{secret}", "zz".repeat(32)),
-                TokenError::BadFingerprint,
-            ),
-            (
-                format!("DPLY1.{}.{}", fp(), "cd".repeat(31)),
-                TokenError::BadSecret,
-            ),
-            (
-                format!("DPLY1.{}.{}", fp(), "g".repeat(64)),
-                TokenError::BadSecret,
-            ),
-            (
-                format!("DPLY1.{}.{secret}.extra", fp()),
-                TokenError::BadSecret,
-            ),
+            (format!("DPLY1.{}.{secret}", "ab".repeat(31)), TokenError::BadFingerprint),
+            (format!("DPLY1.{}.{secret}", "zz".repeat(32)), TokenError::BadFingerprint),
+            (format!("DPLY1.{}.{}", fp(), "cd".repeat(31)), TokenError::BadSecret),
+            (format!("DPLY1.{}.{}", fp(), "g".repeat(64)), TokenError::BadSecret),
+            (format!("DPLY1.{}.{secret}.extra", fp()), TokenError::BadSecret),
             (format!("DPLY1.{}.", fp()), TokenError::BadSecret),
         ];
         for (input, expected) in cases {
             assert_eq!(JoinToken::parse(&input), Err(expected.clone()), "{input}");
         }
-        let messages = [
-            TokenError::WrongPrefix,
-            TokenError::WrongShape,
-            TokenError::BadFingerprint,
-            TokenError::BadSecret,
-        ]
-        .map(|e| e.to_string());
+        let messages =
+            [TokenError::WrongPrefix, TokenError::WrongShape, TokenError::BadFingerprint, TokenError::BadSecret]
+                .map(|e| e.to_string());
         for (i, m) in messages.iter().enumerate() {
             assert!(!messages[..i].contains(m), "duplicate message {m}");
         }
@@ -193,10 +159,7 @@ mod tests {
 
     #[test]
     fn secret_hash_is_sha256_hex() {
-        assert_eq!(
-            hash_secret("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hash_secret("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         let token = JoinToken::new(fp());
         assert_eq!(token.secret_hash(), hash_secret(&token.secret));
     }

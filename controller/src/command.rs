@@ -125,9 +125,6 @@ pub enum Rejection {
 
 impl CommandResponse {
     pub fn rejected(reason: Rejection, message: impl Into<String>) -> Self {
-        CommandResponse::Rejected {
-            reason,
-            message: message.into(),
-        }
+        CommandResponse::Rejected { reason, message: message.into() }
     }
 }

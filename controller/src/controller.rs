@@ -96,10 +96,7 @@ impl Controller {
             peers,
             applied,
             proposals: tx,
-            tokens: TokenCache {
-                generation: tokens_generation,
-                entries: Mutex::new((0, HashMap::new())),
-            },
+            tokens: TokenCache { generation: tokens_generation, entries: Mutex::new((0, HashMap::new())) },
         };
         (Arc::new(controller), Batcher { proposals: rx })
     }
@@ -143,6 +140,22 @@ impl Controller {
         metrics.membership_config.membership().voter_ids().collect()
     }
 
+    /// Waits (at most `max`) until the known leader is another than `old`.
+    async fn leader_change(&self, old: &ControllerNode, max: Duration) {
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(max, async {
+            loop {
+                if self.leader().is_some_and(|(_, node)| &node != old) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Waits until some node is known as leader, or the deadline passes.
     async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Option<(NodeId, ControllerNode)> {
         let mut metrics = self.raft.metrics();
@@ -161,10 +174,7 @@ impl Controller {
     /// together are committed together (see [`Batcher`]).
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
         let (reply, answer) = oneshot::channel();
-        self.proposals
-            .send(Proposal { command, reply })
-            .await
-            .map_err(|_| ProposeError::ShuttingDown)?;
+        self.proposals.send(Proposal { command, reply }).await.map_err(|_| ProposeError::ShuttingDown)?;
         answer.await.map_err(|_| ProposeError::ShuttingDown)?
     }
 
@@ -226,7 +236,7 @@ impl Controller {
                 }
                 Err(Forwarded::Retry(e)) => {
                     tracing::debug!(error = %e, "forwarding to the leader failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.leader_change(&leader, Duration::from_millis(50)).await;
                 }
                 Err(Forwarded::Final(e)) => return Err(e),
             }
@@ -339,10 +349,7 @@ impl Controller {
     }
 
     async fn leader_read_index(&self, leader: &ControllerNode) -> Result<u64, ProposeError> {
-        let channel = self
-            .peers
-            .get(&leader.grpc_addr)
-            .map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let channel = self.peers.get(&leader.grpc_addr).map_err(|e| ProposeError::Forward(e.to_string()))?;
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(LEADER_WAIT);
         let reply = ClusterClient::new(channel)
@@ -419,11 +426,7 @@ fn classify_forward_error(status: &tonic::Status) -> Forwarded {
     let kind = status.metadata().get(ERROR_KIND).and_then(|v| v.to_str().ok());
     match kind {
         Some("no_quorum") => {
-            let ms = status
-                .message()
-                .split_whitespace()
-                .find_map(|w| w.parse().ok())
-                .unwrap_or_default();
+            let ms = status.message().split_whitespace().find_map(|w| w.parse().ok()).unwrap_or_default();
             Forwarded::Final(ProposeError::NoQuorum(ms))
         }
         Some("unconfirmed") => Forwarded::Final(ProposeError::Unconfirmed(LEADER_WAIT)),

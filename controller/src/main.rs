@@ -163,7 +163,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| ConfigError(format!("invalid --token: {e}")))?;
             }
             if config.join.as_deref().is_some_and(|j| !j.starts_with("https://")) {
-                return Err(ConfigError("--join must look like https://HOST:PORT (a controller's gRPC address)".into()).into());
+                return Err(ConfigError(
+                    "--join must look like https://HOST:PORT (a controller's gRPC address)".into(),
+                )
+                .into());
             }
             serve(config, http, grpc, shutdown_signal()).await
         }
@@ -184,7 +187,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("  Deployer (dev mode)");
             eprintln!("  API:          {url}/api/v1/health");
             eprintln!("  Admin token:  {}", token_path.display());
-            eprintln!("  Try:          curl -H \"Authorization: Bearer $(cat {})\" {url}/api/v1/cluster", token_path.display());
+            eprintln!(
+                "  Try:          curl -H \"Authorization: Bearer $(cat {})\" {url}/api/v1/cluster",
+                token_path.display()
+            );
             eprintln!();
             serve(config, http, grpc, shutdown_signal()).await
         }

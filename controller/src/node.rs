@@ -133,9 +133,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     deployer_common::tls::install_crypto_provider();
-    let paths = Paths {
-        dir: config.data_dir.clone(),
-    };
+    let paths = Paths { dir: config.data_dir.clone() };
     ensure_private_dir(&paths.dir).with_context(|| format!("cannot create data dir {}", paths.dir.display()))?;
     let http_bound = http.local_addr()?;
     let grpc_bound = grpc.local_addr()?;
@@ -159,7 +157,9 @@ pub async fn serve(
             let http_addr = advertised(&config.advertise_http, None, http_bound);
             match (&config.join, &config.token) {
                 (Some(peer), Some(token)) => join(&paths, peer, token, grpc_addr, http_addr).await?,
-                (Some(_), None) => bail!("--join needs --token (a controller join token: DPLY1.<fingerprint>.<secret>)"),
+                (Some(_), None) => {
+                    bail!("--join needs --token (a controller join token: DPLY1.<fingerprint>.<secret>)")
+                }
                 (None, _) => bootstrap(&paths, grpc_addr, http_addr)?,
             }
         }
@@ -184,21 +184,18 @@ pub async fn serve(
         .await
         .context("cannot start Raft")?;
 
-    let node = ControllerNode {
-        grpc_addr: record.grpc_addr.clone(),
-        http_addr: record.http_addr.clone(),
-    };
-    let (controller, batcher): (SharedController, _) = Controller::new(
-        record.node_id,
-        node.clone(),
-        raft.clone(),
-        reader,
-        key,
-        peers,
-        applied,
-        tokens_generation,
-    );
+    let node = ControllerNode { grpc_addr: record.grpc_addr.clone(), http_addr: record.http_addr.clone() };
+    let (controller, batcher): (SharedController, _) =
+        Controller::new(record.node_id, node.clone(), raft.clone(), reader, key, peers, applied, tokens_generation);
     let batcher = tokio::spawn(batcher.run(controller.clone()));
+    let contact = Arc::new(crate::raft::detector::LeaderContact::default());
+    let detector = tokio::spawn(crate::raft::detector::run(
+        raft.clone(),
+        contact.clone(),
+        Duration::from_millis(config.tuning.election_max_ms),
+        Duration::from_millis(config.tuning.heartbeat_ms),
+        Duration::from_millis(config.tuning.election_max_ms * 3 + 1000),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -216,7 +213,9 @@ pub async fn serve(
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("invalid gRPC TLS configuration")?
-        .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(64 * 1024 * 1024))
+        .add_service(
+            RaftServer::new(RaftService::new(raft.clone(), contact)).max_decoding_message_size(64 * 1024 * 1024),
+        )
         .add_service(ClusterServer::new(ClusterService::new(controller.clone())))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
@@ -268,6 +267,7 @@ pub async fn serve(
     }
     // Writes still gathering are answered "shutting down"; HTTP drains below.
     batcher.abort();
+    detector.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),
@@ -297,9 +297,9 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 
 fn read_record(paths: &Paths) -> anyhow::Result<Option<NodeRecord>> {
     match std::fs::read(paths.node()) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", paths.node().display()))?,
-        )),
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", paths.node().display()))?))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", paths.node().display())),
     }
@@ -323,26 +323,24 @@ fn bootstrap(paths: &Paths, grpc_addr: String, http_addr: String) -> anyhow::Res
     write_atomic(&paths.ca(), ca.cert_pem().as_bytes(), false)?;
     write_atomic(&paths.cert(), cert.as_bytes(), false)?;
     write_atomic(&paths.key(), node_key.as_bytes(), true)?;
-    let pending = PendingBootstrap {
-        ca_key_sealed_hex: hex::encode(key.seal(ca.key_pem().as_bytes(), b"ca-key")),
-    };
+    let pending = PendingBootstrap { ca_key_sealed_hex: hex::encode(key.seal(ca.key_pem().as_bytes(), b"ca-key")) };
     write_atomic(&paths.pending(), &serde_json::to_vec(&pending)?, true)?;
     let admin_token = format!("dpl_{}", random_hex(32));
     write_atomic(&paths.admin_token_pending(), format!("{admin_token}\n").as_bytes(), true)?;
-    let record = NodeRecord {
-        node_id,
-        grpc_addr,
-        http_addr,
-        stage: Stage::Bootstrapping,
-        join_addr: None,
-    };
+    let record = NodeRecord { node_id, grpc_addr, http_addr, stage: Stage::Bootstrapping, join_addr: None };
     write_record(paths, &record)?;
     Ok(record)
 }
 
 /// Joins through `peer` with a controller token: pins the CA by the token's fingerprint, sends a
 /// CSR with the token's secret, and stores what comes back. Nothing is written if it fails.
-async fn join(paths: &Paths, peer: &str, token: &str, grpc_addr: String, http_addr: String) -> anyhow::Result<NodeRecord> {
+async fn join(
+    paths: &Paths,
+    peer: &str,
+    token: &str,
+    grpc_addr: String,
+    http_addr: String,
+) -> anyhow::Result<NodeRecord> {
     let token = JoinToken::parse(token).context("invalid --token")?;
     let peer_addr = peer.trim_start_matches("https://").trim_end_matches('/').to_string();
     if peer_addr.contains("://") {
@@ -352,11 +350,8 @@ async fn join(paths: &Paths, peer: &str, token: &str, grpc_addr: String, http_ad
     let tls = controller_client_config(&ServerTrust::Fingerprint(token.ca_fingerprint.clone()), None)?;
     let channel = crate::grpc::client::channel(&peer_addr, tls)?;
     let (key_pem, csr_pem) = pki::generate_key_and_csr()?;
-    let mut request = tonic::Request::new(JoinRequest {
-        token_secret: token.secret.clone(),
-        kind: "controller".into(),
-        csr_pem,
-    });
+    let mut request =
+        tonic::Request::new(JoinRequest { token_secret: token.secret.clone(), kind: "controller".into(), csr_pem });
     request.set_timeout(Duration::from_secs(15));
     let reply = ClusterClient::new(channel)
         .join(request)
@@ -377,18 +372,9 @@ async fn join(paths: &Paths, peer: &str, token: &str, grpc_addr: String, http_ad
     write_atomic(&paths.ca(), reply.ca_pem.as_bytes(), false)?;
     write_atomic(&paths.cert(), reply.cert_pem.as_bytes(), false)?;
     write_atomic(&paths.key(), key_pem.as_bytes(), true)?;
-    let join_addr = if reply.leader_grpc_addr.is_empty() {
-        peer_addr
-    } else {
-        reply.leader_grpc_addr
-    };
-    let record = NodeRecord {
-        node_id: reply.node_id,
-        grpc_addr,
-        http_addr,
-        stage: Stage::Joining,
-        join_addr: Some(join_addr),
-    };
+    let join_addr = if reply.leader_grpc_addr.is_empty() { peer_addr } else { reply.leader_grpc_addr };
+    let record =
+        NodeRecord { node_id: reply.node_id, grpc_addr, http_addr, stage: Stage::Joining, join_addr: Some(join_addr) };
     write_record(paths, &record)?;
     tracing::info!(node_id = record.node_id, "received a controller certificate");
     Ok(record)
@@ -426,12 +412,8 @@ async fn finish_bootstrap(c: &Controller, paths: &Paths) -> anyhow::Result<()> {
     if c.state.cluster_ca().await?.is_none() {
         let pending: PendingBootstrap = serde_json::from_slice(&std::fs::read(paths.pending())?)?;
         let ca_cert_pem = read_text(&paths.ca())?;
-        c.propose(Command::InitCluster {
-            ca_cert_pem,
-            ca_key_sealed_hex: pending.ca_key_sealed_hex,
-            at: now_ms(),
-        })
-        .await?;
+        c.propose(Command::InitCluster { ca_cert_pem, ca_key_sealed_hex: pending.ca_key_sealed_hex, at: now_ms() })
+            .await?;
     }
     // The token file appears under its final name only once the token is committed, so whoever
     // waits for the file can use it at once.

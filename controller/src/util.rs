@@ -8,9 +8,8 @@ pub fn now_ms() -> UnixMillis {
 
 /// RFC 3339 in UTC with exactly three fractional digits, so timestamps line up and sort as text.
 pub fn rfc3339(ms: UnixMillis) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| t.format(FORMAT).ok())

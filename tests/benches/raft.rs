@@ -224,7 +224,13 @@ struct LoadResult {
 
 /// `clients` workers write as fast as they are answered, worker `i` to `targets[i % len]`, for
 /// `duration`; `during` runs beside them (it gets the load's start instant).
-async fn write_load<F, Fut, T>(targets: &[String], auth: &str, clients: usize, duration: Duration, during: F) -> (LoadResult, T)
+async fn write_load<F, Fut, T>(
+    targets: &[String],
+    auth: &str,
+    clients: usize,
+    duration: Duration,
+    during: F,
+) -> (LoadResult, T)
 where
     F: FnOnce(Instant) -> Fut,
     Fut: std::future::Future<Output = T>,
@@ -246,10 +252,7 @@ where
                 match create_project(&client, &base, &auth).await {
                     Ok(201) => {
                         let done = Instant::now();
-                        result.acks.push(Ack {
-                            at: done - start,
-                            latency: done - sent,
-                        });
+                        result.acks.push(Ack { at: done - start, latency: done - sent });
                     }
                     Ok(status) => *result.failures.entry(status).or_default() += 1,
                     Err(_) => *result.failures.entry(0).or_default() += 1,
@@ -294,11 +297,8 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn figures(acks: &[Ack], from: Duration, to: Duration) -> Figures {
-    let mut lat: Vec<f64> = acks
-        .iter()
-        .filter(|a| a.at >= from && a.at < to)
-        .map(|a| a.latency.as_secs_f64() * 1000.0)
-        .collect();
+    let mut lat: Vec<f64> =
+        acks.iter().filter(|a| a.at >= from && a.at < to).map(|a| a.latency.as_secs_f64() * 1000.0).collect();
     lat.sort_by(f64::total_cmp);
     Figures {
         writes_per_s: lat.len() as f64 / (to - from).as_secs_f64(),
@@ -389,7 +389,12 @@ async fn leader_and_followers(cluster: &Cluster) -> anyhow::Result<(usize, Vec<u
     Ok((leader, followers))
 }
 
-async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&PathBuf>) -> anyhow::Result<(Figures, Vec<ProcUse>, LoadResult)> {
+async fn measure(
+    opts: &Opts,
+    cluster: &Cluster,
+    config: &Config,
+    perf: Option<&PathBuf>,
+) -> anyhow::Result<(Figures, Vec<ProcUse>, LoadResult)> {
     let (leader, followers) = leader_and_followers(cluster).await?;
     let targets: Vec<String> = match config.target {
         Target::Leader => vec![cluster.nodes[leader].url()],
@@ -413,10 +418,8 @@ async fn measure(opts: &Opts, cluster: &Cluster, config: &Config, perf: Option<&
         let procs = procs.clone();
         async move {
             tokio::time::sleep_until((start + warmup).into()).await;
-            let recorders: Vec<std::process::Child> = perf_pids
-                .iter()
-                .filter_map(|(label, pid)| start_perf(perf.expect("perf dir"), label, *pid))
-                .collect();
+            let recorders: Vec<std::process::Child> =
+                perf_pids.iter().filter_map(|(label, pid)| start_perf(perf.expect("perf dir"), label, *pid)).collect();
             let before = usage_snapshot(&procs);
             tokio::time::sleep_until((start + warmup + window).into()).await;
             let after = usage_snapshot(&procs);
@@ -629,12 +632,10 @@ async fn failover(opts: &Opts, cluster: &mut Cluster) -> anyhow::Result<Vec<Tria
             })
         };
         cluster.nodes[leader].kill9();
-        let (at, _) = *tokio::time::timeout(
-            Duration::from_secs(20),
-            acked.wait_for(|(at, n)| *at > killed_at && *n != leader),
-        )
-        .await
-        .context("no write committed within 20 s of killing the leader")??;
+        let (at, _) =
+            *tokio::time::timeout(Duration::from_secs(20), acked.wait_for(|(at, n)| *at > killed_at && *n != leader))
+                .await
+                .context("no write committed within 20 s of killing the leader")??;
         let commit = at - killed_at;
         let elected = tokio::time::timeout(Duration::from_secs(5), election).await.ok().and_then(Result::ok);
         let new_term = match elected {
@@ -677,12 +678,7 @@ async fn failover(opts: &Opts, cluster: &mut Cluster) -> anyhow::Result<Vec<Tria
             rejoined.as_secs_f64() * 1000.0,
             rejoin_terms,
         );
-        trials.push(Trial {
-            commit,
-            elected,
-            rejoined,
-            rejoin_terms,
-        });
+        trials.push(Trial { commit, elected, rejoined, rejoin_terms });
     }
     stop.store(true, Ordering::Relaxed);
     let _ = writer.await;
@@ -708,50 +704,46 @@ async fn steady(opts: &Opts, cluster: &Cluster) -> anyhow::Result<Steady> {
     let auth = format!("Bearer {}", cluster.api.token);
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
     let duration = Duration::from_secs(opts.steady_secs);
-    eprintln!("  steady: {} clients -> leader for {} s, polling /api/v1/cluster every 100 ms", opts.steady_clients, opts.steady_secs);
+    eprintln!(
+        "  steady: {} clients -> leader for {} s, polling /api/v1/cluster every 100 ms",
+        opts.steady_clients, opts.steady_secs
+    );
     let targets = [cluster.nodes[leader].url()];
-    let (load, (terms, changes, polls, failed_polls)) = write_load(&targets, &auth, opts.steady_clients, duration, |start| {
-        let (urls, auth) = (urls.clone(), auth.clone());
-        async move {
-            let client = http_client(Duration::from_millis(1000));
-            let mut last: Vec<Option<(u64, Option<u64>)>> = vec![None; urls.len()];
-            let mut terms = std::collections::BTreeSet::new();
-            let mut changes = Vec::new();
-            let (mut polls, mut failed) = (0, 0);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while start.elapsed() < duration {
-                tick.tick().await;
-                let views = futures_join(&client, &urls, &auth).await;
-                for (i, view) in views.into_iter().enumerate() {
-                    polls += 1;
-                    let Some(v) = view else {
-                        failed += 1;
-                        continue;
-                    };
-                    let (leader_id, term) = raft_id_and_term(&v);
-                    terms.insert(term);
-                    if let Some((t, _)) = last[i] {
-                        if t != term {
-                            changes.push((start.elapsed().as_secs_f64(), i, term, leader_id));
+    let (load, (terms, changes, polls, failed_polls)) =
+        write_load(&targets, &auth, opts.steady_clients, duration, |start| {
+            let (urls, auth) = (urls.clone(), auth.clone());
+            async move {
+                let client = http_client(Duration::from_millis(1000));
+                let mut last: Vec<Option<(u64, Option<u64>)>> = vec![None; urls.len()];
+                let mut terms = std::collections::BTreeSet::new();
+                let mut changes = Vec::new();
+                let (mut polls, mut failed) = (0, 0);
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while start.elapsed() < duration {
+                    tick.tick().await;
+                    let views = futures_join(&client, &urls, &auth).await;
+                    for (i, view) in views.into_iter().enumerate() {
+                        polls += 1;
+                        let Some(v) = view else {
+                            failed += 1;
+                            continue;
+                        };
+                        let (leader_id, term) = raft_id_and_term(&v);
+                        terms.insert(term);
+                        if let Some((t, _)) = last[i] {
+                            if t != term {
+                                changes.push((start.elapsed().as_secs_f64(), i, term, leader_id));
+                            }
                         }
+                        last[i] = Some((term, leader_id));
                     }
-                    last[i] = Some((term, leader_id));
                 }
+                (terms.into_iter().collect::<Vec<_>>(), changes, polls, failed)
             }
-            (terms.into_iter().collect::<Vec<_>>(), changes, polls, failed)
-        }
-    })
-    .await;
-    Ok(Steady {
-        secs: opts.steady_secs,
-        clients: opts.steady_clients,
-        terms,
-        changes,
-        polls,
-        failed_polls,
-        load,
-    })
+        })
+        .await;
+    Ok(Steady { secs: opts.steady_secs, clients: opts.steady_clients, terms, changes, polls, failed_polls, load })
 }
 
 /// `GET /api/v1/cluster` from every node at once; `None` where it failed.
@@ -813,10 +805,7 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
         "== 1. Replicated writes: POST /api/v1/projects (acknowledged = 201), median of {} runs of {} s after {} s warm-up ==",
         opts.reps, opts.secs, opts.warmup
     );
-    println!(
-        "{:<30} {:>12} {:>18} {:>9}   {:<22} 3-node runs",
-        "", "3 nodes", "1 node (baseline)", "3n/1n", "target"
-    );
+    println!("{:<30} {:>12} {:>18} {:>9}   {:<22} 3-node runs", "", "3 nodes", "1 node (baseline)", "3n/1n", "target");
     for target in [Target::Leader, Target::Followers] {
         for &clients in &opts.clients {
             let Some(three) = results.get(&Config { clients, target, nodes: 3 }) else { continue };
@@ -827,8 +816,11 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
             };
             println!("{title}");
             type Pick = fn(&Figures) -> f64;
-            let rows: [(&str, Pick, usize); 3] =
-                [("writes/s", |f| f.writes_per_s, 0), ("p50 commit latency ms", |f| f.p50_ms, 2), ("p99 commit latency ms", |f| f.p99_ms, 2)];
+            let rows: [(&str, Pick, usize); 3] = [
+                ("writes/s", |f| f.writes_per_s, 0),
+                ("p50 commit latency ms", |f| f.p50_ms, 2),
+                ("p99 commit latency ms", |f| f.p99_ms, 2),
+            ];
             for (label, pick, decimals) in rows {
                 let values: Vec<f64> = three.figures.iter().map(pick).collect();
                 let m3 = median(&values);
@@ -839,7 +831,9 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
                 };
                 let target_text = match (label, clients, target) {
                     ("writes/s", 64, _) => format!(">= {TARGET_WRITES_64:.0}: {}", verdict(m3 >= TARGET_WRITES_64)),
-                    ("p50 commit latency ms", 1, _) => format!("<= {TARGET_P50_1_MS} ms: {}", verdict(m3 <= TARGET_P50_1_MS)),
+                    ("p50 commit latency ms", 1, _) => {
+                        format!("<= {TARGET_P50_1_MS} ms: {}", verdict(m3 <= TARGET_P50_1_MS))
+                    }
                     _ => String::new(),
                 };
                 println!(
@@ -871,9 +865,7 @@ fn print_throughput(opts: &Opts, results: &BTreeMap<Config, Runs>) {
 fn print_usage(what: &str, runs: &[Vec<ProcUse>]) {
     let Some(first) = runs.first() else { return };
     let per_proc = |pick: fn(&ProcUse) -> f64| -> Vec<f64> {
-        (0..first.len())
-            .map(|i| median(&runs.iter().filter_map(|r| r.get(i).map(pick)).collect::<Vec<_>>()))
-            .collect()
+        (0..first.len()).map(|i| median(&runs.iter().filter_map(|r| r.get(i).map(pick)).collect::<Vec<_>>())).collect()
     };
     let pct = per_proc(|u| u.cpu_pct);
     let us = per_proc(|u| u.cpu_us_per_write);
@@ -898,7 +890,10 @@ fn print_usage(what: &str, runs: &[Vec<ProcUse>]) {
 fn print_steady(s: &Steady) {
     let end = Duration::from_secs(s.secs);
     let total = figures(&s.load.acks, Duration::ZERO, end);
-    println!("== 3. Steady write load: {} clients -> leader for {} s, GET /api/v1/cluster on every node every 100 ms ==", s.clients, s.secs);
+    println!(
+        "== 3. Steady write load: {} clients -> leader for {} s, GET /api/v1/cluster on every node every 100 ms ==",
+        s.clients, s.secs
+    );
     println!(
         "  leader changes (term changes seen)  {:<6} target 0: {}   terms seen {:?}",
         s.terms.len().saturating_sub(1),
@@ -925,7 +920,14 @@ fn print_steady(s: &Steady) {
         let from = Duration::from_secs_f64(b as f64 * width);
         let to = Duration::from_secs_f64((b + 1) as f64 * width);
         let f = figures(&s.load.acks, from, to);
-        println!("    {:>5.0}-{:<5.0} {:>8.0} | {:>6.2} | {:>6.1}", from.as_secs_f64(), to.as_secs_f64(), f.writes_per_s, f.p99_ms, f.max_ms);
+        println!(
+            "    {:>5.0}-{:<5.0} {:>8.0} | {:>6.2} | {:>6.1}",
+            from.as_secs_f64(),
+            to.as_secs_f64(),
+            f.writes_per_s,
+            f.p99_ms,
+            f.max_ms
+        );
     }
     println!();
 }
@@ -937,9 +939,18 @@ fn print_failover(trials: &[Trial]) {
     let rejoined: Vec<f64> = trials.iter().map(|t| ms(t.rejoined)).collect();
     let max = commits.iter().copied().fold(f64::NAN, f64::max);
     let p50 = median(&commits);
-    println!("== 2. Leader failover: kill -9 of the leader until the first write committed by a survivor, {} trials ==", trials.len());
-    println!("  failover p50 ms                      {p50:<8.1} target <= {TARGET_FAILOVER_P50_MS:.0}: {}", verdict(p50 <= TARGET_FAILOVER_P50_MS));
-    println!("  failover max ms                      {max:<8.1} target <= {TARGET_FAILOVER_MAX_MS:.0}: {}", verdict(max <= TARGET_FAILOVER_MAX_MS));
+    println!(
+        "== 2. Leader failover: kill -9 of the leader until the first write committed by a survivor, {} trials ==",
+        trials.len()
+    );
+    println!(
+        "  failover p50 ms                      {p50:<8.1} target <= {TARGET_FAILOVER_P50_MS:.0}: {}",
+        verdict(p50 <= TARGET_FAILOVER_P50_MS)
+    );
+    println!(
+        "  failover max ms                      {max:<8.1} target <= {TARGET_FAILOVER_MAX_MS:.0}: {}",
+        verdict(max <= TARGET_FAILOVER_MAX_MS)
+    );
     println!("  trials ms                            [{}]", list(&commits, 0));
     println!(
         "  new leader seen by a survivor ms     p50 {:.1}, max {:.1}  [{}]",
@@ -947,7 +958,11 @@ fn print_failover(trials: &[Trial]) {
         elected.iter().copied().fold(f64::NAN, f64::max),
         list(&elected, 0)
     );
-    println!("  restart to voter serving reads ms    p50 {:.0}, max {:.0}", median(&rejoined), rejoined.iter().copied().fold(f64::NAN, f64::max));
+    println!(
+        "  restart to voter serving reads ms    p50 {:.0}, max {:.0}",
+        median(&rejoined),
+        rejoined.iter().copied().fold(f64::NAN, f64::max)
+    );
     let rejoin_terms: Vec<u64> = trials.iter().map(|t| t.rejoin_terms).collect();
     println!(
         "  elections forced by the restarted node rejoining: {} in {} restarts {:?} (each is a leader change outside the failover)",

@@ -24,11 +24,7 @@ pub fn binary(name: &str) -> PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --bins` first (or set {env})",
-        path.display()
-    );
+    assert!(path.exists(), "{} not found: run `cargo build --bins` first (or set {env})", path.display());
     path
 }
 
@@ -49,14 +45,7 @@ pub struct Controller {
 impl Controller {
     pub fn new(dir: PathBuf) -> Controller {
         let log = dir.with_extension("log");
-        Controller {
-            dir,
-            http_port: free_port(),
-            grpc_port: free_port(),
-            extra_args: Vec::new(),
-            child: None,
-            log,
-        }
+        Controller { dir, http_port: free_port(), grpc_port: free_port(), extra_args: Vec::new(), child: None, log }
     }
 
     pub fn url(&self) -> String {
@@ -169,10 +158,7 @@ pub struct Api {
 impl Api {
     pub fn new(token: &str) -> Api {
         Api {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(15))
-                .build()
-                .expect("client"),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().expect("client"),
             token: token.to_string(),
         }
     }
@@ -197,7 +183,12 @@ impl Api {
     }
 
     /// POSTs `body` as is (malformed or oversized JSON, another content type), with the token.
-    pub async fn post_raw(&self, url: &str, content_type: &str, body: impl Into<reqwest::Body>) -> anyhow::Result<(u16, Value)> {
+    pub async fn post_raw(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<(u16, Value)> {
         answer(
             self.client
                 .post(url)
@@ -259,12 +250,7 @@ impl Cluster {
         .await
         .with_context(|| format!("node0 did not bootstrap; its output:\n{}", first.log_text()))?;
         let api = Api::new(&token);
-        let mut cluster = Cluster {
-            nodes: vec![first],
-            api,
-            root,
-            _tmp: Some(tmp),
-        };
+        let mut cluster = Cluster { nodes: vec![first], api, root, _tmp: Some(tmp) };
         cluster.wait_voters(1).await?;
         for i in 1..n {
             cluster.add_node(i).await?;
@@ -314,12 +300,7 @@ impl Cluster {
     /// Starts node `i` (a new data dir) joining through node 0 or any running node.
     pub async fn add_node(&mut self, i: usize) -> anyhow::Result<()> {
         let token = self.join_token().await?;
-        let peer = self
-            .nodes
-            .iter()
-            .find(|n| n.child.is_some())
-            .map(|n| n.grpc_addr())
-            .context("no running node")?;
+        let peer = self.nodes.iter().find(|n| n.child.is_some()).map(|n| n.grpc_addr()).context("no running node")?;
         let mut node = Controller::new(self.root.join(format!("node{i}")));
         node.extra_args = self.nodes[0].extra_args.clone();
         node.start(&["--join".into(), format!("https://{peer}"), "--token".into(), token])?;
@@ -328,11 +309,7 @@ impl Cluster {
     }
 
     pub fn any_running_url(&self) -> anyhow::Result<String> {
-        self.nodes
-            .iter()
-            .find(|n| n.child.is_some())
-            .map(|n| n.url())
-            .context("no running node")
+        self.nodes.iter().find(|n| n.child.is_some()).map(|n| n.url()).context("no running node")
     }
 
     /// `GET /api/v1/cluster` from node `i`.
@@ -372,10 +349,7 @@ impl Cluster {
                 }
                 let Ok(v) = self.cluster_view(i).await else { continue };
                 let Some(leader_id) = v["leader_id"].as_u64() else { continue };
-                let addr = v["nodes"]
-                    .as_array()?
-                    .iter()
-                    .find(|n| n["id"].as_u64() == Some(leader_id))?["addr"]
+                let addr = v["nodes"].as_array()?.iter().find(|n| n["id"].as_u64() == Some(leader_id))?["addr"]
                     .as_str()?
                     .to_string();
                 if let Some(j) = self.nodes.iter().position(|n| n.grpc_addr() == addr && n.child.is_some()) {
@@ -388,9 +362,7 @@ impl Cluster {
     }
 
     pub async fn create_project(&self, i: usize, name: &str) -> anyhow::Result<(u16, Value)> {
-        self.api
-            .post(&format!("{}/api/v1/projects", self.nodes[i].url()), &serde_json::json!({ "name": name }))
-            .await
+        self.api.post(&format!("{}/api/v1/projects", self.nodes[i].url()), &serde_json::json!({ "name": name })).await
     }
 
     /// Project names as node `i` lists them.
@@ -430,7 +402,10 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// given rustls configuration, e.g. `deployer_common::tls::controller_client_config` with or
 /// without a client certificate. The server is verified by that configuration (cluster CA and
 /// identity), not by the dialed name, as the controllers do between themselves.
-pub fn grpc_channel(addr: &str, tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<tonic::transport::Channel> {
+pub fn grpc_channel(
+    addr: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tonic::transport::Channel> {
     // Our connector does the TLS, so tonic gets an http:// URI and must not add its own.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))

@@ -14,18 +14,10 @@ use serde_json::{json, Value};
 fn assert_error(answer: &(u16, Value), status: u16, code: &str, says: &str) {
     let (got, body) = answer;
     assert_eq!(*got, status, "status of {body}");
-    let obj = body
-        .as_object()
-        .unwrap_or_else(|| panic!("error body is a JSON object: {body}"));
-    assert_eq!(
-        obj.keys().collect::<Vec<_>>(),
-        ["error"],
-        "error body has only \"error\": {body}"
-    );
+    let obj = body.as_object().unwrap_or_else(|| panic!("error body is a JSON object: {body}"));
+    assert_eq!(obj.keys().collect::<Vec<_>>(), ["error"], "error body has only \"error\": {body}");
     assert_eq!(body["error"]["code"], code, "error code in {body}");
-    let message = body["error"]["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("error message is a string: {body}"));
+    let message = body["error"]["message"].as_str().unwrap_or_else(|| panic!("error message is a string: {body}"));
     assert!(message.contains(says), "error message {message:?} should say {says:?}");
 }
 
@@ -46,12 +38,7 @@ async fn bad_project_bodies_are_refused_and_nothing_is_half_written() {
         assert_error(&a, 400, "bad_request", "malformed JSON");
     }
     // Well-formed JSON of the wrong shape: 422.
-    for body in [
-        json!({"name": 5}),
-        json!({"name": null}),
-        json!({}),
-        json!({"name": "ok", "owner": "x"}),
-    ] {
+    for body in [json!({"name": 5}), json!({"name": null}), json!({}), json!({"name": "ok", "owner": "x"})] {
         let a = api.post(&url, &body).await.unwrap();
         assert_error(&a, 422, "validation_failed", "invalid request body");
     }
@@ -104,20 +91,12 @@ async fn a_json_array_in_place_of_the_object_is_422_and_writes_nothing() {
     let node = &cluster.nodes[0];
     let tokens_url = format!("{}/api/v1/cluster/tokens", node.url());
 
-    let a = cluster
-        .api
-        .post(&projects_url(node), &json!(["arrayed"]))
-        .await
-        .unwrap();
+    let a = cluster.api.post(&projects_url(node), &json!(["arrayed"])).await.unwrap();
     assert_error(&a, 422, "validation_failed", "");
     let a = cluster.api.post(&tokens_url, &json!(["controller", 60])).await.unwrap();
     assert_error(&a, 422, "validation_failed", "");
 
-    assert_eq!(
-        cluster.project_names(0).await.unwrap(),
-        Vec::<String>::new(),
-        "no project was created"
-    );
+    assert_eq!(cluster.project_names(0).await.unwrap(), Vec::<String>::new(), "no project was created");
     let (status, tokens) = cluster.api.get(&tokens_url).await.unwrap();
     assert_eq!((status, tokens), (200, json!([])), "no join token was created");
 }
@@ -134,18 +113,9 @@ async fn requests_without_a_valid_bearer_token_are_401_and_write_nothing() {
     assert_error(&a, 401, "unauthorized", "Authorization: Bearer <token>");
     let a = answer(client.post(&url).json(&body)).await.unwrap();
     assert_error(&a, 401, "unauthorized", "Authorization: Bearer <token>");
-    let a = answer(
-        client
-            .post(&url)
-            .header("Authorization", "Basic YWRtaW46YWRtaW4=")
-            .json(&body),
-    )
-    .await
-    .unwrap();
+    let a = answer(client.post(&url).header("Authorization", "Basic YWRtaW46YWRtaW4=").json(&body)).await.unwrap();
     assert_error(&a, 401, "unauthorized", "must be \"Bearer <token>\"");
-    let a = answer(client.post(&url).header("Authorization", "Bearer ").json(&body))
-        .await
-        .unwrap();
+    let a = answer(client.post(&url).header("Authorization", "Bearer ").json(&body)).await.unwrap();
     assert_error(&a, 401, "unauthorized", "must be \"Bearer <token>\"");
 
     let wrong = Api::new("dpl_0000000000000000000000000000000000000000000000000000000000000000");
@@ -153,26 +123,14 @@ async fn requests_without_a_valid_bearer_token_are_401_and_write_nothing() {
     assert_error(&a, 401, "unauthorized", "not valid");
     let a = wrong.get(&format!("{}/api/v1/cluster", node.url())).await.unwrap();
     assert_error(&a, 401, "unauthorized", "not valid");
-    let a = wrong
-        .post(
-            &format!("{}/api/v1/cluster/tokens", node.url()),
-            &json!({"kind": "controller"}),
-        )
-        .await
-        .unwrap();
+    let a = wrong.post(&format!("{}/api/v1/cluster/tokens", node.url()), &json!({"kind": "controller"})).await.unwrap();
     assert_error(&a, 401, "unauthorized", "not valid");
 
     // Health needs no token; the admin token still works; nothing was written.
-    let (status, health) = answer(client.get(format!("{}/api/v1/health", node.url())))
-        .await
-        .unwrap();
+    let (status, health) = answer(client.get(format!("{}/api/v1/health", node.url()))).await.unwrap();
     assert_eq!((status, health), (200, json!({"status": "ok"})));
     assert_eq!(cluster.project_names(0).await.unwrap(), Vec::<String>::new());
-    let (status, tokens) = cluster
-        .api
-        .get(&format!("{}/api/v1/cluster/tokens", node.url()))
-        .await
-        .unwrap();
+    let (status, tokens) = cluster.api.get(&format!("{}/api/v1/cluster/tokens", node.url())).await.unwrap();
     assert_eq!((status, tokens), (200, json!([])), "no join token was created");
 }
 
@@ -185,15 +143,9 @@ async fn unknown_ids_and_routes_are_404() {
 
     let a = api.get(&format!("{}/{missing}", projects_url(node))).await.unwrap();
     assert_error(&a, 404, "not_found", missing);
-    let r = api
-        .client
-        .delete(format!("{}/{missing}", projects_url(node)))
-        .bearer_auth(&api.token);
+    let r = api.client.delete(format!("{}/{missing}", projects_url(node))).bearer_auth(&api.token);
     assert_error(&answer(r).await.unwrap(), 404, "not_found", missing);
-    let r = api
-        .client
-        .delete(format!("{}/api/v1/cluster/tokens/{missing}", node.url()))
-        .bearer_auth(&api.token);
+    let r = api.client.delete(format!("{}/api/v1/cluster/tokens/{missing}", node.url())).bearer_auth(&api.token);
     assert_error(&answer(r).await.unwrap(), 404, "not_found", missing);
     let a = api.get(&format!("{}/api/v1/no-such-thing", node.url())).await.unwrap();
     assert_error(&a, 404, "not_found", "no such route");
@@ -205,10 +157,7 @@ async fn unknown_ids_and_routes_are_404() {
     let (status, shown) = api.get(&format!("{}/{id}", projects_url(node))).await.unwrap();
     assert_eq!((status, &shown["name"]), (200, &json!("exists")));
     assert_eq!(api.delete(&format!("{}/{id}", projects_url(node))).await.unwrap(), 204);
-    let r = api
-        .client
-        .delete(format!("{}/{id}", projects_url(node)))
-        .bearer_auth(&api.token);
+    let r = api.client.delete(format!("{}/{id}", projects_url(node))).bearer_auth(&api.token);
     assert_error(&answer(r).await.unwrap(), 404, "not_found", id);
 }
 
@@ -221,17 +170,10 @@ async fn bad_join_token_requests_are_422_and_create_nothing() {
     let a = api.post(&url, &json!({"kind": "bogus"})).await.unwrap();
     assert_error(&a, 422, "validation_failed", "kind must be \"controller\" or \"agent\"");
     for ttl in [json!(0), json!(31 * 24 * 3600)] {
-        let a = api
-            .post(&url, &json!({"kind": "controller", "ttl_s": ttl}))
-            .await
-            .unwrap();
+        let a = api.post(&url, &json!({"kind": "controller", "ttl_s": ttl})).await.unwrap();
         assert_error(&a, 422, "validation_failed", "ttl_s must be between 1 and");
     }
-    for body in [
-        json!({"kind": "controller", "ttl_s": -1}),
-        json!({"kind": "controller", "ttl_s": "1h"}),
-        json!({}),
-    ] {
+    for body in [json!({"kind": "controller", "ttl_s": -1}), json!({"kind": "controller", "ttl_s": "1h"}), json!({})] {
         let a = api.post(&url, &body).await.unwrap();
         assert_error(&a, 422, "validation_failed", "invalid request body");
     }
@@ -253,22 +195,15 @@ struct RefusedJoin {
 async fn join_refused(cluster: &Cluster, name: &str, token: &str) -> RefusedJoin {
     let mut joiner = Controller::new(cluster.root.join(name));
     let peer = format!("https://{}", cluster.nodes[0].grpc_addr());
-    joiner
-        .start(&["--join".into(), peer, "--token".into(), token.into()])
-        .expect("spawn the joining controller");
-    let status = joiner
-        .wait_exit(Duration::from_secs(30))
-        .expect("a refused join ends the process");
+    joiner.start(&["--join".into(), peer, "--token".into(), token.into()]).expect("spawn the joining controller");
+    let status = joiner.wait_exit(Duration::from_secs(30)).expect("a refused join ends the process");
     let output = joiner.log_text();
     assert!(
         status.code().is_some_and(|c| c != 0),
         "a refused join exits with an error code (not 0, not a signal): {status:?}\n{output}"
     );
     for file in ["node.json", "keyring", "tls/node.pem", "tls/node.key"] {
-        assert!(
-            !joiner.dir.join(file).exists(),
-            "a refused join must not write {file}\n{output}"
-        );
+        assert!(!joiner.dir.join(file).exists(), "a refused join must not write {file}\n{output}");
     }
     let error = output
         .lines()
@@ -289,16 +224,9 @@ async fn create_join_token(cluster: &Cluster, body: Value) -> Value {
 /// The cluster still has its single voter and issued no certificate.
 async fn assert_unchanged(cluster: &Cluster) {
     let view = cluster.cluster_view(0).await.unwrap();
-    assert_eq!(
-        view["nodes"].as_array().map(Vec::len),
-        Some(1),
-        "membership unchanged: {view}"
-    );
+    assert_eq!(view["nodes"].as_array().map(Vec::len), Some(1), "membership unchanged: {view}");
     let log = cluster.nodes[0].log_text();
-    assert!(
-        !log.contains("issued a controller certificate"),
-        "no certificate was issued:\n{log}"
-    );
+    assert!(!log.contains("issued a controller certificate"), "no certificate was issued:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,9 +241,7 @@ async fn joining_with_a_wrong_secret_is_refused() {
     let refused = join_refused(&cluster, "joiner", &forged).await;
 
     assert!(
-        refused
-            .error
-            .contains("refused to let this node join: the join token is not known to this cluster"),
+        refused.error.contains("refused to let this node join: the join token is not known to this cluster"),
         "{}",
         refused.error
     );
@@ -351,18 +277,11 @@ async fn joining_with_a_revoked_token_is_refused() {
     let tokens_url = format!("{}/api/v1/cluster/tokens", cluster.nodes[0].url());
     assert_eq!(cluster.api.delete(&format!("{tokens_url}/{id}")).await.unwrap(), 204);
     let (_, listed) = cluster.api.get(&tokens_url).await.unwrap();
-    assert!(
-        listed[0]["revoked_at"].is_string(),
-        "the token is listed as revoked: {listed}"
-    );
+    assert!(listed[0]["revoked_at"].is_string(), "the token is listed as revoked: {listed}");
 
     let refused = join_refused(&cluster, "joiner", token["token"].as_str().unwrap()).await;
 
-    assert!(
-        refused.error.contains("the join token has been revoked"),
-        "{}",
-        refused.error
-    );
+    assert!(refused.error.contains("the join token has been revoked"), "{}", refused.error);
     assert_unchanged(&cluster).await;
 }
 
@@ -374,11 +293,7 @@ async fn joining_as_a_controller_with_an_agent_token_is_refused() {
 
     let refused = join_refused(&cluster, "joiner", token["token"].as_str().unwrap()).await;
 
-    assert!(
-        refused.error.contains("the join token is not a controller token"),
-        "{}",
-        refused.error
-    );
+    assert!(refused.error.contains("the join token is not a controller token"), "{}", refused.error);
     assert_unchanged(&cluster).await;
 }
 
@@ -407,12 +322,7 @@ async fn joining_with_a_token_for_another_ca_is_refused_before_the_secret_is_sen
     // The control: the same secret, pinned to the right CA, joins.
     let mut joiner = refused.joiner;
     joiner
-        .start(&[
-            "--join".into(),
-            format!("https://{}", cluster.nodes[0].grpc_addr()),
-            "--token".into(),
-            token,
-        ])
+        .start(&["--join".into(), format!("https://{}", cluster.nodes[0].grpc_addr()), "--token".into(), token])
         .expect("spawn the joining controller");
     cluster.nodes.push(joiner);
     cluster.wait_voters(2).await.expect("the correctly pinned token joins");

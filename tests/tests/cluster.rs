@@ -16,12 +16,7 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 
 /// Asserts that node `i` lists at least the projects in `expected`.
 async fn assert_lists(cluster: &Cluster, i: usize, expected: &BTreeSet<String>) {
-    let listed: BTreeSet<String> = cluster
-        .project_names(i)
-        .await
-        .expect("list projects")
-        .into_iter()
-        .collect();
+    let listed: BTreeSet<String> = cluster.project_names(i).await.expect("list projects").into_iter().collect();
     let missing: Vec<&String> = expected.difference(&listed).collect();
     assert!(missing.is_empty(), "node {i} does not list {missing:?}");
 }
@@ -29,14 +24,10 @@ async fn assert_lists(cluster: &Cluster, i: usize, expected: &BTreeSet<String>) 
 /// Waits until node `i` answers a listing that holds every project in `expected` (it may be
 /// restarting, electing or catching up until then).
 async fn wait_lists(cluster: &Cluster, i: usize, expected: &BTreeSet<String>) {
-    wait_for(
-        &format!("node {i} to list {} projects", expected.len()),
-        CATCH_UP,
-        || async {
-            let listed: BTreeSet<String> = cluster.project_names(i).await.ok()?.into_iter().collect();
-            listed.is_superset(expected).then_some(())
-        },
-    )
+    wait_for(&format!("node {i} to list {} projects", expected.len()), CATCH_UP, || async {
+        let listed: BTreeSet<String> = cluster.project_names(i).await.ok()?.into_iter().collect();
+        listed.is_superset(expected).then_some(())
+    })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\nnode {i} output:\n{}", cluster.nodes[i].log_text()));
 }
@@ -55,9 +46,7 @@ async fn create_all(cluster: &Cluster, i: usize, names: impl IntoIterator<Item =
 /// Waits until every running node reports the same leader, other than `not`, and `voters`
 /// voters, and returns the leader's id.
 async fn wait_agreed_leader(cluster: &Cluster, voters: usize, not: Option<u64>) -> u64 {
-    let running: Vec<usize> = (0..cluster.nodes.len())
-        .filter(|&i| cluster.nodes[i].pid().is_some())
-        .collect();
+    let running: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| cluster.nodes[i].pid().is_some()).collect();
     wait_for("the running nodes to agree on a leader", CATCH_UP, || async {
         let mut leaders = BTreeSet::new();
         for &i in &running {
@@ -141,10 +130,7 @@ async fn after_kill9_of_the_leader_a_new_one_takes_writes_and_the_old_one_catche
     for &i in &survivors {
         survivor_ids.push(node_id(&cluster, i).await);
     }
-    assert!(
-        survivor_ids.contains(&new_id),
-        "the new leader {new_id} is a survivor: {survivor_ids:?}"
-    );
+    assert!(survivor_ids.contains(&new_id), "the new leader {new_id} is a survivor: {survivor_ids:?}");
     for (k, &i) in survivors.iter().enumerate() {
         expected.extend(create_all(&cluster, i, names(&format!("after-{k}"), 5)).await);
     }
@@ -179,26 +165,18 @@ struct LogExtent {
 }
 
 async fn log_extent(dir: &Path) -> anyhow::Result<LogExtent> {
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(dir.join("raft-log.db"))
-        .read_only(true);
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("raft-log.db")).read_only(true);
     let mut db = sqlx::SqliteConnection::connect_with(&options).await?;
-    let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as("SELECT MIN(idx), MAX(idx) FROM log")
-        .fetch_one(&mut db)
-        .await?;
-    let purged: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM log_meta WHERE key = 'last_purged'")
-        .fetch_optional(&mut db)
-        .await?;
+    let (first, last): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT MIN(idx), MAX(idx) FROM log").fetch_one(&mut db).await?;
+    let purged: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT value FROM log_meta WHERE key = 'last_purged'").fetch_optional(&mut db).await?;
     db.close().await?;
     let purged = match purged {
         Some(bytes) => serde_json::from_slice::<Value>(&bytes)?["index"].as_u64().unwrap_or(0),
         None => 0,
     };
-    Ok(LogExtent {
-        first: first.map(|i| i as u64),
-        last: last.map(|i| i as u64),
-        purged,
-    })
+    Ok(LogExtent { first: first.map(|i| i as u64), last: last.map(|i| i as u64), purged })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,8 +186,8 @@ async fn a_node_that_was_down_while_the_log_was_purged_catches_up_through_a_snap
         // Small chunks, so the snapshot (tens of KiB) crosses in many InstallSnapshot calls.
         &["--raft-snapshot-logs", "20", "--raft-keep-logs", "0", "--raft-snapshot-chunk-bytes", "4096"],
     )
-        .await
-        .expect("start three controllers");
+    .await
+    .expect("start three controllers");
     let leader = cluster.leader().await.expect("a leader");
     let lagging = (0..3).find(|&i| i != leader).unwrap();
     let mut expected = create_all(&cluster, leader, names("early", 3)).await;
@@ -242,10 +220,7 @@ async fn a_node_that_was_down_while_the_log_was_purged_catches_up_through_a_snap
 
     // It got there by installing a snapshot that a running node built.
     let output = cluster.nodes[lagging].log_text();
-    assert!(
-        output.contains("installed snapshot"),
-        "the lagging node installed a snapshot:\n{output}"
-    );
+    assert!(output.contains("installed snapshot"), "the lagging node installed a snapshot:\n{output}");
     let installed = current_snapshot(&cluster.nodes[lagging].dir).expect("the lagging node keeps the snapshot");
     let built: Vec<Value> = (0..3)
         .filter(|&i| i != lagging)
@@ -272,16 +247,9 @@ impl Writer {
     const WORKERS: usize = 4;
 
     fn start(cluster: &Cluster, prefix: &str) -> Writer {
-        let urls: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("{}/api/v1/projects", n.url()))
-            .collect();
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| format!("{}/api/v1/projects", n.url())).collect();
         let api = Api {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
             token: cluster.api.token.clone(),
         };
         let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
@@ -304,11 +272,7 @@ impl Writer {
                 })
             })
             .collect();
-        Writer {
-            acknowledged,
-            stop,
-            workers,
-        }
+        Writer { acknowledged, stop, workers }
     }
 
     fn count(&self) -> usize {
@@ -326,11 +290,9 @@ impl Writer {
 }
 
 async fn wait_acknowledged(writer: &Writer, n: usize) {
-    wait_for(&format!("{n} acknowledged writes"), CATCH_UP, || async {
-        (writer.count() >= n).then_some(())
-    })
-    .await
-    .expect("writes are acknowledged");
+    wait_for(&format!("{n} acknowledged writes"), CATCH_UP, || async { (writer.count() >= n).then_some(()) })
+        .await
+        .expect("writes are acknowledged");
 }
 
 async fn restart_all_and_check(cluster: &mut Cluster, acknowledged: &BTreeSet<String>) {
@@ -353,11 +315,7 @@ async fn every_acknowledged_write_survives_sigterm_of_the_whole_cluster() {
     for i in 0..3 {
         let node = &mut cluster.nodes[i];
         let status = tokio::task::block_in_place(|| node.stop()).expect("stop");
-        assert!(
-            status.success(),
-            "node {i} exits 0 on SIGTERM: {status:?}\n{}",
-            node.log_text()
-        );
+        assert!(status.success(), "node {i} exits 0 on SIGTERM: {status:?}\n{}", node.log_text());
     }
     let acknowledged = writer.finish().await;
     assert!(acknowledged.len() >= 30);
@@ -420,18 +378,11 @@ async fn a_node_whose_state_is_behind_never_calls_a_valid_token_invalid() {
     cluster.nodes[behind].start(&[]).expect("restart");
     let url = cluster.nodes[behind].url();
     wait_for("the node to serve HTTP", CATCH_UP, || async {
-        deployer_tests::answer(cluster.api.client.get(format!("{url}/api/v1/health")))
-            .await
-            .ok()
-            .map(|_| ())
+        deployer_tests::answer(cluster.api.client.get(format!("{url}/api/v1/health"))).await.ok().map(|_| ())
     })
     .await
     .expect("the node serves HTTP");
-    let (status, body) = cluster
-        .api
-        .get(&format!("{url}/api/v1/projects"))
-        .await
-        .expect("an answer");
+    let (status, body) = cluster.api.get(&format!("{url}/api/v1/projects")).await.expect("an answer");
     assert_eq!(status, 503, "the admin token is valid; the node is only behind: {body}");
 
     // With its peers back it catches up and serves the same token.

@@ -34,11 +34,7 @@ impl Target {
         let ca_pem = std::fs::read_to_string(cluster.nodes[0].dir.join("tls/ca.pem")).expect("read tls/ca.pem");
         let view = cluster.cluster_view(0).await.expect("cluster view");
         let node_id = view["nodes"][0]["id"].as_u64().expect("node id");
-        Target {
-            cluster,
-            ca_pem,
-            node_id,
-        }
+        Target { cluster, ca_pem, node_id }
     }
 
     fn addr(&self) -> String {
@@ -50,12 +46,8 @@ impl Target {
     async fn cluster_ca(&self) -> ClusterCa {
         let dir = &self.cluster.nodes[0].dir;
         let key = ClusterKey::load(&dir.join("keyring")).expect("load keyring");
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.join("state.db"))
-            .read_only(true);
-        let mut db = sqlx::SqliteConnection::connect_with(&options)
-            .await
-            .expect("open state.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("state.db")).read_only(true);
+        let mut db = sqlx::SqliteConnection::connect_with(&options).await.expect("open state.db");
         let sealed: Vec<u8> = sqlx::query_scalar("SELECT ca_key_sealed FROM cluster WHERE id = 1")
             .fetch_one(&mut db)
             .await
@@ -81,9 +73,7 @@ impl Target {
             "vote": { "leader_id": { "term": 0, "node_id": self.node_id }, "committed": false },
             "last_log_id": null,
         });
-        RaftRequest {
-            payload: serde_json::to_vec(&payload).expect("json"),
-        }
+        RaftRequest { payload: serde_json::to_vec(&payload).expect("json") }
     }
 
     async fn vote(&self, client: Option<&ClientCert>) -> Result<Value, tonic::Status> {
@@ -114,10 +104,7 @@ async fn a_controller_certificate_from_the_cluster_ca_reaches_raft() {
 
     let answer = target.vote(Some(&peer)).await.expect("a genuine controller is served");
 
-    assert_eq!(
-        answer["Ok"]["vote_granted"], false,
-        "Raft refuses a vote from a past term: {answer}"
-    );
+    assert_eq!(answer["Ok"]["vote_granted"], false, "Raft refuses a vote from a past term: {answer}");
     assert!(
         answer["Ok"]["vote"]["leader_id"]["term"].as_u64() >= Some(1),
         "Raft answers with its current vote: {answer}"
@@ -133,10 +120,7 @@ async fn raft_refuses_a_client_without_a_certificate() {
     let status = target.vote(None).await.expect_err("no certificate must be refused");
 
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    assert!(
-        status.message().contains("client certificate"),
-        "the refusal says why: {status:?}"
-    );
+    assert!(status.message().contains("client certificate"), "the refusal says why: {status:?}");
 }
 
 /// A controller certificate (even for the node's own id) from another CA: the server's TLS
@@ -150,15 +134,9 @@ async fn raft_refuses_a_certificate_from_another_ca() {
     let other_ca = ClusterCa::generate().expect("another CA");
     let impostor = issue(&other_ca, &Identity::Controller(target.node_id));
 
-    let status = target
-        .vote(Some(&impostor))
-        .await
-        .expect_err("a foreign CA must be refused");
+    let status = target.vote(Some(&impostor)).await.expect_err("a foreign CA must be refused");
     let from_transport = std::error::Error::source(&status).is_some_and(|e| e.is::<tonic::transport::Error>());
-    assert!(
-        from_transport,
-        "the connection is dropped, not answered by a service: {status:?}"
-    );
+    assert!(from_transport, "the connection is dropped, not answered by a service: {status:?}");
 
     let alert = tls_alert(&target.addr(), target.tls(Some(&impostor))).await;
     // Both CAs have the same subject name, so the server's verifier finds the cluster CA as
@@ -199,10 +177,7 @@ async fn raft_and_forwarded_writes_refuse_an_agent_identity() {
     let ca = target.cluster_ca().await;
     let agent = issue(&ca, &Identity::Agent("intruder".into()));
 
-    let status = target
-        .vote(Some(&agent))
-        .await
-        .expect_err("an agent must be refused by Raft");
+    let status = target.vote(Some(&agent)).await.expect_err("an agent must be refused by Raft");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(
         status.message().contains("spiffe://deployer/agent/intruder") && status.message().contains("not a controller"),
@@ -212,9 +187,7 @@ async fn raft_and_forwarded_writes_refuse_an_agent_identity() {
     let command = json!({"type": "create_project", "id": "p-intruder", "name": "intruder", "created_at": 0});
     let channel = grpc_channel(&target.addr(), target.tls(Some(&agent))).expect("channel");
     let status = ClusterClient::new(channel)
-        .propose(ProposeRequest {
-            command: serde_json::to_vec(&command).expect("json"),
-        })
+        .propose(ProposeRequest { command: serde_json::to_vec(&command).expect("json") })
         .await
         .expect_err("an agent must not propose commands");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");

@@ -41,9 +41,8 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("send an API token as \"Authorization: Bearer <token>\""))?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
+        let value =
+            header.to_str().map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
         let token = value
             .strip_prefix("Bearer ")
             .map(str::trim)
@@ -56,10 +55,7 @@ impl FromRequestParts<AppState> for Caller {
                 // This node may lag behind the cluster (just joined, or restarted): catch up
                 // before calling a token unknown.
                 state.read_barrier().await?;
-                state
-                    .api_token(&hash)
-                    .await?
-                    .ok_or_else(|| ApiError::unauthorized("the API token is not valid"))?
+                state.api_token(&hash).await?.ok_or_else(|| ApiError::unauthorized("the API token is not valid"))?
             }
         };
         if row.revoked_at.is_some() {
@@ -68,10 +64,6 @@ impl FromRequestParts<AppState> for Caller {
         if row.expires_at.is_some_and(|e| e <= now_ms()) {
             return Err(ApiError::unauthorized("the API token has expired"));
         }
-        Ok(Caller {
-            token_id: row.id,
-            name: row.name,
-            scopes: row.scopes,
-        })
+        Ok(Caller { token_id: row.id, name: row.name, scopes: row.scopes })
     }
 }

@@ -54,11 +54,7 @@ async fn cluster(State(c): State<AppState>, caller: Caller) -> Result<Json<Clust
             voter: voters.contains(id),
         })
         .collect();
-    Ok(Json(ClusterView {
-        leader_id: metrics.current_leader,
-        term: metrics.current_term,
-        nodes,
-    }))
+    Ok(Json(ClusterView { leader_id: metrics.current_leader, term: metrics.current_term, nodes }))
 }
 
 #[derive(Deserialize)]
@@ -112,12 +108,7 @@ async fn create_token(
     )?;
     Ok((
         StatusCode::CREATED,
-        Json(CreatedToken {
-            id,
-            kind: kind.as_str(),
-            token: token.to_string(),
-            expires_at: rfc3339(expires_at),
-        }),
+        Json(CreatedToken { id, kind: kind.as_str(), token: token.to_string(), expires_at: rfc3339(expires_at) }),
     ))
 }
 
@@ -148,7 +139,11 @@ async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<V
     ))
 }
 
-async fn revoke_token(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn revoke_token(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.require("admin")?;
     applied(c.propose(Command::RevokeJoinToken { id, at: now_ms() }).await?)?;
     Ok(StatusCode::NO_CONTENT)

@@ -11,14 +11,8 @@ use crate::controller::ProposeError;
 pub fn applied(response: CommandResponse) -> Result<(), ApiError> {
     match response {
         CommandResponse::Applied => Ok(()),
-        CommandResponse::Rejected {
-            reason: Rejection::Conflict,
-            message,
-        } => Err(ApiError::conflict(message)),
-        CommandResponse::Rejected {
-            reason: Rejection::NotFound,
-            message,
-        } => Err(ApiError::not_found(message)),
+        CommandResponse::Rejected { reason: Rejection::Conflict, message } => Err(ApiError::conflict(message)),
+        CommandResponse::Rejected { reason: Rejection::NotFound, message } => Err(ApiError::not_found(message)),
         CommandResponse::Batch { .. } => Err(ApiError::internal("command", "a single write was answered as a batch")),
     }
 }
@@ -32,11 +26,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {

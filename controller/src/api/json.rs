@@ -28,8 +28,12 @@ where
                     .map_err(|e| ApiError::validation(format!("invalid request body: {e}")))
             }
             Err(rejection) => Err(match &rejection {
-                JsonRejection::JsonDataError(e) => ApiError::validation(format!("invalid request body: {}", e.body_text())),
-                JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(format!("malformed JSON: {}", e.body_text())),
+                JsonRejection::JsonDataError(e) => {
+                    ApiError::validation(format!("invalid request body: {}", e.body_text()))
+                }
+                JsonRejection::JsonSyntaxError(e) => {
+                    ApiError::bad_request(format!("malformed JSON: {}", e.body_text()))
+                }
                 JsonRejection::MissingJsonContentType(_) => ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "unsupported_media_type",

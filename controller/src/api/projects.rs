@@ -29,11 +29,7 @@ pub struct ProjectView {
 
 impl From<Project> for ProjectView {
     fn from(p: Project) -> ProjectView {
-        ProjectView {
-            id: p.id,
-            name: p.name,
-            created_at: rfc3339(p.created_at),
-        }
+        ProjectView { id: p.id, name: p.name, created_at: rfc3339(p.created_at) }
     }
 }
 
@@ -65,16 +61,9 @@ async fn create(
 ) -> Result<(StatusCode, Json<ProjectView>), ApiError> {
     caller.require("write")?;
     validate_name(&body.name).map_err(ApiError::validation)?;
-    let project = Project {
-        id: new_id(),
-        name: body.name,
-        created_at: now_ms(),
-    };
-    let command = Command::CreateProject {
-        id: project.id.clone(),
-        name: project.name.clone(),
-        created_at: project.created_at,
-    };
+    let project = Project { id: new_id(), name: body.name, created_at: now_ms() };
+    let command =
+        Command::CreateProject { id: project.id.clone(), name: project.name.clone(), created_at: project.created_at };
     applied(c.propose(command).await?)?;
     Ok((StatusCode::CREATED, Json(project.into())))
 }
@@ -109,14 +98,14 @@ async fn list(
     Ok(Json(projects.into_iter().map(ProjectView::from).collect()))
 }
 
-async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<ProjectView>, ApiError> {
+async fn show(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ProjectView>, ApiError> {
     caller.require("read")?;
     c.read_barrier().await?;
-    let project = c
-        .state
-        .project(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no project with id {id}")))?;
+    let project = c.state.project(&id).await?.ok_or_else(|| ApiError::not_found(format!("no project with id {id}")))?;
     Ok(Json(project.into()))
 }
 

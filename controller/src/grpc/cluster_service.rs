@@ -144,10 +144,7 @@ impl Cluster for ClusterService {
         if c.voters().contains(&req.node_id) {
             return Ok(tonic::Response::new(AddVoterReply {}));
         }
-        let node = ControllerNode {
-            grpc_addr: req.grpc_addr,
-            http_addr: req.http_addr,
-        };
+        let node = ControllerNode { grpc_addr: req.grpc_addr, http_addr: req.http_addr };
         tracing::info!(node_id = req.node_id, %node, "adding a controller as learner");
         match c.raft.add_learner(req.node_id, node, true).await {
             Ok(_) => {}
@@ -173,6 +170,9 @@ impl Cluster for ClusterService {
         let deadline = tokio::time::Instant::now() + request_deadline(&request);
         match self.controller.propose_local(command, deadline).await {
             Ok(LocalWrite::Done(response, log_index)) => {
+                // The follower answers its client once it has applied the write; tell it the new
+                // commit index now rather than at the next heartbeat.
+                let _ = self.controller.raft.trigger().heartbeat().await;
                 let response = serde_json::to_vec(&response).map_err(|e| tonic::Status::internal(e.to_string()))?;
                 Ok(tonic::Response::new(ProposeReply { response, log_index }))
             }
@@ -187,9 +187,7 @@ impl Cluster for ClusterService {
     ) -> Result<tonic::Response<ReadIndexReply>, tonic::Status> {
         require_controller(&request)?;
         match self.controller.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(tonic::Response::new(ReadIndexReply {
-                log_index: log_id.map(|l| l.index).unwrap_or(0),
-            })),
+            Ok(log_id) => Ok(tonic::Response::new(ReadIndexReply { log_index: log_id.map(|l| l.index).unwrap_or(0) })),
             Err(_) => Err(self.not_leader()),
         }
     }

@@ -23,9 +23,6 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::
 pub fn require_controller<T>(request: &tonic::Request<T>) -> Result<u64, tonic::Status> {
     match peer_identity(request)? {
         Identity::Controller(id) => Ok(id),
-        other => Err(tonic::Status::permission_denied(format!(
-            "{} is not a controller identity",
-            other.uri()
-        ))),
+        other => Err(tonic::Status::permission_denied(format!("{} is not a controller identity", other.uri()))),
     }
 }

@@ -5,16 +5,22 @@ use deployer_proto::raft::{RaftReply, RaftRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use openraft::raft::AppendEntriesResponse;
+
 use super::require_controller;
+use crate::raft::detector::LeaderContact;
 use crate::raft::Raft;
 
 pub struct RaftService {
     raft: Raft,
+    contact: Arc<LeaderContact>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> RaftService {
-        RaftService { raft }
+    pub fn new(raft: Raft, contact: Arc<LeaderContact>) -> RaftService {
+        RaftService { raft, contact }
     }
 }
 
@@ -40,7 +46,16 @@ impl RaftRpc for RaftService {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         require_controller(&request)?;
-        reply(self.raft.append_entries(decode(&request)?).await)
+        let result = self.raft.append_entries(decode(&request)?).await;
+        if matches!(
+            result,
+            Ok(AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict)
+        ) {
+            self.contact.heard();
+        }
+        reply(result)
     }
 
     async fn install_snapshot(

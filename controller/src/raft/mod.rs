@@ -1,5 +1,6 @@
 //! The controller's Raft: type configuration, the node description and the peer network.
 
+pub mod detector;
 pub mod network;
 
 use std::fmt;
@@ -61,8 +62,8 @@ impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_ms: 50,
-            election_min_ms: 150,
-            election_max_ms: 300,
+            election_min_ms: 100,
+            election_max_ms: 200,
             snapshot_after_logs: 10_000,
             keep_logs_after_snapshot: 2_000,
             snapshot_chunk_bytes: 1024 * 1024,

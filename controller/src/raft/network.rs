@@ -27,10 +27,7 @@ pub struct PeerChannels {
 
 impl PeerChannels {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> PeerChannels {
-        PeerChannels {
-            tls,
-            channels: Arc::default(),
-        }
+        PeerChannels { tls, channels: Arc::default() }
     }
 
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -58,10 +55,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &ControllerNode) -> PeerClient {
-        PeerClient {
-            target,
-            client: self.peers.get(&node.grpc_addr).map(RaftClient::new).map_err(|e| e.to_string()),
-        }
+        PeerClient { target, client: self.peers.get(&node.grpc_addr).map(RaftClient::new).map_err(|e| e.to_string()) }
     }
 }
 
@@ -103,8 +97,7 @@ impl PeerClient {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
         };
-        let payload =
-            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftRequest { payload });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
@@ -132,6 +125,12 @@ impl PeerClient {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// openraft waits 500 ms before retrying an unreachable peer; a restarted controller would
+    /// time out and call an election before hearing from the leader. Retry at heartbeat pace.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(std::time::Duration::from_millis(50)))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

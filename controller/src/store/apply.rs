@@ -23,14 +23,9 @@ pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) ->
 async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
     match command {
         Command::Batch { .. } => return Ok(CommandResponse::rejected(Rejection::Conflict, "nested batch")),
-        Command::InitCluster {
-            ca_cert_pem,
-            ca_key_sealed_hex,
-            at,
-        } => {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM cluster WHERE id = 1")
-                .fetch_optional(&mut **tx)
-                .await?;
+        Command::InitCluster { ca_cert_pem, ca_key_sealed_hex, at } => {
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM cluster WHERE id = 1").fetch_optional(&mut **tx).await?;
             if exists.is_some() {
                 return Ok(CommandResponse::rejected(Rejection::Conflict, "the cluster is already initialized"));
             }
@@ -42,13 +37,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
                 .execute(&mut **tx)
                 .await?;
         }
-        Command::CreateJoinToken {
-            id,
-            kind,
-            secret_hash,
-            created_at,
-            expires_at,
-        } => {
+        Command::CreateJoinToken { id, kind, secret_hash, created_at, expires_at } => {
             sqlx::query(
                 "INSERT INTO join_tokens (id, kind, secret_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?) \
                  ON CONFLICT DO NOTHING",
@@ -71,14 +60,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no join token with id {id}")));
             }
         }
-        Command::CreateApiToken {
-            id,
-            name,
-            token_hash,
-            scopes,
-            created_at,
-            expires_at,
-        } => {
+        Command::CreateApiToken { id, name, token_hash, scopes, created_at, expires_at } => {
             sqlx::query(
                 "INSERT INTO api_tokens (id, name, token_hash, scopes, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) \
                  ON CONFLICT DO NOTHING",

@@ -29,23 +29,10 @@ const TAIL_KEEP: u64 = 4096;
 const MAX_BATCH: usize = 4096;
 
 enum Op {
-    Append {
-        rows: Vec<(i64, Vec<u8>)>,
-        last_index: u64,
-        callback: LogFlushed<TypeConfig>,
-    },
-    Truncate {
-        from: u64,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    Purge {
-        log_id: LogId,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    SaveVote {
-        vote: Vec<u8>,
-        done: oneshot::Sender<Result<(), String>>,
-    },
+    Append { rows: Vec<(i64, Vec<u8>)>, last_index: u64, callback: LogFlushed<TypeConfig> },
+    Truncate { from: u64, done: oneshot::Sender<Result<(), String>> },
+    Purge { log_id: LogId, done: oneshot::Sender<Result<(), String>> },
+    SaveVote { vote: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
 }
 
 /// Entries appended but possibly not flushed yet, plus the most recent flushed ones.
@@ -96,9 +83,7 @@ impl LogStore {
             None => Ok(None),
             Some(row) => {
                 let bytes: Vec<u8> = row.get(0);
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| read_err(ErrorSubject::Store, e))
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| read_err(ErrorSubject::Store, e))
             }
         }
     }
@@ -108,9 +93,7 @@ impl LogStore {
         let (tx, rx) = oneshot::channel();
         let gone = || write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into()));
         self.ops.send(op(tx)).map_err(|_| gone())?;
-        rx.await
-            .map_err(|_| gone())?
-            .map_err(|e| write_err(ErrorSubject::Logs, LogIoError(e)))
+        rx.await.map_err(|_| gone())?.map_err(|e| write_err(ErrorSubject::Logs, LogIoError(e)))
     }
 }
 
@@ -131,9 +114,7 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc
         let mut flushed = None;
         for op in batch.drain(..) {
             match op {
-                Op::Append {
-                    callback, last_index, ..
-                } => {
+                Op::Append { callback, last_index, .. } => {
                     flushed = Some(last_index);
                     callback.log_io_completed(result.clone().map_err(std::io::Error::other));
                 }
@@ -164,18 +145,12 @@ async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error>
                 }
             }
             Op::Truncate { from, .. } => {
-                sqlx::query("DELETE FROM log WHERE idx >= ?")
-                    .bind(*from as i64)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query("DELETE FROM log WHERE idx >= ?").bind(*from as i64).execute(&mut *tx).await?;
             }
             Op::Purge { log_id, .. } => {
                 let value = serde_json::to_vec(log_id).unwrap_or_default();
                 set_meta(&mut tx, "last_purged", value).await?;
-                sqlx::query("DELETE FROM log WHERE idx <= ?")
-                    .bind(log_id.index as i64)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query("DELETE FROM log WHERE idx <= ?").bind(log_id.index as i64).execute(&mut *tx).await?;
             }
             Op::SaveVote { vote, .. } => set_meta(&mut tx, "vote", vote.clone()).await?,
         }
@@ -185,11 +160,13 @@ async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error>
 }
 
 async fn set_meta(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &str, value: Vec<u8>) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO log_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-        .bind(key)
-        .bind(value)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO log_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(key)
+    .bind(value)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -222,11 +199,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let tail = self.tail();
             let first = tail.entries.keys().next().copied().unwrap_or(u64::MAX);
             let lo = start.max(first);
-            let entries = if lo < end {
-                tail.entries.range(lo..end).map(|(_, e)| e.clone()).collect()
-            } else {
-                Vec::new()
-            };
+            let entries =
+                if lo < end { tail.entries.range(lo..end).map(|(_, e)| e.clone()).collect() } else { Vec::new() };
             (first, entries)
         };
         if start >= tail_first {
@@ -257,10 +231,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.meta("last_purged").await?;
         if let Some(last) = self.tail().entries.values().next_back() {
-            return Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id: Some(*last.get_log_id()),
-            });
+            return Ok(LogState { last_purged_log_id: last_purged, last_log_id: Some(*last.get_log_id()) });
         }
         let row = sqlx::query("SELECT entry FROM log ORDER BY idx DESC LIMIT 1")
             .fetch_optional(&self.pool)
@@ -274,10 +245,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -311,11 +279,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         self.ops
-            .send(Op::Append {
-                rows,
-                last_index,
-                callback,
-            })
+            .send(Op::Append { rows, last_index, callback })
             .map_err(|_| write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into())))
     }
 

@@ -50,10 +50,7 @@ impl StateReader {
         let row = sqlx::query("SELECT ca_cert_pem, ca_key_sealed FROM cluster WHERE id = 1")
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| ClusterCaRow {
-            ca_cert_pem: r.get(0),
-            ca_key_sealed: r.get(1),
-        }))
+        Ok(row.map(|r| ClusterCaRow { ca_cert_pem: r.get(0), ca_key_sealed: r.get(1) }))
     }
 
     fn join_token_row(row: sqlx::sqlite::SqliteRow) -> JoinTokenRow {
@@ -68,12 +65,11 @@ impl StateReader {
     }
 
     pub async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinTokenRow>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT id, kind, created_at, expires_at, revoked_at FROM join_tokens WHERE secret_hash = ?",
-        )
-        .bind(secret_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT id, kind, created_at, expires_at, revoked_at FROM join_tokens WHERE secret_hash = ?")
+                .bind(secret_hash)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(Self::join_token_row))
     }
 
@@ -104,11 +100,7 @@ impl StateReader {
     }
 
     fn project_row(row: sqlx::sqlite::SqliteRow) -> Project {
-        Project {
-            id: row.get(0),
-            name: row.get(1),
-            created_at: row.get(2),
-        }
+        Project { id: row.get(0), name: row.get(1), created_at: row.get(2) }
     }
 
     pub async fn project(&self, id: &str) -> Result<Option<Project>, sqlx::Error> {

@@ -56,10 +56,7 @@ impl StateMachine {
         let mut sm = StateMachine {
             writer,
             reader,
-            files: Arc::new(SnapshotFiles {
-                dir: snapshot_dir.clone(),
-                publish_lock: tokio::sync::Mutex::new(()),
-            }),
+            files: Arc::new(SnapshotFiles { dir: snapshot_dir.clone(), publish_lock: tokio::sync::Mutex::new(()) }),
             snapshot_dir,
             applied,
             tokens_generation: Arc::default(),
@@ -106,10 +103,7 @@ impl StateMachine {
     /// Replaces every table of the state database by the snapshot's, in one transaction.
     async fn restore(&self, file: &Path) -> Result<(), sqlx::Error> {
         let mut conn = self.writer.acquire().await?;
-        sqlx::query("ATTACH DATABASE ? AS snap")
-            .bind(file.display().to_string())
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("ATTACH DATABASE ? AS snap").bind(file.display().to_string()).execute(&mut *conn).await?;
         let copied = async {
             let mut tx = conn.begin().await?;
             let tables: Vec<String> = sqlx::query_scalar(
@@ -242,29 +236,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            reader: self.reader.clone(),
-            dir: self.snapshot_dir.clone(),
-            files: self.files.clone(),
-        }
+        SnapshotBuilder { reader: self.reader.clone(), dir: self.snapshot_dir.clone(), files: self.files.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         use openraft::ErrorVerb::Write;
         let file = format!("{}.db", sanitize(&meta.snapshot_id));
         let path = self.snapshot_dir.join(&file);
         write_synced(&path, snapshot.get_ref()).await.map_err(|e| snapshot_err(Write, e))?;
         self.restore(&path).await.map_err(|e| snapshot_err(Write, e))?;
-        self.write_index(&SnapshotIndex {
-            meta: meta.clone(),
-            file,
-        })
-        .await
-        .map_err(|e| snapshot_err(Write, e))?;
+        self.write_index(&SnapshotIndex { meta: meta.clone(), file }).await.map_err(|e| snapshot_err(Write, e))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.tokens_changed();
         self.applied.send_replace(index);
@@ -277,21 +266,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(index) = self.snapshot_index().await.map_err(|e| snapshot_err(Read, AnyhowError(e)))? else {
             return Ok(None);
         };
-        let data = tokio::fs::read(self.snapshot_dir.join(&index.file))
-            .await
-            .map_err(|e| snapshot_err(Read, e))?;
-        Ok(Some(Snapshot {
-            meta: index.meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        let data = tokio::fs::read(self.snapshot_dir.join(&index.file)).await.map_err(|e| snapshot_err(Read, e))?;
+        Ok(Some(Snapshot { meta: index.meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
 /// Snapshot ids become file names: keep them to a safe alphabet.
 fn sanitize(id: &str) -> String {
-    id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-        .collect()
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
 }
 
 #[derive(Debug)]
@@ -335,29 +317,29 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 Some(s) => Some(serde_json::from_str(&s).map_err(|e| snapshot_err(Read, e))?),
                 None => None,
             };
-            let last_membership: StoredMembership = serde_json::from_str(&membership).map_err(|e| snapshot_err(Read, e))?;
+            let last_membership: StoredMembership =
+                serde_json::from_str(&membership).map_err(|e| snapshot_err(Read, e))?;
             let snapshot_id = match last_log_id {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, uuid::Uuid::new_v4().simple()),
                 None => format!("0-0-{}", uuid::Uuid::new_v4().simple()),
             };
             let file = format!("{snapshot_id}.db");
             let path = self.dir.join(&file);
-            tokio::fs::File::open(&tmp).await.map_err(|e| snapshot_err(Write, e))?.sync_all().await.map_err(|e| snapshot_err(Write, e))?;
+            tokio::fs::File::open(&tmp)
+                .await
+                .map_err(|e| snapshot_err(Write, e))?
+                .sync_all()
+                .await
+                .map_err(|e| snapshot_err(Write, e))?;
             tokio::fs::rename(&tmp, &path).await.map_err(|e| snapshot_err(Write, e))?;
-            let meta = SnapshotMeta {
-                last_log_id,
-                last_membership,
-                snapshot_id,
-            };
-            self.files.publish(&SnapshotIndex { meta: meta.clone(), file: file.clone() })
+            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+            self.files
+                .publish(&SnapshotIndex { meta: meta.clone(), file: file.clone() })
                 .await
                 .map_err(|e| snapshot_err(Write, e))?;
             let data = tokio::fs::read(&path).await.map_err(|e| snapshot_err(Read, e))?;
             tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         }
         .await;
         let _ = tokio::fs::remove_file(&tmp).await;
