@@ -217,7 +217,10 @@ pub async fn serve(
             RaftServer::new(RaftService::new(raft.clone(), contact)).max_decoding_message_size(64 * 1024 * 1024),
         )
         .add_service(ClusterServer::new(ClusterService::new(controller.clone())))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
     let grpc_task = tokio::spawn(grpc_server);
     tracing::info!(addr = %grpc_bound, advertised = %record.grpc_addr, "gRPC (mutual TLS) listening");
 

@@ -82,12 +82,23 @@ impl Cluster for ClusterService {
             return Err(tonic::Status::invalid_argument("agents join through the agent service"));
         }
         let c = &self.controller;
-        let token = c
-            .state
-            .join_token_by_hash(&hash_secret(&req.token_secret))
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))?
-            .ok_or_else(|| tonic::Status::permission_denied("the join token is not known to this cluster"))?;
+        let hash = hash_secret(&req.token_secret);
+        let lookup = || async {
+            c.state
+                .join_token_by_hash(&hash)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))
+        };
+        let token = match lookup().await? {
+            Some(token) => token,
+            None => {
+                // This node may not have applied the token's creation yet: catch up, look again.
+                c.read_barrier().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                lookup()
+                    .await?
+                    .ok_or_else(|| tonic::Status::permission_denied("the join token is not known to this cluster"))?
+            }
+        };
         if token.revoked_at.is_some() {
             return Err(tonic::Status::permission_denied("the join token has been revoked"));
         }

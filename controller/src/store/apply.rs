@@ -75,23 +75,20 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
             .await?;
         }
         Command::CreateProject { id, name, created_at } => {
-            let taken: Option<String> = sqlx::query_scalar("SELECT id FROM projects WHERE name = ? OR id = ?")
-                .bind(&name)
-                .bind(&id)
-                .fetch_optional(&mut **tx)
-                .await?;
-            if taken.is_some() {
+            // One statement: the unique id and name make a taken one a no-op.
+            let done =
+                sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                    .bind(id)
+                    .bind(&name)
+                    .bind(created_at)
+                    .execute(&mut **tx)
+                    .await?;
+            if done.rows_affected() == 0 {
                 return Ok(CommandResponse::rejected(
                     Rejection::Conflict,
                     format!("a project named \"{name}\" already exists"),
                 ));
             }
-            sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)")
-                .bind(id)
-                .bind(name)
-                .bind(created_at)
-                .execute(&mut **tx)
-                .await?;
         }
         Command::DeleteProject { id } => {
             let done = sqlx::query("DELETE FROM projects WHERE id = ?").bind(&id).execute(&mut **tx).await?;

@@ -131,17 +131,31 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc
     }
 }
 
+/// Rows per INSERT statement (two bound values each, well under SQLite's limit).
+const ROWS_PER_STATEMENT: usize = 400;
+
 async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error> {
+    // The common case, appends only: one multi-row INSERT is one round trip to SQLite and, in
+    // autocommit, one atomic fsynced commit.
+    let rows: Vec<&(i64, Vec<u8>)> = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append { rows, .. } => Some(rows.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let only_appends = batch.iter().all(|op| matches!(op, Op::Append { .. }));
+    if only_appends && rows.len() <= ROWS_PER_STATEMENT {
+        return insert_rows(pool, &rows).await;
+    }
     let mut tx = pool.begin().await?;
     for op in batch {
         match op {
             Op::Append { rows, .. } => {
-                for (index, bytes) in rows {
-                    sqlx::query("INSERT OR REPLACE INTO log (idx, entry) VALUES (?, ?)")
-                        .bind(index)
-                        .bind(bytes)
-                        .execute(&mut *tx)
-                        .await?;
+                let rows: Vec<&(i64, Vec<u8>)> = rows.iter().collect();
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    insert_rows(&mut *tx, chunk).await?;
                 }
             }
             Op::Truncate { from, .. } => {
@@ -157,6 +171,25 @@ async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error>
     }
     // synchronous=FULL: the commit returns once the WAL is fsynced.
     tx.commit().await
+}
+
+async fn insert_rows<'e, E>(executor: E, rows: &[&(i64, Vec<u8>)]) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from("INSERT OR REPLACE INTO log (idx, entry) VALUES (?, ?)");
+    for _ in 1..rows.len() {
+        sql.push_str(", (?, ?)");
+    }
+    let mut query = sqlx::query(&sql);
+    for (index, bytes) in rows {
+        query = query.bind(*index).bind(bytes.as_slice());
+    }
+    query.execute(executor).await?;
+    Ok(())
 }
 
 async fn set_meta(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &str, value: Vec<u8>) -> Result<(), sqlx::Error> {
