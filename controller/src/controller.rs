@@ -24,7 +24,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 256;
 /// Batches on their way through Raft at once; while all are busy, new writes gather into the
 /// next batch.
-const MAX_BATCHES_IN_FLIGHT: usize = 4;
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 /// Writes waiting for a batch; callers wait (back-pressure) when it is full.
 const PROPOSAL_QUEUE: usize = 4096;
 /// Most API tokens cached in memory.

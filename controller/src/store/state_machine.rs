@@ -17,7 +17,7 @@ use super::{open_pool, read_err, write_err};
 use crate::command::CommandResponse;
 use crate::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/state");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/state");
 
 const CURRENT_SNAPSHOT: &str = "current.json";
 
