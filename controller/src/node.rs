@@ -193,8 +193,8 @@ pub async fn serve(
         raft.clone(),
         contact.clone(),
         Duration::from_millis(config.tuning.election_max_ms),
-        Duration::from_millis(config.tuning.heartbeat_ms),
-        Duration::from_millis(config.tuning.election_max_ms * 3 + 1000),
+        Duration::from_millis(config.tuning.election_min_ms),
+        Duration::from_millis(config.tuning.election_max_ms * 5 + 2000),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -16,6 +16,19 @@ pub fn rfc3339(ms: UnixMillis) -> String {
         .unwrap_or_default()
 }
 
+/// An error that is only a message, for error slots (openraft's among them) that want a
+/// `std::error::Error`.
+#[derive(Debug)]
+pub struct MessageError(pub String);
+
+impl std::fmt::Display for MessageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MessageError {}
+
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -7,8 +7,6 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
-use openraft::raft::AppendEntriesResponse;
-
 use super::require_controller;
 use crate::raft::detector::LeaderContact;
 use crate::raft::Raft;
@@ -46,15 +44,14 @@ impl RaftRpc for RaftService {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         require_controller(&request)?;
-        let result = self.raft.append_entries(decode(&request)?).await;
-        if matches!(
-            result,
-            Ok(AppendEntriesResponse::Success
-                | AppendEntriesResponse::PartialSuccess(_)
-                | AppendEntriesResponse::Conflict)
-        ) {
+        let rpc: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> = decode(&request)?;
+        // Count the leader as heard on receipt, as openraft does: an append can then wait a
+        // while behind a busy log writer without the detector calling the leader dead.
+        let current_term = self.raft.metrics().borrow().current_term;
+        if rpc.vote.is_committed() && rpc.vote.leader_id().term >= current_term {
             self.contact.heard();
         }
+        let result = self.raft.append_entries(rpc).await;
         reply(result)
     }
 
@@ -63,6 +60,11 @@ impl RaftRpc for RaftService {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         require_controller(&request)?;
-        reply(self.raft.install_snapshot(decode(&request)?).await)
+        let result = self.raft.install_snapshot(decode(&request)?).await;
+        if result.is_ok() {
+            // A leader streaming a snapshot is a leader alive.
+            self.contact.heard();
+        }
+        reply(result)
     }
 }

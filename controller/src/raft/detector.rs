@@ -47,7 +47,8 @@ impl LeaderContact {
 ///
 /// On start, a node of a multi-voter cluster does not stand for election until it has heard from
 /// a leader or `grace` has passed: openraft 0.9 has no pre-vote, and a restarted node that stood
-/// at once would raise the term and depose a healthy leader.
+/// at once would raise the term and depose a healthy leader. Each attempt that brings no leader
+/// waits one more `lease` before the next, with fresh jitter, so two followers do not duel.
 pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitter_max: Duration, grace: Duration) {
     let voters = raft.metrics().borrow().membership_config.membership().voter_ids().count();
     let mut held_back = voters > 1;
@@ -58,6 +59,10 @@ pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitte
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut patience = lease + jitter(jitter_max);
+    // Attempts since a leader was last heard from, and when the latest was made.
+    let mut attempts: u32 = 0;
+    let mut last_attempt: Option<Instant> = None;
+    let mut last_heard = contact.silence();
     loop {
         tick.tick().await;
         if held_back && (contact.silence().is_some() || started.elapsed() > grace) {
@@ -65,7 +70,17 @@ pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitte
             held_back = false;
         }
         let Some(silence) = contact.silence() else { continue };
-        if silence < patience {
+        // A leader spoke since our last attempt: start counting afresh.
+        if last_heard.is_none_or(|before| silence < before) {
+            attempts = 0;
+            last_attempt = None;
+        }
+        last_heard = Some(silence);
+        let quiet = match last_attempt {
+            Some(at) => silence.min(at.elapsed()),
+            None => silence,
+        };
+        if quiet < patience {
             continue;
         }
         let metrics = raft.metrics().borrow().clone();
@@ -73,13 +88,13 @@ pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitte
         if metrics.state != ServerState::Follower || !voter {
             continue;
         }
-        tracing::info!(silence_ms = silence.as_millis() as u64, "leader silent; starting an election");
+        tracing::info!(silence_ms = silence.as_millis() as u64, attempts, "leader silent; starting an election");
         if raft.trigger().elect().await.is_err() {
             return;
         }
-        // Give this election time to finish before trying again, with fresh jitter.
-        contact.heard();
-        patience = lease + jitter(jitter_max);
+        attempts = attempts.saturating_add(1);
+        last_attempt = Some(Instant::now());
+        patience = lease * (attempts + 1) + jitter(jitter_max);
     }
 }
 

@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use super::{ControllerNode, NodeId, TypeConfig};
 use crate::grpc::client;
+use crate::util::MessageError;
 
 /// Channels to peers, shared by the Raft network and request forwarding, keyed by address.
 #[derive(Clone)]
@@ -64,17 +65,6 @@ pub struct PeerClient {
     client: Result<RaftClient<Channel>, String>,
 }
 
-#[derive(Debug)]
-struct TransportError(String);
-
-impl std::fmt::Display for TransportError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TransportError {}
-
 enum Rpc {
     Vote,
     Append,
@@ -95,7 +85,7 @@ impl PeerClient {
     {
         let client = match &mut self.client {
             Ok(c) => c,
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&MessageError(e.clone())))),
         };
         let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftRequest { payload });
@@ -108,10 +98,10 @@ impl PeerClient {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(status) if status.code() == tonic::Code::Unavailable => {
-                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(status.message().to_string()))))
+                return Err(RPCError::Unreachable(Unreachable::new(&MessageError(status.message().to_string()))))
             }
             Err(status) => {
-                return Err(RPCError::Network(NetworkError::new(&TransportError(format!(
+                return Err(RPCError::Network(NetworkError::new(&MessageError(format!(
                     "{:?}: {}",
                     status.code(),
                     status.message()

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{open_pool, read_err, write_err};
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::util::MessageError;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/log");
 
@@ -47,17 +48,6 @@ pub struct LogStore {
     ops: mpsc::UnboundedSender<Op>,
     tail: Arc<Mutex<Tail>>,
 }
-
-#[derive(Debug)]
-struct LogIoError(String);
-
-impl std::fmt::Display for LogIoError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for LogIoError {}
 
 impl LogStore {
     pub async fn open(path: &Path) -> anyhow::Result<LogStore> {
@@ -91,9 +81,9 @@ impl LogStore {
     /// Queues `op` for the writer and waits until it is durable.
     async fn submit(&self, op: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
-        let gone = || write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into()));
+        let gone = || write_err(ErrorSubject::Logs, MessageError("the log writer has stopped".into()));
         self.ops.send(op(tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?.map_err(|e| write_err(ErrorSubject::Logs, LogIoError(e)))
+        rx.await.map_err(|_| gone())?.map_err(|e| write_err(ErrorSubject::Logs, MessageError(e)))
     }
 }
 
@@ -313,7 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.ops
             .send(Op::Append { rows, last_index, callback })
-            .map_err(|_| write_err(ErrorSubject::Logs, LogIoError("the log writer has stopped".into())))
+            .map_err(|_| write_err(ErrorSubject::Logs, MessageError("the log writer has stopped".into())))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::{open_pool, read_err, write_err};
 use crate::command::CommandResponse;
 use crate::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::util::MessageError;
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/state");
 
@@ -263,7 +264,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         use openraft::ErrorVerb::Read;
-        let Some(index) = self.snapshot_index().await.map_err(|e| snapshot_err(Read, AnyhowError(e)))? else {
+        let Some(index) =
+            self.snapshot_index().await.map_err(|e| snapshot_err(Read, MessageError(format!("{e:#}"))))?
+        else {
             return Ok(None);
         };
         let data = tokio::fs::read(self.snapshot_dir.join(&index.file)).await.map_err(|e| snapshot_err(Read, e))?;
@@ -275,17 +278,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 fn sanitize(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
 }
-
-#[derive(Debug)]
-struct AnyhowError(anyhow::Error);
-
-impl std::fmt::Display for AnyhowError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for AnyhowError {}
 
 pub struct SnapshotBuilder {
     reader: SqlitePool,
