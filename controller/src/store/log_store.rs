@@ -45,6 +45,7 @@ struct Tail {
 #[derive(Clone)]
 pub struct LogStore {
     pool: SqlitePool,
+    _checkpointer: Arc<super::Checkpointer>,
     ops: mpsc::UnboundedSender<Op>,
     tail: Arc<Mutex<Tail>>,
 }
@@ -56,7 +57,8 @@ impl LogStore {
         let tail = Arc::new(Mutex::new(Tail::default()));
         // The writer ends when the last LogStore handle (owned by openraft) is dropped.
         tokio::spawn(writer(pool.clone(), rx, tail.clone()));
-        Ok(LogStore { pool, ops, tail })
+        let checkpointer = Arc::new(super::Checkpointer::start(pool.clone()));
+        Ok(LogStore { pool, _checkpointer: checkpointer, ops, tail })
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {

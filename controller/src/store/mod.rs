@@ -28,6 +28,8 @@ pub(crate) async fn open_pool(
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
+        // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
+        .pragma("wal_autocheckpoint", "0")
         .foreign_keys(true);
     let first = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
     if let Some(m) = migrator {
@@ -41,6 +43,47 @@ pub(crate) async fn open_pool(
         .max_lifetime(None)
         .connect_with(options)
         .await
+}
+
+/// Copies the WAL back into the database file every `CHECKPOINT_EVERY`, off the commit path,
+/// until dropped.
+pub(crate) struct Checkpointer(tokio::task::AbortHandle);
+
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// WAL size (in 4 KiB pages) above which the checkpointer empties it: 16 MiB.
+const WAL_TRUNCATE_FRAMES: i64 = 4096;
+
+impl Checkpointer {
+    pub(crate) fn start(pool: SqlitePool) -> Checkpointer {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // PASSIVE never waits, but under constant writes it cannot reset the WAL; once
+                // the WAL is large, TRUNCATE waits briefly for writers and empties it.
+                let frames: Result<(i64, i64, i64), sqlx::Error> =
+                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&pool).await;
+                let result = match frames {
+                    Ok((_, log_frames, _)) if log_frames > WAL_TRUNCATE_FRAMES => {
+                        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await.map(|_| ())
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        });
+        Checkpointer(task.abort_handle())
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub(crate) fn read_err(subject: ErrorSubject<u64>, e: impl std::error::Error + 'static) -> StorageError {

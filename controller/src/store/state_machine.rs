@@ -30,6 +30,7 @@ struct SnapshotIndex {
 
 pub struct StateMachine {
     writer: SqlitePool,
+    _checkpointer: super::Checkpointer,
     reader: SqlitePool,
     snapshot_dir: PathBuf,
     files: Arc<SnapshotFiles>,
@@ -55,6 +56,7 @@ impl StateMachine {
         let reader = open_pool(&db, SqliteSynchronous::Normal, 8, None).await?;
         let (applied, _) = watch::channel(0);
         let mut sm = StateMachine {
+            _checkpointer: super::Checkpointer::start(reader.clone()),
             writer,
             reader,
             files: Arc::new(SnapshotFiles { dir: snapshot_dir.clone(), publish_lock: tokio::sync::Mutex::new(()) }),
