@@ -1,11 +1,11 @@
 //! The Raft RPCs, served to controller identities only.
 
+use std::sync::Arc;
+
 use deployer_proto::raft::raft_server::Raft as RaftRpc;
 use deployer_proto::raft::{RaftReply, RaftRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-
-use std::sync::Arc;
 
 use super::require_controller;
 use crate::raft::detector::LeaderContact;
