@@ -129,15 +129,17 @@ impl Controller {
     }
 
     pub fn leader(&self) -> Option<(NodeId, ControllerNode)> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         let leader = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader)?.clone();
         Some((leader, node))
     }
 
     pub fn voters(&self) -> BTreeSet<NodeId> {
-        let metrics = self.raft.metrics().borrow().clone();
-        metrics.membership_config.membership().voter_ids().collect()
+        let metrics = self.raft.metrics();
+        let voters = metrics.borrow().membership_config.membership().voter_ids().collect();
+        voters
     }
 
     /// Waits (at most `max`) until the known leader is another than `old`.
@@ -231,7 +233,7 @@ impl Controller {
             match self.forward(&leader, &command, deadline).await {
                 // Committed. This node may apply it a heartbeat later; its reads pass a read
                 // barrier, so they see the write anyway.
-                Ok((response, _index)) => return Ok(response),
+                Ok(response) => return Ok(response),
                 Err(Forwarded::Retry(e)) => {
                     tracing::debug!(error = %e, "forwarding to the leader failed; retrying");
                     self.leader_change(&leader, Duration::from_millis(50)).await;
@@ -265,7 +267,9 @@ impl Controller {
     /// A leader that has not heard from a majority for several election timeouts is likely cut
     /// off: refuse before proposing, so the write is not left pending in its log.
     fn check_quorum_contact(&self) -> Result<(), ProposeError> {
-        let metrics = self.raft.metrics().borrow().clone();
+        // Borrow, not clone: this runs on every write.
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         if metrics.state != openraft::ServerState::Leader {
             return Ok(());
         }
@@ -281,7 +285,7 @@ impl Controller {
         leader: &ControllerNode,
         command: &Command,
         deadline: tokio::time::Instant,
-    ) -> Result<(CommandResponse, u64), Forwarded> {
+    ) -> Result<CommandResponse, Forwarded> {
         let retry = |e: String| Forwarded::Retry(e);
         let channel = self.peers.get(&leader.grpc_addr).map_err(|e| retry(e.to_string()))?;
         let bytes = serde_json::to_vec(command).map_err(|e| Forwarded::Final(ProposeError::Forward(e.to_string())))?;
@@ -293,7 +297,7 @@ impl Controller {
         };
         let response = serde_json::from_slice(&reply.response)
             .map_err(|e| Forwarded::Final(ProposeError::Forward(e.to_string())))?;
-        Ok((response, reply.log_index))
+        Ok(response)
     }
 
     async fn wait_applied(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), ProposeError> {

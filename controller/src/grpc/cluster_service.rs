@@ -181,9 +181,6 @@ impl Cluster for ClusterService {
         let deadline = tokio::time::Instant::now() + request_deadline(&request);
         match self.controller.propose_local(command, deadline).await {
             Ok(LocalWrite::Done(response, log_index)) => {
-                // The follower answers its client once it has applied the write; tell it the new
-                // commit index now rather than at the next heartbeat.
-                let _ = self.controller.raft.trigger().heartbeat().await;
                 let response = serde_json::to_vec(&response).map_err(|e| tonic::Status::internal(e.to_string()))?;
                 Ok(tonic::Response::new(ProposeReply { response, log_index }))
             }
