@@ -1,5 +1,5 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raft.proto", "proto/cluster.proto"];
+    let files = ["proto/raft.proto", "proto/cluster.proto", "proto/agent.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -1,13 +1,11 @@
-//! `deployer-agent`: runs on each Docker host. A stub for now: it accepts the contract's flags
-//! (DESIGN.md section 6) and says that agent support is not implemented yet.
+//! `deployer-agent`: runs on each Docker host (DESIGN.md section 6).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-
-/// sysexits EX_USAGE: the same code the controller uses for configuration it cannot run with.
-const EX_USAGE: u8 = 64;
+use deployer_agent::AgentConfig;
 
 /// The Deployer agent: builds and runs services on this Docker host.
 #[derive(Parser)]
@@ -25,18 +23,28 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The controller's gRPC address, as https://HOST:PORT.
+    /// A controller's gRPC address, as https://HOST:PORT.
     #[arg(long, env = "DEPLOYER_CONTROLLER")]
     controller: String,
     /// Agent join token (DPLY1.<ca fingerprint>.<secret>), from `deployer cluster token create --kind agent`.
+    /// Needed only on the first start; later starts reuse the identity in the data dir.
     #[arg(long, env = "DEPLOYER_JOIN_TOKEN", hide_env_values = true)]
-    token: String,
-    /// Where the agent keeps its identity and state.
+    token: Option<String>,
+    /// Where the agent keeps its identity (tls/) and state.
     #[arg(long, env = "DEPLOYER_DATA_DIR")]
     data_dir: PathBuf,
     /// Labels for placement constraints: k=v,k2=v2.
     #[arg(long, env = "DEPLOYER_LABELS", value_delimiter = ',', value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Host name to report (default: the kernel's).
+    #[arg(long, env = "DEPLOYER_HOSTNAME")]
+    hostname: Option<String>,
+    /// Docker engine address: unix:///path, tcp://host:port (default: DOCKER_HOST, else the local socket).
+    #[arg(long)]
+    docker_host: Option<String>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "DEPLOYER_HEARTBEAT_MS", default_value_t = 5000)]
+    heartbeat_ms: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -47,18 +55,53 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Run(args) => {
-            eprintln!(
-                "error: agent support is not implemented yet: this deployer-agent cannot join {} \
-                 (data dir {}, {} label(s))",
-                args.controller,
-                args.data_dir.display(),
-                args.labels.len()
-            );
-            ExitCode::from(EX_USAGE)
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEPLOYER_LOG").unwrap_or_else(|_| "info,h2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // One thread: the agent is mostly idle and must stay small.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Run(args) = cli.command;
+    let config = AgentConfig {
+        controller: args.controller,
+        token: args.token,
+        data_dir: args.data_dir,
+        labels: args.labels.into_iter().collect(),
+        hostname: args.hostname,
+        docker_host: args.docker_host,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+    };
+    match runtime.block_on(deployer_agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM. Containers keep running: the agent never stops them on exit.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; closing the session");
 }
 
 #[cfg(test)]

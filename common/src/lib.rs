@@ -1,3 +1,5 @@
+pub mod files;
+pub mod grpc_client;
 pub mod pki;
 pub mod seal;
 pub mod tls;

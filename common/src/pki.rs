@@ -26,7 +26,8 @@ const CA_COMMON_NAME: &str = "Deployer cluster CA";
 const CA_VALIDITY: time::Duration = time::Duration::days(3650);
 /// Leaf certificates start a little in the past so that clock skew between nodes does not
 /// make a fresh certificate "not yet valid".
-const BACKDATE: time::Duration = time::Duration::minutes(5);
+/// How far before issuance a certificate's notBefore is set, to tolerate clock skew.
+pub const BACKDATE: time::Duration = time::Duration::minutes(5);
 const MAX_AGENT_ID_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +307,13 @@ pub fn identity_of_cert_der(der: &[u8]) -> Result<Identity, PkiError> {
 /// notAfter of the first certificate in a PEM string.
 pub fn not_after_pem(cert_pem: &str) -> Result<OffsetDateTime, PkiError> {
     not_after_der(&first_cert_der(cert_pem)?)
+}
+
+/// (notBefore, notAfter) of the first certificate in a PEM string.
+pub fn validity_pem(cert_pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
+    let der = first_cert_der(cert_pem)?;
+    let cert = parse_cert(&der)?;
+    Ok((cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime()))
 }
 
 /// notAfter of a DER certificate.

@@ -44,6 +44,33 @@ pub enum Command {
     DeleteProject {
         id: String,
     },
+    /// An agent joined with a token; it is `down` until its first session says hello.
+    RegisterAgent {
+        id: String,
+        hostname: String,
+        labels: std::collections::BTreeMap<String, String>,
+        token_id: String,
+        created_at: UnixMillis,
+    },
+    /// An agent's session said hello (or heartbeats resumed): it is `ready`, with what it told.
+    AgentUp {
+        id: String,
+        hostname: String,
+        labels: std::collections::BTreeMap<String, String>,
+        version: String,
+        cpu_millis: u64,
+        memory_bytes: u64,
+        at: UnixMillis,
+    },
+    /// Agents whose heartbeats stopped for the TTL: each is `down`, last seen at its time.
+    AgentsDown {
+        agents: Vec<(String, UnixMillis)>,
+    },
+    /// The agent's certificate is refused from now on; it is no longer listed.
+    RevokeAgent {
+        id: String,
+        at: UnixMillis,
+    },
     /// Writes that arrived together, committed as one entry; each is applied (or rejected) on
     /// its own, in order, and answers on its own.
     Batch {
@@ -61,7 +88,22 @@ impl Command {
             Command::CreateApiToken { .. } => "create_api_token",
             Command::CreateProject { .. } => "create_project",
             Command::DeleteProject { .. } => "delete_project",
+            Command::RegisterAgent { .. } => "register_agent",
+            Command::AgentUp { .. } => "agent_up",
+            Command::AgentsDown { .. } => "agents_down",
+            Command::RevokeAgent { .. } => "revoke_agent",
             Command::Batch { .. } => "batch",
+        }
+    }
+
+    /// Events applying this may cause (an event for a command that ends up rejected is harmless).
+    pub fn collect_events(&self, out: &mut Vec<crate::store::state_machine::StateEvent>) {
+        match self {
+            Command::RevokeAgent { id, .. } => {
+                out.push(crate::store::state_machine::StateEvent::AgentRevoked(id.clone()))
+            }
+            Command::Batch { commands } => commands.iter().for_each(|c| c.collect_events(out)),
+            _ => {}
         }
     }
 

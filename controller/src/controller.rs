@@ -38,6 +38,8 @@ pub struct Controller {
     pub key: ClusterKey,
     pub peers: PeerChannels,
     pub applied: watch::Receiver<u64>,
+    /// The leader's live view of agent sessions (empty on followers).
+    pub agents: Arc<crate::agents::Registry>,
     proposals: mpsc::Sender<Proposal>,
     tokens: TokenCache,
 }
@@ -85,6 +87,7 @@ impl Controller {
         peers: PeerChannels,
         applied: watch::Receiver<u64>,
         tokens_generation: Arc<AtomicU64>,
+        agent_settings: crate::agents::AgentSettings,
     ) -> (Arc<Controller>, Batcher) {
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
         let controller = Controller {
@@ -95,6 +98,7 @@ impl Controller {
             key,
             peers,
             applied,
+            agents: Arc::new(crate::agents::Registry::new(agent_settings)),
             proposals: tx,
             tokens: TokenCache { generation: tokens_generation, entries: Mutex::new((0, HashMap::new())) },
         };

@@ -1,9 +1,10 @@
 //! The Deployer controller: a Raft-replicated control plane (DESIGN.md sections 2, 3 and 6).
 
+pub mod agents;
 pub mod api;
 pub mod command;
 pub mod controller;
-pub mod files;
+pub use deployer_common::files;
 pub mod grpc;
 pub mod node;
 pub mod raft;

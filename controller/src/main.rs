@@ -1,9 +1,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use deployer_controller::agents::AgentSettings;
+use deployer_controller::node::DevAgent;
 use deployer_controller::raft::RaftTuning;
 use deployer_controller::{serve, ServeConfig};
 use tokio::net::TcpListener;
@@ -50,6 +53,31 @@ struct ServeArgs {
     token: Option<String>,
     #[command(flatten)]
     tuning: TuningArgs,
+    #[command(flatten)]
+    agents: AgentArgs,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Mark an agent down when no heartbeat arrived for this many seconds.
+    #[arg(long, env = "DEPLOYER_AGENT_TTL_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    agent_ttl_s: u64,
+    /// Mark an agent down this many seconds after its session dropped, unless it is back.
+    #[arg(long, env = "DEPLOYER_AGENT_DISCONNECT_GRACE_S", default_value_t = 5)]
+    agent_disconnect_grace_s: u64,
+    /// Lifetime of agent certificates, seconds; agents renew after two thirds of it.
+    #[arg(long, env = "DEPLOYER_AGENT_CERT_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(3..))]
+    agent_cert_ttl_s: u64,
+}
+
+impl From<AgentArgs> for AgentSettings {
+    fn from(a: AgentArgs) -> AgentSettings {
+        AgentSettings {
+            ttl: Duration::from_secs(a.agent_ttl_s),
+            disconnect_grace: Duration::from_secs(a.agent_disconnect_grace_s),
+            cert_ttl: Duration::from_secs(a.agent_cert_ttl_s),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -61,6 +89,13 @@ struct DevArgs {
     http: SocketAddr,
     #[arg(long, env = "DEPLOYER_GRPC_ADDR", default_value = "127.0.0.1:7701")]
     grpc: SocketAddr,
+    /// Do not run the in-process agent (no Docker engine needed).
+    #[arg(long)]
+    no_agent: bool,
+    /// Docker engine for the in-process agent: unix:///path or tcp://host:port (default:
+    /// DOCKER_HOST, else /var/run/docker.sock).
+    #[arg(long)]
+    docker_host: Option<String>,
 }
 
 #[derive(Args)]
@@ -123,6 +158,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(EX_USAGE)
+            } else if e.downcast_ref::<DockerUnavailable>().is_some() {
+                ExitCode::from(EX_UNAVAILABLE)
             } else {
                 ExitCode::FAILURE
             }
@@ -133,6 +170,13 @@ fn main() -> ExitCode {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct ConfigError(String);
+
+/// Exit code when the Docker engine cannot be reached (sysexits EX_UNAVAILABLE).
+const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct DockerUnavailable(String);
 
 async fn bind(addr: SocketAddr, what: &str, fallback_to_free_port: bool) -> anyhow::Result<TcpListener> {
     match TcpListener::bind(addr).await {
@@ -157,6 +201,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join: args.join,
                 token: args.token,
                 tuning: args.tuning.into(),
+                agents: args.agents.into(),
+                dev_agent: None,
             };
             if let Some(token) = &config.token {
                 deployer_common::token::JoinToken::parse(token)
@@ -175,14 +221,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let grpc = bind(args.grpc, "--grpc", true).await?;
             let url = format!("http://{}", http.local_addr()?);
             let token_path = args.data_dir.join("admin-token");
-            let config = ServeConfig {
+            let mut config = ServeConfig {
                 data_dir: args.data_dir,
                 advertise_grpc: None,
                 advertise_http: None,
                 join: None,
                 token: None,
                 tuning: RaftTuning::default(),
+                agents: AgentSettings::default(),
+                dev_agent: None,
             };
+            if !args.no_agent {
+                // Fail now, clearly, rather than run a platform that cannot start anything.
+                if let Err(e) =
+                    deployer_agent::docker::connect(args.docker_host.as_deref(), Duration::from_secs(5)).await
+                {
+                    return Err(DockerUnavailable(format!("{e}; or run `deployer-controller dev --no-agent`")).into());
+                }
+                config.dev_agent =
+                    Some(DevAgent { data_dir: config.data_dir.join("agent"), docker_host: args.docker_host });
+            }
             eprintln!();
             eprintln!("  Deployer (dev mode)");
             eprintln!("  API:          {url}/api/v1/health");

@@ -12,6 +12,7 @@ use deployer_common::pki::{self, ClusterCa, Identity};
 use deployer_common::seal::ClusterKey;
 use deployer_common::tls::{controller_client_config, ServerTrust};
 use deployer_common::token::{hash_secret, random_hex, JoinToken};
+use deployer_proto::agent::agent_server::AgentServer;
 use deployer_proto::cluster::cluster_client::ClusterClient;
 use deployer_proto::cluster::cluster_server::ClusterServer;
 use deployer_proto::cluster::{AddVoterRequest, JoinRequest};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::agents::service::AgentService;
 use crate::command::Command;
 use crate::controller::{Controller, SharedController};
 use crate::files::{ensure_private_dir, write_atomic};
@@ -38,6 +40,8 @@ const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The admin token before it is committed; renamed to `admin-token` once it works.
 const ADMIN_TOKEN_PENDING_FILE: &str = "admin-token.pending";
 const PENDING_FILE: &str = "bootstrap-pending.json";
+/// Largest message an agent may send on its session (a heartbeat with many containers).
+const AGENT_MESSAGE_MAX: usize = 1024 * 1024;
 
 /// Everything `serve` needs, from flags and environment.
 #[derive(Clone, Debug)]
@@ -50,6 +54,16 @@ pub struct ServeConfig {
     pub join: Option<String>,
     pub token: Option<String>,
     pub tuning: RaftTuning,
+    pub agents: crate::agents::AgentSettings,
+    /// Dev mode: run an agent in this process against the local Docker engine.
+    pub dev_agent: Option<DevAgent>,
+}
+
+/// The in-process agent of dev mode.
+#[derive(Clone, Debug)]
+pub struct DevAgent {
+    pub data_dir: PathBuf,
+    pub docker_host: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +192,7 @@ pub async fn serve(
     let reader = StateReader::new(sm.reader());
     let applied = sm.applied_index();
     let tokens_generation = sm.tokens_generation();
+    let state_events = sm.events();
     let peers = PeerChannels::new(peer_tls);
     let raft_config = Arc::new(config.tuning.openraft_config()?);
     let raft = Raft::new(record.node_id, raft_config, Network::new(peers.clone()), log, sm)
@@ -185,8 +200,18 @@ pub async fn serve(
         .context("cannot start Raft")?;
 
     let node = ControllerNode { grpc_addr: record.grpc_addr.clone(), http_addr: record.http_addr.clone() };
-    let (controller, batcher): (SharedController, _) =
-        Controller::new(record.node_id, node.clone(), raft.clone(), reader, key, peers, applied, tokens_generation);
+    let (controller, batcher): (SharedController, _) = Controller::new(
+        record.node_id,
+        node.clone(),
+        raft.clone(),
+        reader,
+        key,
+        peers,
+        applied,
+        tokens_generation,
+        config.agents.clone(),
+    );
+    let agents_task = tokio::spawn(crate::agents::run(controller.clone(), state_events.subscribe()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
     let detector = tokio::spawn(crate::raft::detector::run(
@@ -217,6 +242,11 @@ pub async fn serve(
             RaftServer::new(RaftService::new(raft.clone(), contact)).max_decoding_message_size(64 * 1024 * 1024),
         )
         .add_service(ClusterServer::new(ClusterService::new(controller.clone())))
+        .add_service(
+            AgentServer::new(AgentService::new(controller.clone()))
+                .max_decoding_message_size(AGENT_MESSAGE_MAX)
+                .max_encoding_message_size(AGENT_MESSAGE_MAX),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
@@ -239,6 +269,12 @@ pub async fn serve(
     if record.stage == Stage::Member {
         write_record(&paths, &record)?;
     }
+    let dev_agent = config.dev_agent.clone().map(|dev| {
+        let controller = controller.clone();
+        let ca = paths.ca();
+        let grpc_addr = record.grpc_addr.clone();
+        tokio::spawn(run_dev_agent(controller, dev, ca, grpc_addr, stopped(stop_rx.clone())))
+    });
 
     // Runs until the shutdown signal, or until finishing the bootstrap or join fails, which
     // leaves the node useless: then it stops and reports the error.
@@ -269,8 +305,12 @@ pub async fn serve(
         task.abort();
     }
     // Writes still gathering are answered "shutting down"; HTTP drains below.
+    if let Some(task) = dev_agent {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     batcher.abort();
     detector.abort();
+    agents_task.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),
@@ -390,6 +430,65 @@ fn join_error(status: &tonic::Status) -> String {
             status.message()
         ),
         _ => format!("the controller refused to let this node join: {}", status.message()),
+    }
+}
+
+/// Dev mode's agent: joins with a token made here (first start only), then runs until shutdown.
+async fn run_dev_agent(
+    controller: SharedController,
+    dev: DevAgent,
+    ca_path: PathBuf,
+    grpc_addr: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let token = if dev.data_dir.join("agent.json").exists() {
+        None
+    } else {
+        match dev_agent_token(&controller, &ca_path).await {
+            Ok(token) => Some(token),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "dev mode: cannot make a token for the local agent");
+                return;
+            }
+        }
+    };
+    let config = deployer_agent::AgentConfig {
+        controller: format!("https://{grpc_addr}"),
+        token,
+        data_dir: dev.data_dir,
+        labels: Default::default(),
+        hostname: None,
+        docker_host: dev.docker_host,
+        heartbeat_interval: Duration::from_secs(5),
+    };
+    if let Err(e) = deployer_agent::run(config, shutdown).await {
+        tracing::error!(error = %e, "dev mode: the local agent stopped");
+    }
+}
+
+/// A short-lived agent token, committed once this node can write.
+async fn dev_agent_token(c: &Controller, ca_path: &Path) -> anyhow::Result<String> {
+    let fingerprint = pki::fingerprint_of_pem(&read_text(ca_path)?)?;
+    let token = JoinToken::new(fingerprint);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = now_ms();
+        let command = Command::CreateJoinToken {
+            id: crate::util::new_id(),
+            kind: crate::command::JoinTokenKind::Agent,
+            secret_hash: token.secret_hash(),
+            created_at: now,
+            expires_at: now + 10 * 60 * 1000,
+        };
+        match c.propose(command).await {
+            Ok(crate::command::CommandResponse::Applied) => return Ok(token.to_string()),
+            Ok(other) => bail!("the token was refused: {other:?}"),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "dev mode: waiting to be able to write");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

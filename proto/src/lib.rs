@@ -7,3 +7,7 @@ pub mod raft {
 pub mod cluster {
     tonic::include_proto!("deployer.cluster.v1");
 }
+
+pub mod agent {
+    tonic::include_proto!("deployer.agent.v1");
+}

@@ -148,6 +148,79 @@ impl Drop for Controller {
     }
 }
 
+/// One `deployer-agent run` process and its data dir.
+pub struct Agent {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn new(dir: PathBuf) -> Agent {
+        let log = dir.with_extension("log");
+        Agent { dir, child: None, log }
+    }
+
+    /// Starts `deployer-agent run --data-dir DIR` with `args` (e.g. `--controller`, `--token`)
+    /// and a one-second heartbeat unless `args` sets one.
+    pub fn start(&mut self, args: &[String]) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut command = Command::new(binary("deployer-agent"));
+        command.arg("run").arg("--data-dir").arg(&self.dir).args(args);
+        if !args.iter().any(|a| a == "--heartbeat-ms") {
+            command.args(["--heartbeat-ms", "1000"]);
+        }
+        let child = command
+            .env("DEPLOYER_LOG", std::env::var("DEPLOYER_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("DEPLOYER_JOIN_TOKEN")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn deployer-agent")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("not running") };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("agent still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// An HTTP client for the API with a bearer token.
 #[derive(Clone)]
 pub struct Api {
@@ -289,8 +362,16 @@ impl Cluster {
     }
 
     pub async fn join_token(&self) -> anyhow::Result<String> {
+        self.token_of_kind("controller").await
+    }
+
+    pub async fn agent_token(&self) -> anyhow::Result<String> {
+        self.token_of_kind("agent").await
+    }
+
+    async fn token_of_kind(&self, kind: &str) -> anyhow::Result<String> {
         let url = format!("{}/api/v1/cluster/tokens", self.any_running_url()?);
-        let (status, body) = self.api.post(&url, &serde_json::json!({"kind": "controller"})).await?;
+        let (status, body) = self.api.post(&url, &serde_json::json!({"kind": kind})).await?;
         if status != 201 {
             bail!("token creation answered {status}: {body}");
         }

@@ -1,6 +1,7 @@
 //! The control-plane HTTP API (DESIGN.md section 6). Every node serves it; writes go through
 //! Raft (forwarded to the leader by [`crate::controller::Controller::propose`]).
 
+pub mod agents;
 pub mod auth;
 pub mod cluster;
 pub mod error;
@@ -22,6 +23,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(cluster::router())
+        .merge(agents::router())
         .merge(projects::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -8,8 +8,8 @@ use deployer_common::pki::{ClusterCa, Identity};
 use deployer_common::token::hash_secret;
 use deployer_proto::cluster::cluster_server::Cluster;
 use deployer_proto::cluster::{
-    AddVoterReply, AddVoterRequest, JoinReply, JoinRequest, ProposeReply, ProposeRequest, ReadIndexReply,
-    ReadIndexRequest,
+    AddVoterReply, AddVoterRequest, AgentLiveReply, AgentLiveRequest, JoinReply, JoinRequest, ProposeReply,
+    ProposeRequest, ReadIndexReply, ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
@@ -187,6 +187,19 @@ impl Cluster for ClusterService {
             Ok(LocalWrite::NotLeader(_)) => Err(self.not_leader()),
             Err(e) => Err(propose_error_status(&e)),
         }
+    }
+
+    async fn agent_live(
+        &self,
+        request: tonic::Request<AgentLiveRequest>,
+    ) -> Result<tonic::Response<AgentLiveReply>, tonic::Status> {
+        require_controller(&request)?;
+        if !self.controller.agents.is_active() {
+            return Err(self.not_leader());
+        }
+        let live =
+            serde_json::to_vec(&self.controller.agents.live()).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(AgentLiveReply { live }))
     }
 
     async fn read_index(

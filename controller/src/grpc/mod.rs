@@ -1,6 +1,6 @@
 //! The controller's gRPC services, all on the `--grpc` port with mutual TLS.
 
-pub mod client;
+pub use deployer_common::grpc_client as client;
 pub mod cluster_service;
 pub mod raft_service;
 

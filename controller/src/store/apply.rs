@@ -134,6 +134,66 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
                 ));
             }
         }
+        Command::RegisterAgent { id, hostname, labels, token_id, created_at } => {
+            let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+            let done = sqlx::query(
+                "INSERT INTO agents (id, hostname, labels, status, last_seen, token_id, created_at) \
+                 VALUES (?, ?, ?, 'down', ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&id)
+            .bind(hostname)
+            .bind(labels)
+            .bind(created_at)
+            .bind(token_id)
+            .bind(created_at)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::Conflict, format!("agent {id} already exists")));
+            }
+        }
+        Command::AgentUp { id, hostname, labels, version, cpu_millis, memory_bytes, at } => {
+            let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+            let done = sqlx::query(
+                "UPDATE agents SET hostname = ?, labels = ?, version = ?, cpu_millis = ?, memory_bytes = ?, \
+                 status = 'ready', last_seen = MAX(last_seen, ?) WHERE id = ? AND revoked_at IS NULL",
+            )
+            .bind(hostname)
+            .bind(labels)
+            .bind(version)
+            .bind(i64::try_from(cpu_millis).unwrap_or(i64::MAX))
+            .bind(i64::try_from(memory_bytes).unwrap_or(i64::MAX))
+            .bind(at)
+            .bind(&id)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no agent with id {id}")));
+            }
+        }
+        Command::AgentsDown { agents } => {
+            for (id, last_seen) in agents {
+                sqlx::query(
+                    "UPDATE agents SET status = 'down', last_seen = MAX(last_seen, ?) \
+                     WHERE id = ? AND revoked_at IS NULL",
+                )
+                .bind(last_seen)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        Command::RevokeAgent { id, at } => {
+            let done =
+                sqlx::query("UPDATE agents SET revoked_at = ?, status = 'down' WHERE id = ? AND revoked_at IS NULL")
+                    .bind(at)
+                    .bind(&id)
+                    .execute(&mut **tx)
+                    .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no agent with id {id}")));
+            }
+        }
         Command::DeleteProject { id } => {
             let done = sqlx::query("DELETE FROM projects WHERE id = ?").bind(&id).execute(&mut **tx).await?;
             if done.rows_affected() == 0 {

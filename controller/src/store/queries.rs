@@ -135,3 +135,57 @@ impl StateReader {
         Ok(rows.into_iter().map(Self::project_row).collect())
     }
 }
+
+#[derive(Clone, Debug)]
+pub struct AgentRow {
+    pub id: String,
+    pub hostname: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub version: String,
+    pub cpu_millis: i64,
+    pub memory_bytes: i64,
+    pub status: String,
+    pub last_seen: UnixMillis,
+    pub created_at: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+const AGENT_COLUMNS: &str =
+    "id, hostname, labels, version, cpu_millis, memory_bytes, status, last_seen, created_at, revoked_at";
+
+impl StateReader {
+    fn agent_row(row: sqlx::sqlite::SqliteRow) -> AgentRow {
+        let labels: String = row.get(2);
+        AgentRow {
+            id: row.get(0),
+            hostname: row.get(1),
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            version: row.get(3),
+            cpu_millis: row.get(4),
+            memory_bytes: row.get(5),
+            status: row.get(6),
+            last_seen: row.get(7),
+            created_at: row.get(8),
+            revoked_at: row.get(9),
+        }
+    }
+
+    /// One agent, revoked or not.
+    pub async fn agent(&self, id: &str) -> Result<Option<AgentRow>, sqlx::Error> {
+        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Self::agent_row))
+    }
+
+    /// Agents that are not revoked, newest first.
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked_at IS NULL ORDER BY created_at DESC, id DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Self::agent_row).collect())
+    }
+}

@@ -11,7 +11,7 @@ use openraft::{EntryPayload, ErrorSubject, OptionalSend, RaftSnapshotBuilder, St
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqliteSynchronous};
 use sqlx::{Connection, Row};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::{open_pool, read_err, write_err};
 use crate::command::CommandResponse;
@@ -37,6 +37,14 @@ pub struct StateMachine {
     applied: watch::Sender<u64>,
     /// Bumped whenever API tokens may have changed, so caches of them know to drop their copy.
     tokens_generation: Arc<std::sync::atomic::AtomicU64>,
+    events: broadcast::Sender<StateEvent>,
+}
+
+/// What applying committed entries changed, for the parts of a node that act on it at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateEvent {
+    /// The agent's certificate is refused from now on: its session must end.
+    AgentRevoked(String),
 }
 
 impl StateMachine {
@@ -63,6 +71,7 @@ impl StateMachine {
             snapshot_dir,
             applied,
             tokens_generation: Arc::default(),
+            events: broadcast::channel(1024).0,
         };
         // If the database lost what a snapshot already holds, start again from the snapshot:
         // the log behind it may have been purged.
@@ -84,6 +93,11 @@ impl StateMachine {
 
     pub fn tokens_generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.tokens_generation.clone()
+    }
+
+    /// Events of applied changes (a receiver that lags loses the oldest).
+    pub fn events(&self) -> broadcast::Sender<StateEvent> {
+        self.events.clone()
     }
 
     fn tokens_changed(&self) {
@@ -193,12 +207,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last = None;
         let mut membership = None;
         let mut tokens_changed = false;
+        let mut events = Vec::new();
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => responses.push(CommandResponse::Applied),
                 EntryPayload::Normal(command) => {
                     tokens_changed |= command.touches_api_tokens();
+                    command.collect_events(&mut events);
                     let kind = command.kind();
                     let response = super::apply::apply(&mut tx, command).await.map_err(err)?;
                     tracing::debug!(index = entry.log_id.index, command = kind, "applied");
@@ -233,6 +249,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tx.commit().await.map_err(err)?;
         if tokens_changed {
             self.tokens_changed();
+        }
+        for event in events {
+            let _ = self.events.send(event);
         }
         self.applied.send_replace(last.index);
         Ok(responses)

@@ -1,4 +1,4 @@
-//! gRPC channels to other controllers over our own rustls configuration: the server is verified
+//! gRPC channels to controllers over our own rustls configuration: the server is verified
 //! by its cluster identity rather than by the host name we dialed.
 
 use std::future::Future;

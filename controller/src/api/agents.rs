@@ -1,0 +1,130 @@
+//! `/api/v1/agents`: the agent registry, with the leader's live view of each agent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::auth::Caller;
+use super::error::{applied, ApiError};
+use super::AppState;
+use crate::agents::{live_view, ContainerView, LiveView, MetricsView};
+use crate::command::Command;
+use crate::store::queries::AgentRow;
+use crate::util::{now_ms, rfc3339};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/agents", get(list)).route("/api/v1/agents/{id}", get(show).delete(revoke))
+}
+
+#[derive(Serialize)]
+struct CapacityView {
+    cpu_millis: i64,
+    memory_bytes: i64,
+}
+
+#[derive(Serialize)]
+struct AgentView {
+    id: String,
+    hostname: String,
+    status: String,
+    labels: BTreeMap<String, String>,
+    version: String,
+    /// Whether the agent is in session with the leader right now (`null` when the leader could
+    /// not be asked).
+    connected: Option<bool>,
+    last_seen: String,
+    created_at: String,
+    capacity: CapacityView,
+    /// The latest heartbeat's host metrics (`null` before the first one, or when the leader
+    /// could not be asked).
+    metrics: Option<MetricsOut>,
+    containers: Vec<ContainerView>,
+    /// Recent samples, oldest first (only on `GET /api/v1/agents/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<Vec<MetricsOut>>,
+}
+
+#[derive(Serialize)]
+struct MetricsOut {
+    at: String,
+    cpu_percent: f64,
+    load1: f64,
+    load5: f64,
+    load15: f64,
+    memory_used_bytes: u64,
+    memory_total_bytes: u64,
+    disk_used_bytes: u64,
+    disk_total_bytes: u64,
+    net_rx_bytes: u64,
+    net_tx_bytes: u64,
+}
+
+impl From<MetricsView> for MetricsOut {
+    fn from(m: MetricsView) -> MetricsOut {
+        MetricsOut {
+            at: rfc3339(m.at),
+            cpu_percent: m.cpu_percent,
+            load1: m.load1,
+            load5: m.load5,
+            load15: m.load15,
+            memory_used_bytes: m.memory_used_bytes,
+            memory_total_bytes: m.memory_total_bytes,
+            disk_used_bytes: m.disk_used_bytes,
+            disk_total_bytes: m.disk_total_bytes,
+            net_rx_bytes: m.net_rx_bytes,
+            net_tx_bytes: m.net_tx_bytes,
+        }
+    }
+}
+
+fn view(row: AgentRow, live: Option<&HashMap<String, LiveView>>, with_history: bool) -> AgentView {
+    let entry = live.and_then(|l| l.get(&row.id));
+    let last_seen = entry.and_then(|e| e.last_seen).map_or(row.last_seen, |l| l.max(row.last_seen));
+    AgentView {
+        connected: live.map(|_| entry.is_some_and(|e| e.connected)),
+        last_seen: rfc3339(last_seen),
+        created_at: rfc3339(row.created_at),
+        capacity: CapacityView { cpu_millis: row.cpu_millis, memory_bytes: row.memory_bytes },
+        metrics: entry.and_then(|e| e.metrics.clone()).map(MetricsOut::from),
+        containers: entry.map(|e| e.containers.clone()).unwrap_or_default(),
+        history: with_history
+            .then(|| entry.map(|e| e.history.iter().cloned().map(MetricsOut::from).collect()).unwrap_or_default()),
+        id: row.id,
+        hostname: row.hostname,
+        status: row.status,
+        labels: row.labels,
+        version: row.version,
+    }
+}
+
+async fn list(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<AgentView>>, ApiError> {
+    caller.require("read")?;
+    c.read_barrier().await?;
+    let rows = c.state.agents().await?;
+    let live = live_view(&c).await;
+    Ok(Json(rows.into_iter().map(|row| view(row, live.as_ref(), false)).collect()))
+}
+
+async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<AgentView>, ApiError> {
+    caller.require("read")?;
+    c.read_barrier().await?;
+    let row = c
+        .state
+        .agent(&id)
+        .await?
+        .filter(|a| a.revoked_at.is_none())
+        .ok_or_else(|| ApiError::not_found(format!("no agent with id {id}")))?;
+    let live = live_view(&c).await;
+    Ok(Json(view(row, live.as_ref(), true)))
+}
+
+/// Revokes the agent: its session ends at once and its certificate is refused from now on.
+async fn revoke(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.require("admin")?;
+    applied(c.propose(Command::RevokeAgent { id, at: now_ms() }).await?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
