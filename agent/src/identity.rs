@@ -229,17 +229,34 @@ fn join_error(controller: &str, status: tonic::Status) -> AgentError {
     }
 }
 
-/// A transport failure described with its cause (a TLS refusal says why).
+/// A transport failure described with its cause; a refused TLS handshake says why in words.
 pub fn describe(status: &tonic::Status) -> String {
     use std::error::Error;
     let mut text = status.message().to_string();
     let mut source = status.source();
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        if let Some(why) = tls_refusal(e) {
+            return format!("the TLS handshake was refused: {why}");
+        }
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
         source = e.source();
     }
     text
+}
+
+/// Why rustls refused the peer, if `e` is (or wraps) such a refusal.
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let rustls_error = e
+        .downcast_ref::<rustls::Error>()
+        .or_else(|| e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref()))?;
+    Some(match rustls_error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => other.0.to_string(),
+        other => other.to_string(),
+    })
 }
 
 /// `https://host:port` and `host:port` name the same controller.

@@ -35,6 +35,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const REDIRECTS_BEFORE_BACKOFF: u32 = 3;
 /// How long the first answer of a session may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeats in a row without an ack after which the session counts as dead.
+const UNACKED_LIMIT: u64 = 3;
 /// Largest message the controller may send.
 const MESSAGE_MAX: usize = 4 * 1024 * 1024;
 
@@ -275,11 +277,15 @@ impl Session {
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        let mut acked = 0u64;
         // A key waiting for its certificate, and when it was asked for.
         let mut renewing: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
+                    if seq.saturating_sub(acked) >= UNACKED_LIMIT {
+                        return Ok(Ended::Dropped(format!("no answer to the last {UNACKED_LIMIT} heartbeats")));
+                    }
                     seq += 1;
                     let host = sampler.sample();
                     let message = AgentMessage {
@@ -325,6 +331,7 @@ impl Session {
                             self.learn_controllers(r.controllers);
                             return Ok(Ended::Redirect(Some(r.leader).filter(|l| !l.is_empty())));
                         }
+                        Some(ControllerBody::HeartbeatAck(a)) => acked = acked.max(a.seq.min(seq)),
                         Some(ControllerBody::Welcome(_)) | None => {}
                     },
                     Ok(None) => return Ok(Ended::Dropped("the controller ended the session".into())),

@@ -521,3 +521,36 @@ impl tower::Service<http::Uri> for TlsConnector {
         })
     }
 }
+
+/// A local image with busybox (from Debian's `busybox-static`) as its whole root filesystem:
+/// no registry is reachable, so tests make their own. Imported once per machine.
+pub fn busybox_image() -> anyhow::Result<String> {
+    const IMAGE: &str = "deployer-test/busybox:1";
+    let exists = Command::new("docker").args(["image", "inspect", IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if exists.is_ok_and(|s| s.success()) {
+        return Ok(IMAGE.to_string());
+    }
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("/bin/busybox not found: install Debian's busybox-static (scripts/test does)");
+    }
+    let root = tempfile::tempdir()?;
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(busybox, bin.join("busybox"))?;
+    for applet in ["sh", "sleep", "cat", "ls", "echo", "httpd", "wget"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    std::fs::create_dir_all(root.path().join("tmp"))?;
+    let tar = root.path().with_extension("tar");
+    let status = Command::new("tar").arg("-C").arg(root.path()).arg("-cf").arg(&tar).arg(".").status()?;
+    if !status.success() {
+        bail!("tar failed");
+    }
+    let out = Command::new("docker").arg("import").arg(&tar).arg(IMAGE).output()?;
+    let _ = std::fs::remove_file(&tar);
+    if !out.status.success() {
+        bail!("docker import failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(IMAGE.to_string())
+}

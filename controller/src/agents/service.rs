@@ -9,7 +9,7 @@ use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::agent_server::Agent;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
 use deployer_proto::agent::{
-    AgentMessage, CertificateIssued, ControllerMessage, JoinReply, JoinRequest, Redirect, Welcome,
+    AgentMessage, CertificateIssued, ControllerMessage, HeartbeatAck, JoinReply, JoinRequest, Redirect, Welcome,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -271,9 +271,10 @@ async fn run_session(
         match body {
             AgentBody::Hello(_) => {}
             AgentBody::Heartbeat(hb) => match c.agents.heartbeat(&id, serial, hb.host.as_ref(), &hb.containers) {
-                HeartbeatOutcome::Recorded => {}
+                HeartbeatOutcome::Recorded => ack(&tx, hb.seq),
                 HeartbeatOutcome::Stale => return Ok(()),
                 HeartbeatOutcome::MarkReady(command) => {
+                    ack(&tx, hb.seq);
                     let c2 = c.clone();
                     let id2 = id.clone();
                     tokio::spawn(async move {
@@ -301,6 +302,12 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Acknowledges a heartbeat. A full outgoing queue means the agent is not reading: the ack is
+/// dropped rather than waited for, and the agent's own ack timeout takes over.
+fn ack(tx: &mpsc::Sender<Result<ControllerMessage, tonic::Status>>, seq: u64) {
+    let _ = tx.try_send(Ok(ControllerMessage { body: Some(ControllerBody::HeartbeatAck(HeartbeatAck { seq })) }));
 }
 
 struct Detach {

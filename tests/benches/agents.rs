@@ -1,0 +1,2 @@
+//! Placeholder while the agents bench is written.
+fn main() {}
