@@ -1,5 +1,6 @@
 //! `deployer`: the command-line client of the Deployer HTTP API (DESIGN.md section 6).
 
+mod agents;
 mod client;
 mod cluster;
 mod output;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+use agents::AgentsCommand;
 use client::{CliError, Client};
 use cluster::ClusterCommand;
 use output::{emit, emit_json, Format};
@@ -37,6 +39,12 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Agents: the Docker hosts that run services.
+    #[command(alias = "nodes")]
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
     },
     /// Projects: groups of services.
     Projects {
@@ -78,6 +86,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Cluster { command } => cluster::run(command, &client()?, cli.output).await,
         Command::Projects { command } => projects::run(command, &client()?, cli.output).await,
+        Command::Agents { command } => agents::run(command, &client()?, cli.output).await,
         Command::Health => {
             let answer = client()?.get_public(&["health"]).await?;
             if cli.output == Format::Json {

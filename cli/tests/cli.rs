@@ -14,10 +14,15 @@ use serde_json::Value;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn controller_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("DEPLOYER_CONTROLLER_BIN") {
+    sibling_bin("deployer-controller")
+}
+
+/// A workspace binary next to `deployer`, or from `<NAME>_BIN`.
+fn sibling_bin(name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("{}_BIN", name.to_uppercase().replace('-', "_"))) {
         return PathBuf::from(p);
     }
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_deployer")).with_file_name("deployer-controller");
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_deployer")).with_file_name(name);
     assert!(path.exists(), "{} not found: run `cargo build --bins` first", path.display());
     path
 }
@@ -68,6 +73,7 @@ struct Controller {
     child: Child,
     dir: tempfile::TempDir,
     url: String,
+    grpc: String,
     token: String,
 }
 
@@ -88,7 +94,13 @@ impl Controller {
             .stderr(log)
             .spawn()
             .expect("spawn deployer-controller");
-        let mut c = Controller { child, dir, url: format!("http://127.0.0.1:{http}"), token: String::new() };
+        let mut c = Controller {
+            child,
+            dir,
+            url: format!("http://127.0.0.1:{http}"),
+            grpc: format!("127.0.0.1:{grpc}"),
+            token: String::new(),
+        };
         let token_file = data.join("admin-token");
         c.token = wait_until(&mut c.child, "the admin token file", || {
             std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
@@ -280,4 +292,49 @@ fn completions_are_printed_for_each_shell() {
         let run = deployer("nonsense", None, &["completions", shell]).ok();
         assert!(run.stdout.contains("deployer") && run.stdout.contains("projects"), "{shell}: {}", run.stdout);
     }
+}
+
+#[test]
+fn agents_are_listed_shown_and_revoked() {
+    let mut c = Controller::start();
+    let empty = c.run(&["agents", "list"]).ok();
+    assert_eq!(empty.stdout, "");
+    assert!(empty.stderr.contains("No agents"), "{}", empty.stderr);
+    assert_eq!(c.run(&["nodes", "list", "-o", "json"]).json(), serde_json::json!([]));
+    let unknown = c.run(&["agents", "revoke", "no-such-agent"]);
+    assert_eq!(unknown.code, Some(1));
+    assert_eq!(unknown.stderr, "error: no agent with id no-such-agent\n");
+
+    // A real agent on this machine's Docker engine.
+    let token = c.run(&["cluster", "token", "create", "--kind", "agent", "-o", "json"]).json();
+    let agent_dir = c.dir.path().join("agent");
+    let mut agent = Command::new(sibling_bin("deployer-agent"))
+        .args(["run", "--controller", &format!("https://{}", c.grpc), "--hostname", "box-1", "--labels", "zone=a"])
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["--token", token["token"].as_str().unwrap(), "--heartbeat-ms", "500"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(c.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn deployer-agent");
+    let listed = wait_until(&mut c.child, "the agent to be listed ready with metrics", || {
+        let v = deployer(&c.url, Some(&c.token), &["agents", "list", "-o", "json"]);
+        let v: Value = serde_json::from_str(&v.stdout).ok()?;
+        let a = v.as_array()?.first()?.clone();
+        (a["status"] == "ready" && a["metrics"].is_object()).then_some(a)
+    });
+    let id = listed["id"].as_str().unwrap().to_string();
+    let table = c.run(&["agents", "list"]).ok().stdout;
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["ID", "HOSTNAME", "STATUS", "CPU", "MEMORY", "DISK", "LABELS", "LAST", "SEEN"]);
+    assert_eq!(rows[1][..3], [id.as_str(), "box-1", "ready"], "{table}");
+    assert_eq!(rows[1][6], "zone=a", "{table}");
+    let shown = c.run(&["agents", "show", &id]).ok().stdout;
+    assert!(shown.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["session:", "connected"]), "{shown}");
+
+    assert_eq!(c.run(&["agents", "revoke", &id]).ok().stdout, format!("revoked agent {id}\n"));
+    let exited = wait_until(&mut c.child, "the revoked agent to exit", || agent.try_wait().ok().flatten());
+    assert_eq!(exited.code(), Some(77));
+    assert_eq!(c.run(&["agents", "list", "-o", "json"]).json(), serde_json::json!([]));
 }

@@ -526,7 +526,8 @@ impl tower::Service<http::Uri> for TlsConnector {
 /// no registry is reachable, so tests make their own. Imported once per machine.
 pub fn busybox_image() -> anyhow::Result<String> {
     const IMAGE: &str = "deployer-test/busybox:1";
-    let exists = Command::new("docker").args(["image", "inspect", IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let exists =
+        Command::new("docker").args(["image", "inspect", IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     if exists.is_ok_and(|s| s.success()) {
         return Ok(IMAGE.to_string());
     }

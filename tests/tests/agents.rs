@@ -91,7 +91,8 @@ async fn agents_join_report_follow_the_leader_go_down_and_stay_out_once_revoked(
         wait_agent(&cluster, node, &idb, "ready with metrics", is_ready_with_metrics).await;
     }
     // The key is private; the identity is the agent's own.
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(a.dir.join("tls/agent.key")).unwrap().permissions());
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(a.dir.join("tls/agent.key")).unwrap().permissions());
     assert_eq!(key_mode & 0o077, 0, "agent.key must be readable by its owner only");
     let cert = std::fs::read_to_string(a.dir.join("tls/agent.crt")).unwrap();
     let der = deployer_common::tls::certs_from_pem(&cert).unwrap();
@@ -131,11 +132,8 @@ async fn agents_join_report_follow_the_leader_go_down_and_stay_out_once_revoked(
     // listed, and its old identity cannot come back.
     let b_copy = cluster.root.join("host-b-copy");
     copy_dir(&b.dir, &b_copy);
-    let status = cluster
-        .api
-        .delete(&format!("{}/api/v1/agents/{idb}", cluster.nodes[survivor].url()))
-        .await
-        .expect("revoke");
+    let status =
+        cluster.api.delete(&format!("{}/api/v1/agents/{idb}", cluster.nodes[survivor].url())).await.expect("revoke");
     assert_eq!(status, 204);
     let exit = b.wait_exit(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", b.log_text()));
     assert_eq!(exit.code(), Some(77), "a revoked agent exits with EX_NOPERM:\n{}", b.log_text());
@@ -244,7 +242,12 @@ async fn wrong_tokens_foreign_cas_and_forged_requests_are_refused() {
     let tls = controller_client_config(&ServerTrust::Fingerprint(parsed.ca_fingerprint.clone()), None).unwrap();
     let mut client = AgentClient::new(grpc_channel(&grpc, tls).unwrap());
     let reply = client
-        .join(JoinRequest { token_secret: parsed.secret.clone(), csr_pem: csr, hostname: "forger".into(), labels: Default::default() })
+        .join(JoinRequest {
+            token_secret: parsed.secret.clone(),
+            csr_pem: csr,
+            hostname: "forger".into(),
+            labels: Default::default(),
+        })
         .await
         .expect("the join itself is allowed")
         .into_inner();
@@ -253,11 +256,9 @@ async fn wrong_tokens_foreign_cas_and_forged_requests_are_refused() {
 
     // That agent's certificate opens a session, but only a hello may come first, and an
     // oversized message ends the session, while the controller keeps serving.
-    let agent_tls = controller_client_config(
-        &ServerTrust::Ca(reply.ca_pem.clone()),
-        Some((&reply.cert_pem, &key.serialize_pem())),
-    )
-    .unwrap();
+    let agent_tls =
+        controller_client_config(&ServerTrust::Ca(reply.ca_pem.clone()), Some((&reply.cert_pem, &key.serialize_pem())))
+            .unwrap();
     let mut client = AgentClient::new(grpc_channel(&grpc, agent_tls.clone()).unwrap());
     let heartbeat_first = AgentMessage { body: Some(AgentBody::Heartbeat(Default::default())) };
     let mut stream = client.session(tokio_stream::iter([heartbeat_first])).await.expect("session opens").into_inner();
@@ -274,7 +275,14 @@ async fn wrong_tokens_foreign_cas_and_forged_requests_are_refused() {
         Ok(response) => response.into_inner().message().await.expect_err("an oversized message is refused"),
     };
     assert!(
-        matches!(refused.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown),
+        matches!(
+            refused.code(),
+            tonic::Code::ResourceExhausted
+                | tonic::Code::OutOfRange
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        ),
         "{refused:?}"
     );
 
