@@ -288,7 +288,7 @@ impl Registry {
         let at = now_ms();
         let mut inner = self.lock();
         let Some(live) = inner.agents.get_mut(id) else { return HeartbeatOutcome::Stale };
-        if !live.session.as_ref().is_some_and(|s| s.serial == serial) {
+        if live.session.as_ref().is_none_or(|s| s.serial != serial) {
             return HeartbeatOutcome::Stale;
         }
         live.last_seen_ms = Some(at);
