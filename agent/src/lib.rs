@@ -85,6 +85,10 @@ pub async fn run(
     if config.heartbeat_interval < Duration::from_millis(100) {
         return Err(AgentError::Config("the heartbeat interval must be at least 100 ms".into()));
     }
+    if let Some(token) = &config.token {
+        deployer_common::token::JoinToken::parse(token)
+            .map_err(|e| AgentError::Config(format!("invalid --token: {e}")))?;
+    }
     let docker = docker::connect(config.docker_host.as_deref(), Duration::from_secs(5))
         .await
         .map_err(|e| AgentError::Docker(e.to_string()))?;

@@ -1,4 +1,4 @@
-//! The agent stub's command line, as a user sees it.
+//! The agent's command line, as a user sees it (joining and sessions: tests/tests/agents.rs).
 
 use std::process::{Command, Output};
 
@@ -21,7 +21,7 @@ fn version_is_printed() {
 }
 
 #[test]
-fn run_accepts_the_contract_flags_and_says_it_is_not_implemented() {
+fn bad_values_are_refused_before_anything_is_dialed() {
     let out = agent(&[
         "run",
         "--controller",
@@ -35,8 +35,13 @@ fn run_accepts_the_contract_flags_and_says_it_is_not_implemented() {
     ]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("error: agent support is not implemented yet"), "{stderr}");
-    assert!(!stderr.contains("DPLY1"), "the token must not be echoed: {stderr}");
+    assert!(stderr.contains("error: invalid --token: join token CA fingerprint must be 64 hex characters"), "{stderr}");
+    assert!(!stderr.contains("DPLY1.abc"), "the token must not be echoed: {stderr}");
+
+    let out = agent(&["run", "--controller", "127.0.0.1:7701", "--data-dir", "/tmp/agent"]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--controller must look like https://HOST:PORT"), "{stderr}");
 }
 
 #[test]
