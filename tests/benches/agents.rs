@@ -49,7 +49,7 @@ use deployer_common::token::JoinToken;
 use deployer_proto::agent::agent_client::AgentClient;
 use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
-use deployer_proto::agent::{AgentMessage, Capacity, Heartbeat, Hello, HostMetrics, JoinRequest};
+use deployer_proto::agent::{AgentMessage, Capacity, ControllerMessage, Heartbeat, Hello, HostMetrics, JoinRequest};
 use deployer_tests::{wait_for, Agent, Api, Cluster};
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
@@ -393,11 +393,7 @@ async fn session(shared: Arc<Shared>, agent: Arc<SimAgent>) {
     shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
 }
 
-type Opened = (
-    AgentClient<tonic::transport::Channel>,
-    mpsc::Sender<AgentMessage>,
-    tonic::Streaming<deployer_proto::agent::ControllerMessage>,
-);
+type Opened = (AgentClient<tonic::transport::Channel>, mpsc::Sender<AgentMessage>, tonic::Streaming<ControllerMessage>);
 
 /// Dials with the agent's own certificate over a connection of its own, says hello and waits
 /// for the welcome.
@@ -520,13 +516,8 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
     let token = JoinToken::parse(&cluster.agent_token().await?)?;
     let grpc = node.grpc_addr();
     let flag = |name: &str, default: u64| {
-        {
-            opts.controller_args
-                .iter()
-                .position(|a| a == name)
-                .and_then(|i| opts.controller_args.get(i + 1)?.parse().ok())
-        }
-        .unwrap_or(default)
+        let args = &opts.controller_args;
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(default)
     };
     let (ttl_s, grace_s) = (flag("--agent-ttl-s", 15), flag("--agent-disconnect-grace-s", 5));
     println!(
@@ -664,7 +655,6 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
         unmatched,
         listing_ms,
         not_ready,
-        // The killed ones count as dropped too.
         dropped: c.dropped.load(Ordering::Relaxed),
         answers: c.answers.load(Ordering::Relaxed),
         killed: killed_s,
@@ -921,10 +911,8 @@ impl Sessions {
             percentile(&self.show_ms, 0.99)
         );
         println!(
-            "  sessions ended by the controller     {} (besides the {} killed); controller messages after the welcomes: {}",
-            self.dropped.saturating_sub(self.killed.len()),
-            self.killed.len(),
-            self.answers
+            "  sessions ended by the controller     {}; controller messages after the welcomes: {}",
+            self.dropped, self.answers
         );
         println!();
     }

@@ -368,25 +368,20 @@ impl Registry {
         expired
     }
 
-    /// The live view of every agent this leader knows.
-    pub fn live(&self) -> HashMap<String, LiveView> {
+    /// The live view of every agent this leader knows (without history), or of one (with it).
+    pub fn live(&self, only: Option<&str>) -> HashMap<String, LiveView> {
         let inner = self.lock();
-        inner
-            .agents
-            .iter()
-            .map(|(id, live)| {
-                (
-                    id.clone(),
-                    LiveView {
-                        connected: live.session.is_some(),
-                        last_seen: live.last_seen_ms,
-                        metrics: live.metrics.clone(),
-                        containers: live.containers.clone(),
-                        history: live.history.iter().cloned().collect(),
-                    },
-                )
-            })
-            .collect()
+        let view = |live: &Live, history: bool| LiveView {
+            connected: live.session.is_some(),
+            last_seen: live.last_seen_ms,
+            metrics: live.metrics.clone(),
+            containers: live.containers.clone(),
+            history: if history { live.history.iter().cloned().collect() } else { Vec::new() },
+        };
+        match only {
+            Some(id) => inner.agents.get(id).map(|l| (id.to_string(), view(l, true))).into_iter().collect(),
+            None => inner.agents.iter().map(|(id, l)| (id.clone(), view(l, false))).collect(),
+        }
     }
 
     /// Number of agents in session with this leader.
@@ -475,21 +470,24 @@ async fn mark_down(controller: &SharedController, expired: Vec<(String, UnixMill
     }
 }
 
-/// The live view of every agent, from this node if it leads, else from the leader. `None` when
-/// the leader cannot be asked (the API then shows the committed state only).
-pub async fn live_view(controller: &SharedController) -> Option<HashMap<String, LiveView>> {
+/// The live view of every agent (or of `only`, with its history), from this node if it leads,
+/// else from the leader. `None` when the leader cannot be asked (the API then shows the
+/// committed state only).
+pub async fn live_view(controller: &SharedController, only: Option<&str>) -> Option<HashMap<String, LiveView>> {
     if controller.agents.is_active() {
-        return Some(controller.agents.live());
+        return Some(controller.agents.live(only));
     }
     let (_, leader) = controller.leader()?;
     if leader == controller.node {
         return None;
     }
     let channel = controller.peers.get(&leader.grpc_addr).ok()?;
-    let mut request = tonic::Request::new(deployer_proto::cluster::AgentLiveRequest {});
+    let mut request = tonic::Request::new(deployer_proto::cluster::AgentLiveRequest {
+        agent_id: only.unwrap_or_default().to_string(),
+    });
     request.set_timeout(Duration::from_secs(2));
     let reply = deployer_proto::cluster::cluster_client::ClusterClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(256 * 1024 * 1024)
         .agent_live(request)
         .await
         .ok()?;

@@ -105,7 +105,7 @@ async fn list(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<Agen
     caller.require("read")?;
     c.read_barrier().await?;
     let rows = c.state.agents().await?;
-    let live = live_view(&c).await;
+    let live = live_view(&c, None).await;
     Ok(Json(rows.into_iter().map(|row| view(row, live.as_ref(), false)).collect()))
 }
 
@@ -118,7 +118,7 @@ async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>)
         .await?
         .filter(|a| a.revoked_at.is_none())
         .ok_or_else(|| ApiError::not_found(format!("no agent with id {id}")))?;
-    let live = live_view(&c).await;
+    let live = live_view(&c, Some(&id)).await;
     Ok(Json(view(row, live.as_ref(), true)))
 }
 

@@ -197,8 +197,9 @@ impl Cluster for ClusterService {
         if !self.controller.agents.is_active() {
             return Err(self.not_leader());
         }
-        let live =
-            serde_json::to_vec(&self.controller.agents.live()).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let only = Some(request.get_ref().agent_id.as_str()).filter(|id| !id.is_empty());
+        let live = serde_json::to_vec(&self.controller.agents.live(only))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(tonic::Response::new(AgentLiveReply { live }))
     }
 
