@@ -35,11 +35,58 @@ pub enum Command {
         scopes: Vec<String>,
         created_at: UnixMillis,
         expires_at: Option<UnixMillis>,
+        /// The user the token acts as (`None`: the cluster's first admin token).
+        #[serde(default)]
+        user_id: Option<String>,
+    },
+    /// Revokes an API token; with `user_id`, only if it is that user's.
+    RevokeApiToken {
+        id: String,
+        user_id: Option<String>,
+        at: UnixMillis,
+    },
+    CreateUser {
+        id: String,
+        email: String,
+        /// Argon2id PHC string, computed by the proposer.
+        password_hash: String,
+        admin: bool,
+        created_at: UnixMillis,
+    },
+    CreateSession {
+        id: String,
+        user_id: String,
+        token_hash: String,
+        created_at: UnixMillis,
+        expires_at: UnixMillis,
+    },
+    RevokeSession {
+        token_hash: String,
+        at: UnixMillis,
     },
     CreateProject {
         id: String,
         name: String,
         created_at: UnixMillis,
+        /// The user who becomes the project's owner (`None` when made with the first admin token).
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    /// Gives a user a role on a project (replacing the role it had).
+    SetCollaborator {
+        project_id: String,
+        user_id: String,
+        role: String,
+        at: UnixMillis,
+    },
+    RemoveCollaborator {
+        project_id: String,
+        user_id: String,
+    },
+    /// `command`, recorded in the audit log if it is applied.
+    Audited {
+        entry: AuditEntry,
+        command: Box<Command>,
     },
     DeleteProject {
         id: String,
@@ -88,6 +135,13 @@ impl Command {
             Command::CreateApiToken { .. } => "create_api_token",
             Command::CreateProject { .. } => "create_project",
             Command::DeleteProject { .. } => "delete_project",
+            Command::RevokeApiToken { .. } => "revoke_api_token",
+            Command::CreateUser { .. } => "create_user",
+            Command::CreateSession { .. } => "create_session",
+            Command::RevokeSession { .. } => "revoke_session",
+            Command::SetCollaborator { .. } => "set_collaborator",
+            Command::RemoveCollaborator { .. } => "remove_collaborator",
+            Command::Audited { command, .. } => command.kind(),
             Command::RegisterAgent { .. } => "register_agent",
             Command::AgentUp { .. } => "agent_up",
             Command::AgentsDown { .. } => "agents_down",
@@ -103,6 +157,7 @@ impl Command {
                 out.push(crate::store::state_machine::StateEvent::AgentRevoked(id.clone()))
             }
             Command::Batch { commands } => commands.iter().for_each(|c| c.collect_events(out)),
+            Command::Audited { command, .. } => command.collect_events(out),
             _ => {}
         }
     }
@@ -110,11 +165,32 @@ impl Command {
     /// Whether applying this may add, change or remove an API token.
     pub fn touches_api_tokens(&self) -> bool {
         match self {
-            Command::CreateApiToken { .. } => true,
+            // Sessions and users are cached with tokens: any change to them drops the cache.
+            Command::CreateApiToken { .. }
+            | Command::RevokeApiToken { .. }
+            | Command::CreateUser { .. }
+            | Command::CreateSession { .. }
+            | Command::RevokeSession { .. } => true,
+            Command::Audited { command, .. } => command.touches_api_tokens(),
             Command::Batch { commands } => commands.iter().any(Command::touches_api_tokens),
             _ => false,
         }
     }
+}
+
+/// One line of the audit log: who did what to which target, when and from where.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: UnixMillis,
+    /// `user:<email>`, or `token:<name>` for the first admin token.
+    pub actor: String,
+    /// e.g. `project.create`.
+    pub action: String,
+    pub target: String,
+    pub project_id: Option<String>,
+    /// The client's address.
+    pub source: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use crate::command::{Command, CommandResponse};
 use crate::raft::network::PeerChannels;
 use crate::raft::{ControllerNode, NodeId, Raft};
-use crate::store::queries::{ApiTokenRow, StateReader};
+use crate::store::queries::{ApiTokenRow, SessionRow, StateReader};
 
 /// How long a write or a read barrier may wait for a leader before answering 503.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
@@ -40,6 +40,8 @@ pub struct Controller {
     pub applied: watch::Receiver<u64>,
     /// The leader's live view of agent sessions (empty on followers).
     pub agents: Arc<crate::agents::Registry>,
+    /// Failed logins, to slow down password guessing.
+    pub logins: crate::api::users::LoginThrottle,
     proposals: mpsc::Sender<Proposal>,
     tokens: TokenCache,
 }
@@ -49,10 +51,17 @@ struct Proposal {
     reply: oneshot::Sender<Result<CommandResponse, ProposeError>>,
 }
 
-/// API tokens by hash, dropped whenever the state machine applies a change to tokens.
+/// API tokens and sessions by hash, dropped whenever the state machine applies a change to
+/// tokens, sessions or users.
 struct TokenCache {
     generation: Arc<AtomicU64>,
-    entries: Mutex<(u64, HashMap<String, ApiTokenRow>)>,
+    entries: Mutex<(u64, HashMap<String, Credential>)>,
+}
+
+#[derive(Clone)]
+enum Credential {
+    Token(ApiTokenRow),
+    Session(SessionRow),
 }
 
 /// What [`Controller::new`] returns besides the controller: the batcher to run.
@@ -99,6 +108,7 @@ impl Controller {
             peers,
             applied,
             agents: Arc::new(crate::agents::Registry::new(agent_settings)),
+            logins: Default::default(),
             proposals: tx,
             tokens: TokenCache { generation: tokens_generation, entries: Mutex::new((0, HashMap::new())) },
         };
@@ -107,6 +117,33 @@ impl Controller {
 
     /// An API token by the hash of its secret, from memory when possible.
     pub async fn api_token(&self, hash: &str) -> Result<Option<ApiTokenRow>, sqlx::Error> {
+        let key = format!("t:{hash}");
+        let found = self
+            .cached(&key, || async { Ok(self.state.api_token_by_hash(hash).await?.map(Credential::Token)) })
+            .await?;
+        Ok(found.and_then(|c| match c {
+            Credential::Token(t) => Some(t),
+            Credential::Session(_) => None,
+        }))
+    }
+
+    /// A dashboard session by the hash of its cookie, from memory when possible.
+    pub async fn session(&self, hash: &str) -> Result<Option<SessionRow>, sqlx::Error> {
+        let key = format!("s:{hash}");
+        let found = self
+            .cached(&key, || async { Ok(self.state.session_by_hash(hash).await?.map(Credential::Session)) })
+            .await?;
+        Ok(found.and_then(|c| match c {
+            Credential::Session(s) => Some(s),
+            Credential::Token(_) => None,
+        }))
+    }
+
+    async fn cached<F, Fut>(&self, key: &str, load: F) -> Result<Option<Credential>, sqlx::Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Credential>, sqlx::Error>>,
+    {
         let generation = self.tokens.generation.load(Ordering::Acquire);
         {
             let mut cache = self.tokens.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,22 +151,22 @@ impl Controller {
                 cache.1.clear();
                 cache.0 = generation;
             }
-            if let Some(row) = cache.1.get(hash) {
-                return Ok(Some(row.clone()));
+            if let Some(found) = cache.1.get(key) {
+                return Ok(Some(found.clone()));
             }
         }
-        let row = self.state.api_token_by_hash(hash).await?;
-        if let Some(row) = &row {
+        let found = load().await?;
+        if let Some(found) = &found {
             let mut cache = self.tokens.entries.lock().unwrap_or_else(|e| e.into_inner());
             // Only if no change was applied since we looked: otherwise the row may be stale.
             if cache.0 == generation {
                 if cache.1.len() >= TOKEN_CACHE_MAX {
                     cache.1.clear();
                 }
-                cache.1.insert(hash.to_string(), row.clone());
+                cache.1.insert(key.to_string(), found.clone());
             }
         }
-        Ok(row)
+        Ok(found)
     }
 
     pub fn leader(&self) -> Option<(NodeId, ControllerNode)> {

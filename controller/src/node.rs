@@ -255,7 +255,8 @@ pub async fn serve(
     tracing::info!(addr = %grpc_bound, advertised = %record.grpc_addr, "gRPC (mutual TLS) listening");
 
     let app = crate::api::router(controller.clone());
-    let http_server = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http_server.await });
     tracing::info!(addr = %http_bound, "HTTP API listening");
 
@@ -531,6 +532,7 @@ async fn finish_bootstrap(c: &Controller, paths: &Paths) -> anyhow::Result<()> {
             scopes: vec!["admin".into()],
             created_at: now_ms(),
             expires_at: None,
+            user_id: None,
         })
         .await?;
     }

@@ -124,7 +124,8 @@ async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>)
 
 /// Revokes the agent: its session ends at once and its certificate is refused from now on.
 async fn revoke(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    caller.require("admin")?;
-    applied(c.propose(Command::RevokeAgent { id, at: now_ms() }).await?)?;
+    caller.require_cluster_admin()?;
+    let command = Command::RevokeAgent { id: id.clone(), at: now_ms() };
+    applied(c.propose(caller.audited("agent.revoke", &id, None, command)).await?)?;
     Ok(StatusCode::NO_CONTENT)
 }

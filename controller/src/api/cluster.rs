@@ -77,7 +77,7 @@ async fn create_token(
     caller: Caller,
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    caller.require("admin")?;
+    caller.require_cluster_admin()?;
     let kind = JoinTokenKind::parse(&body.kind)
         .ok_or_else(|| ApiError::validation("kind must be \"controller\" or \"agent\""))?;
     let ttl_s = body.ttl_s.unwrap_or(DEFAULT_TOKEN_TTL_S);
@@ -97,13 +97,18 @@ async fn create_token(
     let id = new_id();
     let expires_at = now + (ttl_s as i64) * 1000;
     applied(
-        c.propose(Command::CreateJoinToken {
-            id: id.clone(),
-            kind,
-            secret_hash: token.secret_hash(),
-            created_at: now,
-            expires_at,
-        })
+        c.propose(caller.audited(
+            "join_token.create",
+            &id,
+            None,
+            Command::CreateJoinToken {
+                id: id.clone(),
+                kind,
+                secret_hash: token.secret_hash(),
+                created_at: now,
+                expires_at,
+            },
+        ))
         .await?,
     )?;
     Ok((
@@ -122,7 +127,7 @@ struct TokenView {
 }
 
 async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenView>>, ApiError> {
-    caller.require("admin")?;
+    caller.require_cluster_admin()?;
     c.read_barrier().await?;
     let tokens = c.state.join_tokens().await?;
     Ok(Json(
@@ -144,7 +149,8 @@ async fn revoke_token(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require("admin")?;
-    applied(c.propose(Command::RevokeJoinToken { id, at: now_ms() }).await?)?;
+    caller.require_cluster_admin()?;
+    let command = Command::RevokeJoinToken { id: id.clone(), at: now_ms() };
+    applied(c.propose(caller.audited("join_token.revoke", &id, None, command)).await?)?;
     Ok(StatusCode::NO_CONTENT)
 }

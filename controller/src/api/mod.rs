@@ -8,6 +8,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod projects;
+pub mod users;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
@@ -25,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .merge(cluster::router())
         .merge(agents::router())
         .merge(projects::router())
+        .merge(users::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)

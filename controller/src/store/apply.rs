@@ -2,7 +2,7 @@
 
 use sqlx::{Sqlite, Transaction};
 
-use crate::command::{Command, CommandResponse, Rejection};
+use crate::command::{AuditEntry, Command, CommandResponse, Rejection};
 
 pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
     let Command::Batch { commands } = command else {
@@ -11,35 +11,91 @@ pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) ->
     let mut responses = Vec::with_capacity(commands.len());
     let mut commands = commands.into_iter().peekable();
     while let Some(command) = commands.next() {
-        match command {
-            // A run of project creations is one statement: one round trip to SQLite, whatever
-            // its length.
-            Command::CreateProject { id, name, created_at } => {
-                let mut run = vec![(id, name, created_at)];
+        match NewProject::from_command(command) {
+            // A run of project creations takes three statements, whatever its length: the
+            // projects, their owners, their audit entries.
+            Ok(first) => {
+                let mut run = vec![first];
                 while run.len() < CREATE_RUN_MAX {
-                    match commands.next_if(|c| matches!(c, Command::CreateProject { .. })) {
-                        Some(Command::CreateProject { id, name, created_at }) => run.push((id, name, created_at)),
+                    match commands.next_if(|c| NewProject::matches(c)).map(NewProject::from_command) {
+                        Some(Ok(p)) => run.push(p),
                         _ => break,
                     }
                 }
                 responses.extend(create_projects(tx, run).await?);
             }
             // Batches are flat: the proposer never nests them.
-            Command::Batch { .. } => responses.push(CommandResponse::rejected(Rejection::Conflict, "nested batch")),
-            command => responses.push(apply_one(tx, command).await?),
+            Err(Command::Batch { .. }) => {
+                responses.push(CommandResponse::rejected(Rejection::Conflict, "nested batch"))
+            }
+            Err(command) => responses.push(apply_one(tx, command).await?),
         }
     }
     Ok(CommandResponse::Batch { responses })
 }
 
-/// Most rows in one INSERT (three bound values each).
+/// A project creation, audited or not, as the batch path takes it.
+struct NewProject {
+    id: String,
+    name: String,
+    created_at: i64,
+    owner: Option<String>,
+    audit: Option<AuditEntry>,
+}
+
+impl NewProject {
+    fn matches(c: &Command) -> bool {
+        match c {
+            Command::CreateProject { .. } => true,
+            Command::Audited { command, .. } => matches!(**command, Command::CreateProject { .. }),
+            _ => false,
+        }
+    }
+
+    fn from_command(c: Command) -> Result<NewProject, Command> {
+        match c {
+            Command::CreateProject { id, name, created_at, owner } => {
+                Ok(NewProject { id, name, created_at, owner, audit: None })
+            }
+            Command::Audited { entry, command } if matches!(*command, Command::CreateProject { .. }) => {
+                let Command::CreateProject { id, name, created_at, owner } = *command else { unreachable!() };
+                Ok(NewProject { id, name, created_at, owner, audit: Some(entry) })
+            }
+            other => Err(other),
+        }
+    }
+}
+
+/// Most rows in one INSERT (at most eight bound values each).
 const CREATE_RUN_MAX: usize = 256;
 
+async fn insert_audit(tx: &mut Transaction<'_, Sqlite>, entries: &[AuditEntry]) -> Result<(), sqlx::Error> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from("INSERT INTO audit (id, at, actor, action, target, project_id, source) VALUES ");
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; entries.len()].join(", "));
+    let mut query = sqlx::query(&sql);
+    for e in entries {
+        query = query
+            .bind(&e.id)
+            .bind(e.at)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&e.project_id)
+            .bind(&e.source);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Inserts projects in order with one statement; a project whose id or name is taken (also by
-/// an earlier one of the same run) is skipped and answered with a conflict.
+/// an earlier one of the same run) is skipped and answered with a conflict. Owners and audit
+/// entries are written for the inserted ones.
 async fn create_projects(
     tx: &mut Transaction<'_, Sqlite>,
-    run: Vec<(String, String, i64)>,
+    run: Vec<NewProject>,
 ) -> Result<Vec<CommandResponse>, sqlx::Error> {
     let mut sql = String::from("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)");
     for _ in 1..run.len() {
@@ -47,21 +103,39 @@ async fn create_projects(
     }
     sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
     let mut query = sqlx::query_scalar::<_, String>(&sql);
-    for (id, name, created_at) in &run {
-        query = query.bind(id).bind(name).bind(created_at);
+    for p in &run {
+        query = query.bind(&p.id).bind(&p.name).bind(p.created_at);
     }
     let mut inserted: std::collections::HashSet<String> = query.fetch_all(&mut **tx).await?.into_iter().collect();
-    Ok(run
-        .into_iter()
-        .map(|(id, name, _)| {
-            // `remove`: a second command with the same id was the one skipped.
-            if inserted.remove(&id) {
-                CommandResponse::Applied
-            } else {
-                CommandResponse::rejected(Rejection::Conflict, format!("a project named \"{name}\" already exists"))
+    let mut responses = Vec::with_capacity(run.len());
+    let mut owners = Vec::new();
+    let mut audits = Vec::new();
+    for p in run {
+        // `remove`: a second command with the same id was the one skipped.
+        if inserted.remove(&p.id) {
+            if let Some(owner) = p.owner {
+                owners.push((p.id.clone(), owner, p.created_at));
             }
-        })
-        .collect())
+            audits.extend(p.audit);
+            responses.push(CommandResponse::Applied);
+        } else {
+            responses.push(CommandResponse::rejected(
+                Rejection::Conflict,
+                format!("a project named \"{}\" already exists", p.name),
+            ));
+        }
+    }
+    if !owners.is_empty() {
+        let mut sql = String::from("INSERT INTO collaborators (project_id, user_id, role, added_at) VALUES ");
+        sql.push_str(&vec!["(?, ?, 'owner', ?)"; owners.len()].join(", "));
+        let mut query = sqlx::query(&sql);
+        for (project, user, at) in &owners {
+            query = query.bind(project).bind(user).bind(at);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    insert_audit(tx, &audits).await?;
+    Ok(responses)
 }
 
 async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
@@ -104,10 +178,10 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no join token with id {id}")));
             }
         }
-        Command::CreateApiToken { id, name, token_hash, scopes, created_at, expires_at } => {
+        Command::CreateApiToken { id, name, token_hash, scopes, created_at, expires_at, user_id } => {
             sqlx::query(
-                "INSERT INTO api_tokens (id, name, token_hash, scopes, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO api_tokens (id, name, token_hash, scopes, created_at, expires_at, user_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             )
             .bind(id)
             .bind(name)
@@ -115,24 +189,107 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
             .bind(serde_json::to_string(&scopes).unwrap_or_else(|_| "[]".into()))
             .bind(created_at)
             .bind(expires_at)
+            .bind(user_id)
             .execute(&mut **tx)
             .await?;
         }
-        Command::CreateProject { id, name, created_at } => {
-            // One statement: the unique id and name make a taken one a no-op.
-            let done =
-                sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-                    .bind(id)
-                    .bind(&name)
-                    .bind(created_at)
-                    .execute(&mut **tx)
-                    .await?;
+        Command::RevokeApiToken { id, user_id, at } => {
+            let done = sqlx::query(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) \
+                 WHERE id = ? AND (? IS NULL OR user_id = ?)",
+            )
+            .bind(at)
+            .bind(&id)
+            .bind(&user_id)
+            .bind(&user_id)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no API token with id {id}")));
+            }
+        }
+        Command::CreateUser { id, email, password_hash, admin, created_at } => {
+            let done = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&id)
+            .bind(&email)
+            .bind(password_hash)
+            .bind(admin)
+            .bind(created_at)
+            .execute(&mut **tx)
+            .await?;
             if done.rows_affected() == 0 {
                 return Ok(CommandResponse::rejected(
                     Rejection::Conflict,
-                    format!("a project named \"{name}\" already exists"),
+                    format!("a user with email {email} already exists"),
                 ));
             }
+        }
+        Command::CreateSession { id, user_id, token_hash, created_at, expires_at } => {
+            let done = sqlx::query(
+                "INSERT INTO sessions (id, user_id, token_hash, created_at, expires_at) \
+                 SELECT ?, id, ?, ?, ? FROM users WHERE id = ? ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(token_hash)
+            .bind(created_at)
+            .bind(expires_at)
+            .bind(&user_id)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no user with id {user_id}")));
+            }
+        }
+        Command::RevokeSession { token_hash, at } => {
+            sqlx::query("UPDATE sessions SET revoked_at = COALESCE(revoked_at, ?) WHERE token_hash = ?")
+                .bind(at)
+                .bind(token_hash)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Command::SetCollaborator { project_id, user_id, role, at } => {
+            let done = sqlx::query(
+                "INSERT INTO collaborators (project_id, user_id, role, added_at) \
+                 SELECT p.id, u.id, ?, ? FROM projects p, users u WHERE p.id = ? AND u.id = ? \
+                 ON CONFLICT (project_id, user_id) DO UPDATE SET role = excluded.role",
+            )
+            .bind(role)
+            .bind(at)
+            .bind(&project_id)
+            .bind(&user_id)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, "no such project or user"));
+            }
+        }
+        Command::RemoveCollaborator { project_id, user_id } => {
+            let done = sqlx::query("DELETE FROM collaborators WHERE project_id = ? AND user_id = ?")
+                .bind(&project_id)
+                .bind(&user_id)
+                .execute(&mut **tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(CommandResponse::rejected(
+                    Rejection::NotFound,
+                    "that user is not a collaborator of the project",
+                ));
+            }
+        }
+        // The command, and its audit entry if it was applied.
+        Command::Audited { entry, command } => {
+            let response = Box::pin(apply_one(tx, *command)).await?;
+            if matches!(response, CommandResponse::Applied) {
+                insert_audit(tx, &[entry]).await?;
+            }
+            return Ok(response);
+        }
+        Command::CreateProject { id, name, created_at, owner } => {
+            let response = create_projects(tx, vec![NewProject { id, name, created_at, owner, audit: None }]).await?;
+            return Ok(response.into_iter().next().unwrap_or_default());
         }
         Command::RegisterAgent { id, hostname, labels, token_id, created_at } => {
             let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
@@ -209,10 +366,10 @@ mod tests {
     use sqlx::sqlite::SqliteSynchronous;
 
     use super::apply;
-    use crate::command::{Command, CommandResponse, Rejection};
+    use crate::command::{AuditEntry, Command, CommandResponse, Rejection};
 
     fn create(id: &str, name: &str) -> Command {
-        Command::CreateProject { id: id.into(), name: name.into(), created_at: 1 }
+        Command::CreateProject { id: id.into(), name: name.into(), created_at: 1, owner: None }
     }
 
     fn is_conflict(r: &CommandResponse) -> bool {

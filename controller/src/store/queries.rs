@@ -32,13 +32,44 @@ pub struct JoinTokenRow {
     pub revoked_at: Option<UnixMillis>,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    pub admin: bool,
+    pub created_at: UnixMillis,
+}
+
 #[derive(Clone, Debug)]
 pub struct ApiTokenRow {
     pub id: String,
     pub name: String,
     pub scopes: Vec<String>,
+    pub created_at: UnixMillis,
     pub expires_at: Option<UnixMillis>,
     pub revoked_at: Option<UnixMillis>,
+    /// The user it acts as (`None`: the cluster's first admin token).
+    pub user: Option<UserRow>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionRow {
+    pub id: String,
+    pub user: UserRow,
+    pub expires_at: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub id: String,
+    pub at: UnixMillis,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub project_id: Option<String>,
+    pub source: String,
 }
 
 impl StateReader {
@@ -82,21 +113,142 @@ impl StateReader {
         Ok(rows.into_iter().map(Self::join_token_row).collect())
     }
 
+    fn api_token_row(r: sqlx::sqlite::SqliteRow) -> ApiTokenRow {
+        let scopes: String = r.get(2);
+        let user_id: Option<String> = r.get(6);
+        ApiTokenRow {
+            id: r.get(0),
+            name: r.get(1),
+            scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+            created_at: r.get(3),
+            expires_at: r.get(4),
+            revoked_at: r.get(5),
+            user: user_id.map(|id| UserRow { id, email: r.get(7), admin: r.get(8), created_at: r.get(9) }),
+        }
+    }
+
     pub async fn api_token_by_hash(&self, token_hash: &str) -> Result<Option<ApiTokenRow>, sqlx::Error> {
-        let row = sqlx::query("SELECT id, name, scopes, expires_at, revoked_at FROM api_tokens WHERE token_hash = ?")
-            .bind(token_hash)
+        let row = sqlx::query(
+            "SELECT t.id, t.name, t.scopes, t.created_at, t.expires_at, t.revoked_at, u.id, u.email, u.admin, \
+             u.created_at FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Self::api_token_row))
+    }
+
+    /// API tokens, newest first: a user's, or (`None`) everyone's.
+    pub async fn api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiTokenRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.name, t.scopes, t.created_at, t.expires_at, t.revoked_at, u.id, u.email, u.admin, \
+             u.created_at FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id \
+             WHERE ? IS NULL OR t.user_id = ? ORDER BY t.created_at DESC, t.id DESC",
+        )
+        .bind(user_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Self::api_token_row).collect())
+    }
+
+    pub async fn session_by_hash(&self, token_hash: &str) -> Result<Option<SessionRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT s.id, s.expires_at, s.revoked_at, u.id, u.email, u.admin, u.created_at \
+             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| SessionRow {
+            id: r.get(0),
+            expires_at: r.get(1),
+            revoked_at: r.get(2),
+            user: UserRow { id: r.get(3), email: r.get(4), admin: r.get(5), created_at: r.get(6) },
+        }))
+    }
+
+    /// A user and their password hash, by email (any case).
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<(UserRow, String)>, sqlx::Error> {
+        let row = sqlx::query("SELECT id, email, admin, created_at, password_hash FROM users WHERE email = ?")
+            .bind(email)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| {
-            let scopes: String = r.get(2);
-            ApiTokenRow {
-                id: r.get(0),
-                name: r.get(1),
-                scopes: serde_json::from_str(&scopes).unwrap_or_default(),
-                expires_at: r.get(3),
-                revoked_at: r.get(4),
-            }
-        }))
+        Ok(row.map(|r| (UserRow { id: r.get(0), email: r.get(1), admin: r.get(2), created_at: r.get(3) }, r.get(4))))
+    }
+
+    pub async fn user(&self, id: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT id, email, admin, created_at FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| UserRow { id: r.get(0), email: r.get(1), admin: r.get(2), created_at: r.get(3) }))
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, email, admin, created_at FROM users ORDER BY created_at DESC, id DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UserRow { id: r.get(0), email: r.get(1), admin: r.get(2), created_at: r.get(3) })
+            .collect())
+    }
+
+    /// The user's role on the project, if they are a collaborator.
+    pub async fn collaborator_role(&self, project_id: &str, user_id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT role FROM collaborators WHERE project_id = ? AND user_id = ?")
+            .bind(project_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn collaborators(&self, project_id: &str) -> Result<Vec<(UserRow, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT u.id, u.email, u.admin, u.created_at, c.role FROM collaborators c JOIN users u ON u.id = c.user_id \
+             WHERE c.project_id = ? ORDER BY c.added_at, u.email",
+        )
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (UserRow { id: r.get(0), email: r.get(1), admin: r.get(2), created_at: r.get(3) }, r.get(4)))
+            .collect())
+    }
+
+    /// Audit entries, newest first, optionally of one project; `before` is a `seq`.
+    pub async fn audit(
+        &self,
+        project_id: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT seq, id, at, actor, action, target, project_id, source FROM audit \
+             WHERE (? IS NULL OR project_id = ?) AND (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(project_id)
+        .bind(project_id)
+        .bind(before)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditRow {
+                seq: r.get(0),
+                id: r.get(1),
+                at: r.get(2),
+                actor: r.get(3),
+                action: r.get(4),
+                target: r.get(5),
+                project_id: r.get(6),
+                source: r.get(7),
+            })
+            .collect())
     }
 
     fn project_row(row: sqlx::sqlite::SqliteRow) -> Project {
@@ -111,27 +263,26 @@ impl StateReader {
         Ok(row.map(Self::project_row))
     }
 
-    /// Newest first; `before` is the id of a project, for paging.
-    pub async fn projects(&self, limit: u32, before: Option<&str>) -> Result<Vec<Project>, sqlx::Error> {
-        let rows = match before {
-            Some(before) => {
-                sqlx::query(
-                    "SELECT p.id, p.name, p.created_at FROM projects p, projects b WHERE b.id = ? \
-                     AND (p.created_at < b.created_at OR (p.created_at = b.created_at AND p.id < b.id)) \
-                     ORDER BY p.created_at DESC, p.id DESC LIMIT ?",
-                )
-                .bind(before)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query("SELECT id, name, created_at FROM projects ORDER BY created_at DESC, id DESC LIMIT ?")
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
+    /// Newest first; `before` is the id of a project, for paging. With `member`, only the
+    /// projects that user collaborates on.
+    pub async fn projects(
+        &self,
+        limit: u32,
+        before: Option<&str>,
+        member: Option<&str>,
+    ) -> Result<Vec<Project>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.name, p.created_at FROM projects p \
+             WHERE (?1 IS NULL OR EXISTS (SELECT 1 FROM collaborators c WHERE c.project_id = p.id AND c.user_id = ?1)) \
+             AND (?2 IS NULL OR EXISTS (SELECT 1 FROM projects b WHERE b.id = ?2 \
+                  AND (p.created_at < b.created_at OR (p.created_at = b.created_at AND p.id < b.id)))) \
+             ORDER BY p.created_at DESC, p.id DESC LIMIT ?3",
+        )
+        .bind(member)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(Self::project_row).collect())
     }
 }

@@ -123,6 +123,8 @@ impl StateMachine {
         sqlx::query("ATTACH DATABASE ? AS snap").bind(file.display().to_string()).execute(&mut *conn).await?;
         let copied = async {
             let mut tx = conn.begin().await?;
+            // Rows are copied table by table; references are checked once, at commit.
+            sqlx::query("PRAGMA defer_foreign_keys = ON").execute(&mut *tx).await?;
             let tables: Vec<String> = sqlx::query_scalar(
                 "SELECT name FROM snap.sqlite_master WHERE type = 'table' \
                  AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations'",
