@@ -40,6 +40,9 @@ const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The admin token before it is committed; renamed to `admin-token` once it works.
 const ADMIN_TOKEN_PENDING_FILE: &str = "admin-token.pending";
 const PENDING_FILE: &str = "bootstrap-pending.json";
+/// Pings on an idle gRPC connection, and how long an answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest message an agent may send on its session (a heartbeat with many containers).
 const AGENT_MESSAGE_MAX: usize = 1024 * 1024;
 
@@ -236,6 +239,10 @@ pub async fn serve(
         .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
     let grpc_server = tonic::transport::Server::builder()
+        // A peer that vanished without closing its connection (power loss, a cut cable) stops
+        // answering pings: its connection is closed, and an agent's session with it.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tls_config(tls)
         .context("invalid gRPC TLS configuration")?
         .add_service(

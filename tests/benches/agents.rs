@@ -19,7 +19,7 @@
 //!
 //! ```text
 //! cargo build --release --bins && cargo bench -p deployer-tests --bench agents             # full
-//! cargo build --release --bins && cargo bench -p deployer-tests --bench agents -- --quick  # ~3 min
+//! cargo build --release --bins && cargo bench -p deployer-tests --bench agents -- --quick  # ~1 min
 //! ```
 //!
 //! Flags (after `--`) or environment:
@@ -215,6 +215,10 @@ struct Counters {
     heartbeats: AtomicU64,
     /// Messages the controller sent after the welcome.
     answers: AtomicU64,
+    /// Whether heartbeat round trips are being recorded (the measured window).
+    measuring: AtomicBool,
+    /// Heartbeat sent -> its ack received, ms, during the window.
+    round_trips_ms: Mutex<Vec<f64>>,
 }
 
 /// What every session task shares.
@@ -383,8 +387,16 @@ async fn session(shared: Arc<Shared>, agent: Arc<SimAgent>) {
                 shared.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
             }
             message = inbound.message() => match message {
-                Ok(Some(_)) => {
+                Ok(Some(m)) => {
                     shared.counters.answers.fetch_add(1, Ordering::Relaxed);
+                    if let Some(ControllerBody::HeartbeatAck(ack)) = m.body {
+                        if shared.counters.measuring.load(Ordering::Relaxed) {
+                            if let Some(sent) = agent.sent_at(ack.seq) {
+                                let ms = now_us().saturating_sub(sent) as f64 / 1000.0;
+                                shared.counters.round_trips_ms.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+                            }
+                        }
+                    }
                 }
                 Ok(None) | Err(_) => break,
             },
@@ -486,6 +498,8 @@ struct Sessions {
     bench_cpu_pct: f64,
     /// Send to recorded, ms (upper bounds: the controller stamps whole ms).
     latencies_ms: Vec<f64>,
+    /// Send to ack received, ms, every heartbeat of the window (sorted).
+    round_trips_ms: Vec<f64>,
     unmatched: usize,
     listing_ms: Vec<f64>,
     /// Agents listed as not `ready` or not connected (none was silenced yet).
@@ -555,6 +569,7 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
     // One interval to settle into the uniform spread, then the measured window.
     tokio::time::sleep(opts.interval).await;
     println!("  measuring for {} s", opts.secs);
+    fleet.counters().measuring.store(true, Ordering::Relaxed);
     let (cpu0, bench0, hb0, t0) = (
         cpu_seconds(pid),
         cpu_seconds(std::process::id()),
@@ -568,6 +583,10 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
         fleet.counters().heartbeats.load(Ordering::Relaxed),
         t0.elapsed(),
     );
+    fleet.counters().measuring.store(false, Ordering::Relaxed);
+    let mut round_trips_ms =
+        std::mem::take(&mut *fleet.counters().round_trips_ms.lock().unwrap_or_else(|e| e.into_inner()));
+    round_trips_ms.sort_by(f64::total_cmp);
     let pct = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => (b - a) / window.as_secs_f64() * 100.0,
         _ => f64::NAN,
@@ -652,6 +671,7 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
         controller_peak_mib,
         bench_cpu_pct: pct(bench0, bench1),
         latencies_ms,
+        round_trips_ms,
         unmatched,
         listing_ms,
         not_ready,
@@ -703,13 +723,16 @@ fn parse_us(s: &str) -> Option<u64> {
 // Part 2: footprint of a real agent
 
 struct Footprint {
+    /// SIGSTOP of the agent until it is listed down, seconds, per trial.
+    frozen_s: Vec<f64>,
     idle: Duration,
     connect_s: f64,
     rss_start_mib: f64,
     rss_max_mib: f64,
     rss_end_mib: f64,
     peak_mib: f64,
-    cpu_pct: f64,
+    /// CPU time spent during the idle window.
+    cpu_s: f64,
 }
 
 async fn footprint(opts: &Opts) -> anyhow::Result<Footprint> {
@@ -734,7 +757,7 @@ async fn footprint(opts: &Opts) -> anyhow::Result<Footprint> {
     .await
     .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
     let connect_s = started.elapsed().as_secs_f64();
-    println!("  in session after {connect_s:.1} s; idling for {} s", opts.idle_secs);
+    println!("  in session after {:.0} ms; idling for {} s", connect_s * 1000.0, opts.idle_secs);
 
     let (rss_start_mib, _) = rss_mib(pid);
     let cpu0 = cpu_seconds(pid);
@@ -747,21 +770,50 @@ async fn footprint(opts: &Opts) -> anyhow::Result<Footprint> {
     }
     let (cpu1, idle) = (cpu_seconds(pid), t0.elapsed());
     let (rss_end_mib, peak_mib) = rss_mib(pid);
-    let cpu_pct = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => (b - a) / idle.as_secs_f64() * 100.0,
-        _ => f64::NAN,
-    };
-    if cpu1.is_none() {
+    let (Some(cpu0), Some(cpu1)) = (cpu0, cpu1) else {
         bail!("the agent exited during the idle window; its log:\n{}", agent.log_text());
+    };
+    let cpu_s = cpu1 - cpu0;
+
+    // A frozen host: the agent process is stopped (SIGSTOP), so it neither heartbeats nor
+    // answers the controller's HTTP/2 pings. Time until it is listed down, three times.
+    let agent_url = {
+        let (_, body) = cluster.api.get(&url).await?;
+        let id = body[0]["id"].as_str().context("the agent's id")?.to_string();
+        format!("{url}/{id}")
+    };
+    let status_of = || async {
+        let (_, body) = cluster.api.get(&agent_url).await.ok()?;
+        body["status"].as_str().map(str::to_string)
+    };
+    let mut frozen_s = Vec::new();
+    for _ in 0..3 {
+        let signal = |sig: &str| std::process::Command::new("kill").args([sig, &pid.to_string()]).status();
+        signal("-STOP")?;
+        let stopped = Instant::now();
+        let down = wait_for("the stopped agent to be down", Duration::from_secs(60), || async {
+            (status_of().await.as_deref() == Some("down")).then_some(())
+        })
+        .await;
+        frozen_s.push(stopped.elapsed().as_secs_f64());
+        signal("-CONT")?;
+        down?;
+        wait_for("the agent to be ready again", Duration::from_secs(60), || async {
+            (status_of().await.as_deref() == Some("ready")).then_some(())
+        })
+        .await?;
+        // A few heartbeats in session before the next trial.
+        tokio::time::sleep(Duration::from_secs(6)).await;
     }
     Ok(Footprint {
+        frozen_s,
         idle,
         connect_s,
         rss_start_mib,
         rss_max_mib: rss_max_mib.max(rss_end_mib),
         rss_end_mib,
         peak_mib,
-        cpu_pct,
+        cpu_s,
     })
 }
 
@@ -887,14 +939,28 @@ impl Sessions {
             if self.unmatched > 0 { format!(", {} unmatched", self.unmatched) } else { String::new() }
         );
         println!("    (controller's wall-clock stamp of the heartbeat, whole ms rounded up, minus the send time here)");
+        let rt = &self.round_trips_ms;
+        let rt99 = percentile(rt, 0.99);
+        println!(
+            "  heartbeat sent -> acked p99 ms       {:<8} target <= {TARGET_HEARTBEAT_P99_MS:.0} ms: {}",
+            format!("{rt99:.1}"),
+            verdict(!rt.is_empty() && rt99 <= TARGET_HEARTBEAT_P99_MS)
+        );
+        println!(
+            "  heartbeat sent -> acked              p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms; {} heartbeats of the window",
+            percentile(rt, 0.5),
+            percentile(rt, 0.9),
+            rt.last().copied().unwrap_or(f64::NAN),
+            rt.len()
+        );
         println!(
             "  GET /api/v1/agents                   [{}] ms; agents not ready or not connected in the last: {}",
             self.listing_ms.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" "),
             self.not_ready
         );
         for (label, times, from) in [
-            ("killed (connection dropped)", &self.killed, "from the drop"),
-            ("silent (session open, no heartbeat)", &self.silent, "from its last heartbeat"),
+            ("after a kill (conn. dropped)", &self.killed, "from the drop"),
+            ("after a freeze (no heartbeat)", &self.silent, "from its last heartbeat"),
         ] {
             let (p50, max, missed) = detection(times);
             println!(
@@ -932,12 +998,24 @@ impl Footprint {
             self.rss_end_mib,
             self.peak_mib
         );
+        let cpu_pct = self.cpu_s / self.idle.as_secs_f64() * 100.0;
         println!(
-            "  CPU                                  {:<8} target <= {TARGET_AGENT_CPU_PCT}%: {}  (clock ticks of 10 ms)",
-            format!("{:.2}%", self.cpu_pct),
-            verdict(self.cpu_pct <= TARGET_AGENT_CPU_PCT)
+            "  CPU                                  {:<8} target <= {TARGET_AGENT_CPU_PCT}%: {}  ({:.0} ms of CPU, counted in 10 ms ticks)",
+            format!("{cpu_pct:.2}%"),
+            verdict(cpu_pct <= TARGET_AGENT_CPU_PCT),
+            self.cpu_s * 1000.0
         );
-        println!("  in session after                     {:.1} s from the start (join included)", self.connect_s);
+        println!(
+            "  in session after                     {:.0} ms from the start (join included)",
+            self.connect_s * 1000.0
+        );
+        let max = self.frozen_s.iter().copied().fold(0.0, f64::max);
+        println!(
+            "  down after SIGSTOP of the agent      max {:<6} target <= {TARGET_DETECTION_S:.0} s: {}  (trials: {}; HTTP/2 pings go unanswered, the connection is closed, then the disconnect grace)",
+            format!("{max:.1} s"),
+            verdict(!self.frozen_s.is_empty() && max <= TARGET_DETECTION_S),
+            self.frozen_s.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" ")
+        );
         println!();
     }
 }

@@ -2,6 +2,7 @@
 //! Raft (forwarded to the leader by [`crate::controller::Controller::propose`]).
 
 pub mod agents;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod error;
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::router())
         .merge(projects::router())
         .merge(users::router())
+        .merge(audit::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
