@@ -83,6 +83,27 @@ pub enum Command {
         project_id: String,
         user_id: String,
     },
+    /// Creates a service (`create`) or replaces its spec. The proposer validated the spec and
+    /// sealed the secrets; applying checks what depends on the rest of the state (a free name,
+    /// free domains, dependencies that exist, no cycle) before writing anything.
+    PutService {
+        id: String,
+        project_id: String,
+        name: String,
+        create: bool,
+        /// The full spec without secrets.
+        spec: serde_json::Value,
+        depends_on: Vec<String>,
+        domains: Vec<String>,
+        /// (name, sealed value as hex) to set.
+        set_secrets: Vec<(String, String)>,
+        unset_secrets: Vec<String>,
+        at: UnixMillis,
+    },
+    DeleteService {
+        id: String,
+        project_id: String,
+    },
     /// `command`, recorded in the audit log if it is applied.
     Audited {
         entry: AuditEntry,
@@ -140,6 +161,8 @@ impl Command {
             Command::CreateSession { .. } => "create_session",
             Command::RevokeSession { .. } => "revoke_session",
             Command::SetCollaborator { .. } => "set_collaborator",
+            Command::PutService { .. } => "put_service",
+            Command::DeleteService { .. } => "delete_service",
             Command::RemoveCollaborator { .. } => "remove_collaborator",
             Command::Audited { command, .. } => command.kind(),
             Command::RegisterAgent { .. } => "register_agent",
@@ -239,6 +262,8 @@ pub enum CommandResponse {
 pub enum Rejection {
     Conflict,
     NotFound,
+    /// The command is well formed but contradicts the state (e.g. a dependency cycle).
+    Invalid,
 }
 
 impl CommandResponse {

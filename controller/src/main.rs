@@ -63,7 +63,7 @@ struct AgentArgs {
     #[arg(long, env = "DEPLOYER_AGENT_TTL_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     agent_ttl_s: u64,
     /// Mark an agent down this many seconds after its session dropped, unless it is back.
-    #[arg(long, env = "DEPLOYER_AGENT_DISCONNECT_GRACE_S", default_value_t = 5)]
+    #[arg(long, env = "DEPLOYER_AGENT_DISCONNECT_GRACE_S", default_value_t = 3)]
     agent_disconnect_grace_s: u64,
     /// Lifetime of agent certificates, seconds; agents renew after two thirds of it.
     #[arg(long, env = "DEPLOYER_AGENT_CERT_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(3..))]

@@ -533,7 +533,7 @@ async fn sessions(opts: &Opts) -> anyhow::Result<Sessions> {
         let args = &opts.controller_args;
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(default)
     };
-    let (ttl_s, grace_s) = (flag("--agent-ttl-s", 15), flag("--agent-disconnect-grace-s", 5));
+    let (ttl_s, grace_s) = (flag("--agent-ttl-s", 15), flag("--agent-disconnect-grace-s", 3));
     println!(
         "\n[sessions] {} simulated agents -> {grpc}, heartbeat every {:?}, agent TTL {ttl_s} s, grace {grace_s} s",
         opts.agents, opts.interval

@@ -250,6 +250,13 @@ impl Api {
         Ok((status, body))
     }
 
+    pub async fn patch(&self, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = self.client.patch(url).bearer_auth(&self.token).json(body).send().await?;
+        let status = r.status().as_u16();
+        let body = r.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
     pub async fn delete(&self, url: &str) -> anyhow::Result<u16> {
         let r = self.client.delete(url).bearer_auth(&self.token).send().await?;
         Ok(r.status().as_u16())

@@ -42,7 +42,7 @@ impl Default for AgentSettings {
     fn default() -> Self {
         AgentSettings {
             ttl: Duration::from_secs(15),
-            disconnect_grace: Duration::from_secs(5),
+            disconnect_grace: Duration::from_secs(3),
             cert_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }

@@ -13,6 +13,7 @@ pub fn applied(response: CommandResponse) -> Result<(), ApiError> {
         CommandResponse::Applied => Ok(()),
         CommandResponse::Rejected { reason: Rejection::Conflict, message } => Err(ApiError::conflict(message)),
         CommandResponse::Rejected { reason: Rejection::NotFound, message } => Err(ApiError::not_found(message)),
+        CommandResponse::Rejected { reason: Rejection::Invalid, message } => Err(ApiError::validation(message)),
         CommandResponse::Batch { .. } => Err(ApiError::internal("command", "a single write was answered as a batch")),
     }
 }

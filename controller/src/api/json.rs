@@ -23,9 +23,16 @@ where
                 if !v.is_object() {
                     return Err(ApiError::validation("the request body must be a JSON object"));
                 }
-                serde_json::from_value(v)
-                    .map(ApiJson)
-                    .map_err(|e| ApiError::validation(format!("invalid request body: {e}")))
+                // The error names the field it is about, e.g. `resources.cpu_millis: invalid type`.
+                serde_path_to_error::deserialize(v).map(ApiJson).map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    if path == "." {
+                        ApiError::validation(format!("invalid request body: {inner}"))
+                    } else {
+                        ApiError::validation(format!("invalid request body: {path}: {inner}"))
+                    }
+                })
             }
             Err(rejection) => Err(match &rejection {
                 JsonRejection::JsonDataError(e) => {

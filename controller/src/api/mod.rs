@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod projects;
+pub mod services;
 pub mod users;
 
 use axum::extract::DefaultBodyLimit;
@@ -28,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::router())
         .merge(projects::router())
         .merge(users::router())
+        .merge(services::router())
         .merge(audit::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

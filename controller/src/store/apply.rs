@@ -279,6 +279,45 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
                 ));
             }
         }
+        Command::PutService {
+            id,
+            project_id,
+            name,
+            create,
+            spec,
+            depends_on,
+            domains,
+            set_secrets,
+            unset_secrets,
+            at,
+        } => {
+            let service = PutService { id, project_id, name, create, spec, depends_on, domains, at };
+            if let Some(rejection) = check_service(tx, &service).await? {
+                return Ok(rejection);
+            }
+            write_service(tx, &service, set_secrets, unset_secrets).await?;
+        }
+        Command::DeleteService { id, project_id } => {
+            let name: Option<String> = sqlx::query_scalar("SELECT name FROM services WHERE id = ? AND project_id = ?")
+                .bind(&id)
+                .bind(&project_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let Some(name) = name else {
+                return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no service with id {id}")));
+            };
+            let graph = dependency_graph(tx, &project_id).await?;
+            let mut needed_by: Vec<&String> =
+                graph.iter().filter(|(other, deps)| **other != name && deps.contains(&name)).map(|(o, _)| o).collect();
+            if !needed_by.is_empty() {
+                needed_by.sort();
+                return Ok(CommandResponse::rejected(
+                    Rejection::Conflict,
+                    format!("service {name} is in the depends_on of {needed_by:?}; change those first"),
+                ));
+            }
+            sqlx::query("DELETE FROM services WHERE id = ?").bind(&id).execute(&mut **tx).await?;
+        }
         // The command, and its audit entry if it was applied.
         Command::Audited { entry, command } => {
             let response = Box::pin(apply_one(tx, *command)).await?;
@@ -359,6 +398,216 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
         }
     }
     Ok(CommandResponse::Applied)
+}
+
+struct PutService {
+    id: String,
+    project_id: String,
+    name: String,
+    create: bool,
+    spec: serde_json::Value,
+    depends_on: Vec<String>,
+    domains: Vec<String>,
+    at: i64,
+}
+
+/// Service name -> the names it depends on, for every service of the project.
+async fn dependency_graph(
+    tx: &mut Transaction<'_, Sqlite>,
+    project_id: &str,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, spec FROM services WHERE project_id = ?")
+        .bind(project_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, spec)| {
+            let deps = serde_json::from_str::<serde_json::Value>(&spec)
+                .ok()
+                .and_then(|v| serde_json::from_value(v["depends_on"].clone()).ok())
+                .unwrap_or_default();
+            (name, deps)
+        })
+        .collect())
+}
+
+/// A dependency cycle through `start`, as `a -> b -> a`, if there is one.
+fn find_cycle(graph: &std::collections::BTreeMap<String, Vec<String>>, start: &str) -> Option<String> {
+    fn visit(
+        graph: &std::collections::BTreeMap<String, Vec<String>>,
+        node: &str,
+        start: &str,
+        path: &mut Vec<String>,
+        seen: &mut std::collections::BTreeSet<String>,
+    ) -> bool {
+        for next in graph.get(node).into_iter().flatten() {
+            if next == start {
+                path.push(next.clone());
+                return true;
+            }
+            if seen.insert(next.clone()) {
+                path.push(next.clone());
+                if visit(graph, next, start, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start.to_string()];
+    let mut seen = std::collections::BTreeSet::new();
+    visit(graph, start, start, &mut path, &mut seen).then(|| path.join(" -> "))
+}
+
+/// Everything that can refuse a service write, checked before anything is written.
+async fn check_service(
+    tx: &mut Transaction<'_, Sqlite>,
+    s: &PutService,
+) -> Result<Option<CommandResponse>, sqlx::Error> {
+    let project: Option<String> = sqlx::query_scalar("SELECT id FROM projects WHERE id = ?")
+        .bind(&s.project_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if project.is_none() {
+        return Ok(Some(CommandResponse::rejected(
+            Rejection::NotFound,
+            format!("no project with id {}", s.project_id),
+        )));
+    }
+    let existing: Option<String> = sqlx::query_scalar("SELECT name FROM services WHERE id = ? AND project_id = ?")
+        .bind(&s.id)
+        .bind(&s.project_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match (s.create, &existing) {
+        (true, Some(_)) => {
+            return Ok(Some(CommandResponse::rejected(Rejection::Conflict, format!("service {} already exists", s.id))))
+        }
+        (false, None) => {
+            return Ok(Some(CommandResponse::rejected(Rejection::NotFound, format!("no service with id {}", s.id))))
+        }
+        _ => {}
+    }
+    let same_name: Option<String> =
+        sqlx::query_scalar("SELECT id FROM services WHERE project_id = ? AND name = ? AND id != ?")
+            .bind(&s.project_id)
+            .bind(&s.name)
+            .bind(&s.id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if same_name.is_some() {
+        return Ok(Some(CommandResponse::rejected(
+            Rejection::Conflict,
+            format!("a service named \"{}\" already exists in this project", s.name),
+        )));
+    }
+    for domain in &s.domains {
+        let owner: Option<String> = sqlx::query_scalar("SELECT service_id FROM service_domains WHERE domain = ?")
+            .bind(domain)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if owner.is_some_and(|o| o != s.id) {
+            return Ok(Some(CommandResponse::rejected(
+                Rejection::Conflict,
+                format!("domain {domain} is already claimed by another service"),
+            )));
+        }
+    }
+    let mut graph = dependency_graph(tx, &s.project_id).await?;
+    if let Some(old) = &existing {
+        graph.remove(old);
+    }
+    for dep in &s.depends_on {
+        if dep == &s.name {
+            return Ok(Some(CommandResponse::rejected(
+                Rejection::Invalid,
+                "depends_on: a service cannot depend on itself",
+            )));
+        }
+        if !graph.contains_key(dep) {
+            return Ok(Some(CommandResponse::rejected(
+                Rejection::Invalid,
+                format!("depends_on: there is no service named \"{dep}\" in this project"),
+            )));
+        }
+    }
+    // A renamed service keeps the dependencies on its old name only if nobody depends on it.
+    if let Some(old) = existing.as_ref().filter(|old| **old != s.name) {
+        if graph.values().any(|deps| deps.contains(old)) {
+            return Ok(Some(CommandResponse::rejected(
+                Rejection::Conflict,
+                format!("service {old} is in the depends_on of other services; it cannot be renamed"),
+            )));
+        }
+    }
+    graph.insert(s.name.clone(), s.depends_on.clone());
+    if let Some(cycle) = find_cycle(&graph, &s.name) {
+        return Ok(Some(CommandResponse::rejected(
+            Rejection::Invalid,
+            format!("depends_on: this would make a dependency cycle: {cycle}"),
+        )));
+    }
+    Ok(None)
+}
+
+async fn write_service(
+    tx: &mut Transaction<'_, Sqlite>,
+    s: &PutService,
+    set_secrets: Vec<(String, String)>,
+    unset_secrets: Vec<String>,
+) -> Result<(), sqlx::Error> {
+    let spec = serde_json::to_string(&s.spec).unwrap_or_else(|_| "{}".into());
+    if s.create {
+        sqlx::query(
+            "INSERT INTO services (id, project_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.project_id)
+        .bind(&s.name)
+        .bind(spec)
+        .bind(s.at)
+        .bind(s.at)
+        .execute(&mut **tx)
+        .await?;
+    } else {
+        sqlx::query("UPDATE services SET name = ?, spec = ?, updated_at = ? WHERE id = ?")
+            .bind(&s.name)
+            .bind(spec)
+            .bind(s.at)
+            .bind(&s.id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM service_domains WHERE service_id = ?").bind(&s.id).execute(&mut **tx).await?;
+    for domain in &s.domains {
+        sqlx::query("INSERT INTO service_domains (domain, service_id) VALUES (?, ?)")
+            .bind(domain)
+            .bind(&s.id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for name in unset_secrets {
+        sqlx::query("DELETE FROM service_secrets WHERE service_id = ? AND name = ?")
+            .bind(&s.id)
+            .bind(name)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (name, sealed_hex) in set_secrets {
+        sqlx::query(
+            "INSERT INTO service_secrets (service_id, name, sealed, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (service_id, name) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(&s.id)
+        .bind(name)
+        .bind(hex::decode(sealed_hex).unwrap_or_default())
+        .bind(s.at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -340,3 +340,70 @@ impl StateReader {
         Ok(rows.into_iter().map(Self::agent_row).collect())
     }
 }
+
+#[derive(Clone, Debug)]
+pub struct ServiceRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub spec: serde_json::Value,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    /// Names of the secrets set (never their values).
+    pub secret_names: Vec<String>,
+}
+
+impl StateReader {
+    async fn service_rows(&self, rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<ServiceRow>, sqlx::Error> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: String = r.get(0);
+            let spec: String = r.get(3);
+            let secret_names =
+                sqlx::query_scalar("SELECT name FROM service_secrets WHERE service_id = ? ORDER BY name")
+                    .bind(&id)
+                    .fetch_all(&self.pool)
+                    .await?;
+            out.push(ServiceRow {
+                id,
+                project_id: r.get(1),
+                name: r.get(2),
+                spec: serde_json::from_str(&spec).unwrap_or_default(),
+                created_at: r.get(4),
+                updated_at: r.get(5),
+                secret_names,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The project's services, by name.
+    pub async fn services(&self, project_id: &str) -> Result<Vec<ServiceRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, project_id, name, spec, created_at, updated_at FROM services WHERE project_id = ? ORDER BY name",
+        )
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        self.service_rows(rows).await
+    }
+
+    pub async fn service(&self, project_id: &str, id: &str) -> Result<Option<ServiceRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, project_id, name, spec, created_at, updated_at FROM services WHERE id = ? AND project_id = ?",
+        )
+        .bind(id)
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(self.service_rows(rows).await?.into_iter().next())
+    }
+
+    /// A secret's sealed value (for the agent that runs the service).
+    pub async fn sealed_secrets(&self, service_id: &str) -> Result<Vec<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT name, sealed FROM service_secrets WHERE service_id = ? ORDER BY name")
+            .bind(service_id)
+            .fetch_all(&self.pool)
+            .await
+    }
+}

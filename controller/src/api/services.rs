@@ -1,0 +1,530 @@
+//! `/api/v1/projects/{projectId}/services`: what a project runs.
+//!
+//! A service's spec: where its source comes from (a git repository, an image, or uploads), the
+//! port it listens on, environment variables, secrets, replicas, resources, a health check,
+//! the services it depends on and its custom domains. Secrets are sealed with the cluster key
+//! by the proposer before they enter the Raft log, and are never returned: a listing shows
+//! their names with a masked value. Project viewers read; project admins create, edit and
+//! delete.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::auth::{Caller, Role};
+use super::error::{applied, ApiError};
+use super::json::ApiJson;
+use super::projects::validate_name;
+use super::AppState;
+use crate::command::Command;
+use crate::store::queries::ServiceRow;
+use crate::util::{new_id, now_ms, rfc3339};
+
+/// How a secret's value is shown.
+pub const MASK: &str = "********";
+
+const MAX_VARS: usize = 200;
+const MAX_VALUE: usize = 32 * 1024;
+const MAX_DOMAINS: usize = 50;
+const MAX_DEPENDS: usize = 50;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/projects/{project_id}/services", get(list).post(create))
+        .route("/api/v1/projects/{project_id}/services/{service_id}", get(show).patch(update).delete(remove))
+}
+
+/// Where a service's code comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    Git {
+        url: String,
+        #[serde(default = "default_branch")]
+        branch: String,
+        #[serde(default = "default_dockerfile")]
+        dockerfile: String,
+    },
+    Image(String),
+    Upload {},
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+
+fn default_dockerfile() -> String {
+    "Dockerfile".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default = "default_cpu")]
+    pub cpu_millis: u64,
+    #[serde(default = "default_memory")]
+    pub memory_bytes: u64,
+}
+
+fn default_cpu() -> u64 {
+    500
+}
+
+fn default_memory() -> u64 {
+    512 << 20
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { cpu_millis: default_cpu(), memory_bytes: default_memory() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck { path: default_health_path() }
+    }
+}
+
+/// The stored spec: every field present, secrets apart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub source: Source,
+    pub port: u16,
+    pub env: BTreeMap<String, String>,
+    pub replicas: u32,
+    pub resources: Resources,
+    pub health_check: HealthCheck,
+    pub depends_on: Vec<String>,
+    pub domains: Vec<String>,
+}
+
+/// A create (every field but `name` and `source` optional) or a patch (every field optional;
+/// `null` in `env` or `secrets` removes that variable).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceInput {
+    name: Option<String>,
+    source: Option<Source>,
+    port: Option<u16>,
+    env: Option<BTreeMap<String, Option<String>>>,
+    secrets: Option<BTreeMap<String, Option<String>>>,
+    replicas: Option<u32>,
+    resources: Option<Resources>,
+    health_check: Option<HealthCheck>,
+    depends_on: Option<Vec<String>>,
+    domains: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceView {
+    id: String,
+    project_id: String,
+    name: String,
+    #[serde(flatten)]
+    spec: ServiceSpec,
+    /// Secret names, each with a masked value.
+    secrets: BTreeMap<String, &'static str>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl ServiceView {
+    fn new(row: ServiceRow) -> Result<ServiceView, ApiError> {
+        let spec: ServiceSpec =
+            serde_json::from_value(row.spec).map_err(|e| ApiError::internal("stored service spec", e))?;
+        Ok(ServiceView {
+            id: row.id,
+            project_id: row.project_id,
+            name: row.name,
+            spec,
+            secrets: row.secret_names.into_iter().map(|n| (n, MASK)).collect(),
+            created_at: rfc3339(row.created_at),
+            updated_at: rfc3339(row.updated_at),
+        })
+    }
+}
+
+/// Environment and secret names: a letter or `_`, then letters, digits and `_`.
+fn validate_var_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 256
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::validation(format!(
+            "{field}: {name:?} is not a variable name (a letter or _, then letters, digits and _)"
+        )))
+    }
+}
+
+/// A host name: dot-separated labels of letters, digits and `-`, at least two labels.
+pub fn validate_domain(domain: &str) -> Result<(), String> {
+    let labels: Vec<&str> = domain.split('.').collect();
+    let label_ok = |l: &&str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if domain.len() <= 253 && labels.len() >= 2 && labels.iter().all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!("domains: {domain:?} is not a valid host name (lowercase labels separated by dots)"))
+    }
+}
+
+fn validate_source(source: &Source) -> Result<(), ApiError> {
+    match source {
+        Source::Git { url, branch, dockerfile } => {
+            let scheme_ok = ["https://", "http://", "git://", "ssh://", "file://"].iter().any(|s| url.starts_with(s))
+                || (url.contains('@') && url.contains(':') && !url.contains("://"));
+            if !scheme_ok || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ApiError::validation(format!(
+                    "source.git.url: {url:?} is not a git URL (https://, http://, git://, ssh://, user@host:path or file://)"
+                )));
+            }
+            if branch.is_empty()
+                || branch.len() > 255
+                || branch.starts_with('-')
+                || branch.contains("..")
+                || branch.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+            {
+                return Err(ApiError::validation(format!("source.git.branch: {branch:?} is not a valid branch name")));
+            }
+            let path = std::path::Path::new(dockerfile);
+            if dockerfile.is_empty()
+                || path.is_absolute()
+                || path.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(ApiError::validation(format!(
+                    "source.git.dockerfile: {dockerfile:?} must be a relative path inside the repository"
+                )));
+            }
+        }
+        Source::Image(reference) => {
+            if reference.is_empty()
+                || reference.len() > 512
+                || reference.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(ApiError::validation(format!("source.image: {reference:?} is not an image reference")));
+            }
+        }
+        Source::Upload {} => {}
+    }
+    Ok(())
+}
+
+fn validate_spec(spec: &ServiceSpec, secrets: &BTreeMap<String, ()>) -> Result<(), ApiError> {
+    validate_source(&spec.source)?;
+    if spec.port == 0 {
+        return Err(ApiError::validation("port must be between 1 and 65535"));
+    }
+    if spec.env.len() > MAX_VARS {
+        return Err(ApiError::validation(format!("env: at most {MAX_VARS} variables")));
+    }
+    for (name, value) in &spec.env {
+        validate_var_name("env", name)?;
+        if value.len() > MAX_VALUE {
+            return Err(ApiError::validation(format!("env.{name}: at most {MAX_VALUE} bytes")));
+        }
+        if secrets.contains_key(name) {
+            return Err(ApiError::validation(format!("{name} is both in env and in secrets; keep one")));
+        }
+    }
+    if spec.replicas > 100 {
+        return Err(ApiError::validation("replicas must be between 0 and 100"));
+    }
+    if !(10..=256_000).contains(&spec.resources.cpu_millis) {
+        return Err(ApiError::validation("resources.cpu_millis must be between 10 and 256000"));
+    }
+    if !((16 << 20)..=(1 << 40)).contains(&spec.resources.memory_bytes) {
+        return Err(ApiError::validation("resources.memory_bytes must be between 16 MiB and 1 TiB"));
+    }
+    let path = &spec.health_check.path;
+    if !path.starts_with('/') || path.len() > 1024 || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::validation("health_check.path must be a URL path starting with /"));
+    }
+    if spec.depends_on.len() > MAX_DEPENDS {
+        return Err(ApiError::validation(format!("depends_on: at most {MAX_DEPENDS} services")));
+    }
+    for dep in &spec.depends_on {
+        validate_name(dep).map_err(|e| ApiError::validation(format!("depends_on: {dep:?}: {e}")))?;
+    }
+    if spec.domains.len() > MAX_DOMAINS {
+        return Err(ApiError::validation(format!("domains: at most {MAX_DOMAINS}")));
+    }
+    for domain in &spec.domains {
+        validate_domain(domain).map_err(ApiError::validation)?;
+    }
+    Ok(())
+}
+
+/// Seals a secret for the state: bound to its service and name, so a sealed value cannot be
+/// moved to another.
+fn seal(c: &crate::controller::Controller, service_id: &str, name: &str, value: &str) -> String {
+    hex::encode(c.key.seal(value.as_bytes(), format!("secret:{service_id}:{name}").as_bytes()))
+}
+
+fn dedup(list: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+async fn create(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path(project_id): Path<String>,
+    ApiJson(body): ApiJson<ServiceInput>,
+) -> Result<(StatusCode, Json<ServiceView>), ApiError> {
+    c.read_barrier().await?;
+    caller.require_project(&c, &project_id, "write", Role::Admin).await?;
+    let name = body.name.ok_or_else(|| ApiError::validation("name is required"))?;
+    validate_name(&name).map_err(|e| ApiError::validation(format!("name: {e}")))?;
+    let source = body.source.ok_or_else(|| {
+        ApiError::validation(
+            "source is required: {\"git\":{\"url\",\"branch\",\"dockerfile\"}}, {\"image\":\"ref\"} or {\"upload\":{}}",
+        )
+    })?;
+    let spec = ServiceSpec {
+        source,
+        port: body.port.unwrap_or(8080),
+        env: body.env.unwrap_or_default().into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
+        replicas: body.replicas.unwrap_or(1),
+        resources: body.resources.unwrap_or_default(),
+        health_check: body.health_check.unwrap_or_default(),
+        depends_on: dedup(body.depends_on.unwrap_or_default()),
+        domains: dedup(body.domains.unwrap_or_default()),
+    };
+    let secrets: BTreeMap<String, String> =
+        body.secrets.unwrap_or_default().into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+    check_secrets(&secrets)?;
+    validate_spec(&spec, &secrets.keys().map(|k| (k.clone(), ())).collect())?;
+    let id = new_id();
+    let at = now_ms();
+    let command = Command::PutService {
+        id: id.clone(),
+        project_id: project_id.clone(),
+        name: name.clone(),
+        create: true,
+        spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal("service spec", e))?,
+        depends_on: spec.depends_on.clone(),
+        domains: spec.domains.clone(),
+        set_secrets: secrets.iter().map(|(k, v)| (k.clone(), seal(&c, &id, k, v))).collect(),
+        unset_secrets: Vec::new(),
+        at,
+    };
+    applied(c.propose(caller.audited("service.create", &name, Some(&project_id), command)).await?)?;
+    let view = ServiceView {
+        id,
+        project_id,
+        name,
+        spec,
+        secrets: secrets.into_keys().map(|k| (k, MASK)).collect(),
+        created_at: rfc3339(at),
+        updated_at: rfc3339(at),
+    };
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+fn check_secrets(secrets: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if secrets.len() > MAX_VARS {
+        return Err(ApiError::validation(format!("secrets: at most {MAX_VARS}")));
+    }
+    for (name, value) in secrets {
+        validate_var_name("secrets", name)?;
+        if value.len() > MAX_VALUE {
+            return Err(ApiError::validation(format!("secrets.{name}: at most {MAX_VALUE} bytes")));
+        }
+    }
+    Ok(())
+}
+
+async fn update(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path((project_id, service_id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ServiceInput>,
+) -> Result<Json<ServiceView>, ApiError> {
+    c.read_barrier().await?;
+    caller.require_project(&c, &project_id, "write", Role::Admin).await?;
+    let row = c
+        .state
+        .service(&project_id, &service_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id {service_id} in this project")))?;
+    if body.name.as_ref().is_some_and(|n| *n != row.name) {
+        return Err(ApiError::validation(
+            "name cannot be changed (host names are made from it); create a new service instead",
+        ));
+    }
+    let mut spec: ServiceSpec =
+        serde_json::from_value(row.spec.clone()).map_err(|e| ApiError::internal("stored service spec", e))?;
+    if let Some(source) = body.source {
+        spec.source = source;
+    }
+    if let Some(port) = body.port {
+        spec.port = port;
+    }
+    for (k, v) in body.env.unwrap_or_default() {
+        match v {
+            Some(v) => spec.env.insert(k, v),
+            None => spec.env.remove(&k),
+        };
+    }
+    if let Some(r) = body.replicas {
+        spec.replicas = r;
+    }
+    if let Some(r) = body.resources {
+        spec.resources = r;
+    }
+    if let Some(h) = body.health_check {
+        spec.health_check = h;
+    }
+    if let Some(d) = body.depends_on {
+        spec.depends_on = dedup(d);
+    }
+    if let Some(d) = body.domains {
+        spec.domains = dedup(d);
+    }
+    let mut set = BTreeMap::new();
+    let mut unset = Vec::new();
+    for (k, v) in body.secrets.unwrap_or_default() {
+        match v {
+            Some(v) => {
+                set.insert(k, v);
+            }
+            None => {
+                validate_var_name("secrets", &k)?;
+                unset.push(k);
+            }
+        }
+    }
+    check_secrets(&set)?;
+    let mut names: BTreeMap<String, ()> = row.secret_names.iter().map(|n| (n.clone(), ())).collect();
+    for k in &unset {
+        names.remove(k);
+    }
+    names.extend(set.keys().map(|k| (k.clone(), ())));
+    validate_spec(&spec, &names)?;
+    let at = now_ms();
+    let command = Command::PutService {
+        id: row.id.clone(),
+        project_id: project_id.clone(),
+        name: row.name.clone(),
+        create: false,
+        spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal("service spec", e))?,
+        depends_on: spec.depends_on.clone(),
+        domains: spec.domains.clone(),
+        set_secrets: set.iter().map(|(k, v)| (k.clone(), seal(&c, &row.id, k, v))).collect(),
+        unset_secrets: unset,
+        at,
+    };
+    applied(c.propose(caller.audited("service.update", &row.name, Some(&project_id), command)).await?)?;
+    Ok(Json(ServiceView {
+        id: row.id,
+        project_id,
+        name: row.name,
+        spec,
+        secrets: names.into_keys().map(|k| (k, MASK)).collect(),
+        created_at: rfc3339(row.created_at),
+        updated_at: rfc3339(at),
+    }))
+}
+
+async fn list(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path(project_id): Path<String>,
+) -> Result<Json<Vec<ServiceView>>, ApiError> {
+    c.read_barrier().await?;
+    caller.require_project(&c, &project_id, "read", Role::Viewer).await?;
+    let rows = c.state.services(&project_id).await?;
+    Ok(Json(rows.into_iter().map(ServiceView::new).collect::<Result<_, _>>()?))
+}
+
+async fn show(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path((project_id, service_id)): Path<(String, String)>,
+) -> Result<Json<ServiceView>, ApiError> {
+    c.read_barrier().await?;
+    caller.require_project(&c, &project_id, "read", Role::Viewer).await?;
+    let row = c
+        .state
+        .service(&project_id, &service_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id {service_id} in this project")))?;
+    Ok(Json(ServiceView::new(row)?))
+}
+
+async fn remove(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path((project_id, service_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    c.read_barrier().await?;
+    caller.require_project(&c, &project_id, "write", Role::Admin).await?;
+    let row = c
+        .state
+        .service(&project_id, &service_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id {service_id} in this project")))?;
+    let command = Command::DeleteService { id: service_id, project_id: project_id.clone() };
+    applied(c.propose(caller.audited("service.delete", &row.name, Some(&project_id), command)).await?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_host_names() {
+        for ok in ["example.com", "a.b.c.example.org", "x-1.io"] {
+            assert!(validate_domain(ok).is_ok(), "{ok}");
+        }
+        for bad in ["localhost", "Example.com", "-a.com", "a..com", "a.com.", "a_b.com", "ü.com", ""] {
+            assert!(validate_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sources_are_checked() {
+        let git = |url: &str, branch: &str, dockerfile: &str| Source::Git {
+            url: url.into(),
+            branch: branch.into(),
+            dockerfile: dockerfile.into(),
+        };
+        assert!(validate_source(&git("https://example.com/a.git", "main", "Dockerfile")).is_ok());
+        assert!(validate_source(&git("git@example.com:a/b.git", "feature/x", "docker/Dockerfile")).is_ok());
+        assert!(validate_source(&git("ftp://x", "main", "Dockerfile")).is_err());
+        assert!(validate_source(&git("https://x", "a..b", "Dockerfile")).is_err());
+        assert!(validate_source(&git("https://x", "main", "../Dockerfile")).is_err());
+        assert!(validate_source(&git("https://x", "main", "/etc/passwd")).is_err());
+        assert!(validate_source(&Source::Image("nginx:1.27".into())).is_ok());
+        assert!(validate_source(&Source::Image("bad ref".into())).is_err());
+    }
+}
