@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{HeaderMap, COOKIE, SET_COOKIE};
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -10,8 +11,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 const TOKEN_HINT: &str =
-    "set DEPLOYER_TOKEN or pass --token; a new cluster's admin token is in <data-dir>/admin-token \
-     (export DEPLOYER_TOKEN=$(cat <data-dir>/admin-token))";
+    "run `deployer login`, or set DEPLOYER_TOKEN or pass --token; a new cluster's admin token is in \
+     <data-dir>/admin-token (export DEPLOYER_TOKEN=$(cat <data-dir>/admin-token))";
+
+/// The dashboard's session cookie, which `deployer login` holds only long enough to make a token.
+const SESSION_COOKIE: &str = "deployer_session";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -22,7 +26,10 @@ pub enum CliError {
     Unreachable { url: String, reason: String },
     /// The API's own `{"error":{"code","message"}}` answer.
     #[error("{message}")]
-    Api { status: StatusCode, code: String, message: String },
+    Api { status: StatusCode, code: String, message: String, hint: Option<String> },
+    /// Something the CLI itself found wrong (a file, an answer, the terminal), with what to do.
+    #[error("{message}")]
+    Failed { message: String, hint: Option<String> },
     #[error("{0}")]
     Unexpected(String),
     #[error("cannot write the output: {0}")]
@@ -39,12 +46,9 @@ impl CliError {
 
     pub fn hint(&self) -> Option<String> {
         match self {
-            CliError::Usage { hint, .. } => hint.clone(),
+            CliError::Usage { hint, .. } | CliError::Api { hint, .. } | CliError::Failed { hint, .. } => hint.clone(),
             CliError::Unreachable { .. } => {
                 Some("is the controller running? set DEPLOYER_URL (or pass --url) to its HTTP address".into())
-            }
-            CliError::Api { status, .. } if *status == StatusCode::UNAUTHORIZED => {
-                Some(format!("check the token: {TOKEN_HINT}"))
             }
             _ => None,
         }
@@ -69,9 +73,23 @@ impl Answer {
     }
 }
 
+/// How the client proves who it is.
+#[derive(Clone)]
+enum Credential {
+    None,
+    /// An API token, and the hint to show when the controller refuses it.
+    Token {
+        token: String,
+        refused_hint: String,
+    },
+    /// A session cookie's value, from a login.
+    Session(String),
+}
+
+#[derive(Clone)]
 pub struct Client {
     base: Url,
-    token: Option<String>,
+    credential: Credential,
     http: reqwest::Client,
 }
 
@@ -106,7 +124,44 @@ impl Client {
             .user_agent(concat!("deployer-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CliError::Unexpected(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(Client { base, token: token.filter(|t| !t.trim().is_empty()), http })
+        let credential = match token.filter(|t| !t.trim().is_empty()) {
+            Some(token) => Credential::Token { token, refused_hint: format!("check the token: {TOKEN_HINT}") },
+            None => Credential::None,
+        };
+        Ok(Client { base, credential, http })
+    }
+
+    /// The same client, for a token read from the config file at `path`: a refusal says to log in again.
+    pub fn token_from_config(mut self, path: &std::path::Path) -> Client {
+        if let Credential::Token { refused_hint, .. } = &mut self.credential {
+            *refused_hint = format!(
+                "the token saved in {} by `deployer login` no longer works; run `deployer login` again \
+                 (or set DEPLOYER_TOKEN)",
+                path.display()
+            );
+        }
+        self
+    }
+
+    /// The same controller, with this session instead of a token.
+    pub fn with_session(&self, session: String) -> Client {
+        Client { credential: Credential::Session(session), ..self.clone() }
+    }
+
+    /// The controller's address as the user gave it, without a trailing slash.
+    pub fn url(&self) -> String {
+        self.shown_base()
+    }
+
+    /// `POST /api/v1/auth/login`: the answer and the session cookie's value.
+    pub async fn login(&self, email: &str, password: &str) -> Result<(Answer, String), CliError> {
+        let body = serde_json::json!({ "email": email, "password": password });
+        let request = self.http.post(self.endpoint(&["auth", "login"])).json(&body);
+        let (headers, answer) = self.execute(request, None).await?;
+        let session = session_cookie(&headers).ok_or_else(|| {
+            CliError::Unexpected(format!("{} accepted the login but set no {SESSION_COOKIE} cookie", self.shown_base()))
+        })?;
+        Ok((answer, session))
     }
 
     /// `<base>/api/v1/<segments...>`, each segment percent-encoded so an id cannot change the route.
@@ -161,21 +216,43 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
+        let mut refused_hint = None;
         if auth {
-            let token = self.token.as_deref().ok_or_else(|| CliError::Usage {
-                message: "this command needs an API token, and none was given".into(),
-                hint: Some(TOKEN_HINT.into()),
-            })?;
-            request = request.bearer_auth(token);
+            request = match &self.credential {
+                Credential::Token { token, refused_hint: hint } => {
+                    refused_hint = Some(hint.clone());
+                    request.bearer_auth(token)
+                }
+                Credential::Session(session) => request.header(COOKIE, format!("{SESSION_COOKIE}={session}")),
+                Credential::None => {
+                    return Err(CliError::Usage {
+                        message: "this command needs an API token, and none was given".into(),
+                        hint: Some(TOKEN_HINT.into()),
+                    })
+                }
+            };
         }
+        Ok(self.execute(request, refused_hint).await?.1)
+    }
+
+    /// Sends `request`; an API error answer becomes [`CliError::Api`], with `refused_hint` on a 401.
+    async fn execute(
+        &self,
+        request: RequestBuilder,
+        refused_hint: Option<String>,
+    ) -> Result<(HeaderMap, Answer), CliError> {
         let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
+        let headers = response.headers().clone();
         let raw = response.text().await.map_err(|e| self.unreachable(&e))?;
         let parsed = if raw.trim().is_empty() { Ok(Value::Null) } else { serde_json::from_str::<Value>(&raw) };
         match parsed {
-            Ok(json) if status.is_success() => Ok(Answer { raw, json }),
+            Ok(json) if status.is_success() => Ok((headers, Answer { raw, json })),
             Ok(json) => match api_error(&json) {
-                Some((code, message)) => Err(CliError::Api { status, code, message }),
+                Some((code, message)) => {
+                    let hint = refused_hint.filter(|_| status == StatusCode::UNAUTHORIZED);
+                    Err(CliError::Api { status, code, message, hint })
+                }
                 None => Err(self.not_the_api(status, &raw)),
             },
             Err(_) => Err(self.not_the_api(status, &raw)),
@@ -209,6 +286,17 @@ fn api_error(json: &Value) -> Option<(String, String)> {
     Some((code, message))
 }
 
+/// The value of the session cookie among the answer's `Set-Cookie` headers.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next()?.trim().split_once('='))
+        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
+        .map(|(_, value)| value.to_string())
+}
+
 /// The innermost cause says what went wrong ("Connection refused"); the outer ones say where.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
@@ -236,6 +324,17 @@ mod tests {
             let e = Client::new(bad, None).err().unwrap_or_else(|| panic!("{bad} should be refused"));
             assert_eq!(e.exit_code(), 2, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.append(SET_COOKIE, "theme=dark; Path=/".parse().unwrap());
+        headers.append(SET_COOKIE, "deployer_session=abc123; Path=/; HttpOnly; SameSite=Lax".parse().unwrap());
+        assert_eq!(session_cookie(&headers), Some("abc123".into()));
+        let mut cleared = HeaderMap::new();
+        cleared.append(SET_COOKIE, "deployer_session=; Max-Age=0".parse().unwrap());
+        assert_eq!(session_cookie(&cleared), None);
     }
 
     #[test]

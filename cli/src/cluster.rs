@@ -3,11 +3,10 @@
 use clap::{Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde_json::json;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::client::{CliError, Client};
-use crate::output::{emit, emit_json, fields, or_dash, timestamp, Format, Table};
+use crate::output::{self, emit, emit_json, fields, or_dash, timestamp, Format, Table};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -173,19 +172,13 @@ async fn token(command: TokenCommand, client: &Client, format: Format) -> Result
 }
 
 fn token_status(t: &TokenView, now: OffsetDateTime) -> &'static str {
-    if t.revoked_at.is_some() {
-        return "revoked";
-    }
-    match OffsetDateTime::parse(&t.expires_at, &Rfc3339) {
-        Ok(expires) if expires <= now => "expired",
-        Ok(_) => "active",
-        Err(_) => "unknown",
-    }
+    output::token_status(t.revoked_at.is_some(), Some(&t.expires_at), now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::format_description::well_known::Rfc3339;
 
     #[test]
     fn token_status_follows_revocation_then_expiry() {

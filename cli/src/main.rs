@@ -1,29 +1,41 @@
 //! `deployer`: the command-line client of the Deployer HTTP API (DESIGN.md section 6).
 
+mod account;
 mod agents;
+mod audit;
 mod client;
 mod cluster;
+mod collaborators;
+mod config;
 mod output;
 mod projects;
+mod prompt;
+mod tokens;
+mod users;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
 use agents::AgentsCommand;
-use client::{CliError, Client};
+use audit::AuditArgs;
+use client::CliError;
 use cluster::ClusterCommand;
+use collaborators::CollaboratorsCommand;
 use output::{emit, emit_json, Format};
 use projects::ProjectsCommand;
+use tokens::TokensCommand;
+use users::UsersCommand;
 
 /// Command-line client of a Deployer cluster.
 #[derive(Parser)]
 #[command(name = "deployer", version, about)]
 struct Cli {
-    /// The controller's HTTP API address.
-    #[arg(long, global = true, env = "DEPLOYER_URL", default_value = "http://127.0.0.1:7700")]
-    url: String,
-    /// API token (a new cluster's admin token is in <data-dir>/admin-token).
+    /// The controller's HTTP API address [default: the one `deployer login` saved, else http://127.0.0.1:7700].
+    #[arg(long, global = true, env = "DEPLOYER_URL")]
+    url: Option<String>,
+    /// API token [default: the one `deployer login` saved] (a new cluster's admin token is in
+    /// <data-dir>/admin-token).
     #[arg(long, global = true, env = "DEPLOYER_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// How to print answers.
@@ -51,6 +63,41 @@ enum Command {
         #[command(subcommand)]
         command: ProjectsCommand,
     },
+    /// Log in with an email and password, and save an API token for the CLI.
+    ///
+    /// The token (named cli@<hostname>, with every scope you hold) and the controller's URL are saved
+    /// in $DEPLOYER_CONFIG, else $XDG_CONFIG_HOME/deployer/config.json, else
+    /// ~/.config/deployer/config.json (mode 0600). DEPLOYER_URL, DEPLOYER_TOKEN, --url and --token
+    /// win over the file.
+    Login {
+        /// Asked for when not given.
+        #[arg(long)]
+        email: Option<String>,
+        /// Read the password from stdin instead of asking (for scripts).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Revoke the token `deployer login` saved, and remove it from the config file.
+    Logout,
+    /// Show whom the token acts as, and what it may do.
+    Whoami,
+    /// Users who may log in (cluster administrators only).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// API tokens: create, list and revoke.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Project collaborators and their roles.
+    Collaborators {
+        #[command(subcommand)]
+        command: CollaboratorsCommand,
+    },
+    /// The audit log: who did what, when and from where, newest first.
+    Audit(AuditArgs),
     /// Check that the controller answers (needs no token).
     Health,
     /// Print a shell completion script.
@@ -68,7 +115,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // Only commands that may ask for a password handle Ctrl-C (once a handler is installed, SIGINT
+    // no longer just ends the process, even when the shell meant it to be ignored).
+    let outcome = if cli.command.may_prompt() {
+        runtime.block_on(async {
+            tokio::select! {
+                outcome = run(cli) => outcome,
+                () = interrupted() => {
+                    // Echo may be off mid-prompt; a blocked read of stdin would keep the runtime
+                    // from shutting down, so exit here.
+                    prompt::restore_terminal();
+                    eprintln!();
+                    std::process::exit(130);
+                }
+            }
+        })
+    } else {
+        runtime.block_on(run(cli))
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -80,20 +145,46 @@ fn main() -> ExitCode {
     }
 }
 
+impl Command {
+    fn may_prompt(&self) -> bool {
+        matches!(self, Command::Login { .. } | Command::Users { command: UsersCommand::Create { .. } })
+    }
+}
+
+/// Ctrl-C; never, if it cannot be listened for.
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), CliError> {
-    // Made on first use, so a bad DEPLOYER_URL does not get in the way of `completions`.
-    let client = || Client::new(&cli.url, cli.token.clone());
+    // Made on first use, so a bad DEPLOYER_URL or config file does not get in the way of `completions`.
+    let client = || config::client(cli.url.as_deref(), cli.token.as_deref());
+    let format = cli.output;
     match cli.command {
-        Command::Cluster { command } => cluster::run(command, &client()?, cli.output).await,
-        Command::Projects { command } => projects::run(command, &client()?, cli.output).await,
-        Command::Agents { command } => agents::run(command, &client()?, cli.output).await,
+        Command::Cluster { command } => cluster::run(command, &client()?, format).await,
+        Command::Projects { command } => projects::run(command, &client()?, format).await,
+        Command::Agents { command } => agents::run(command, &client()?, format).await,
+        Command::Login { email, password_stdin } => {
+            let token_set = cli.token.as_deref().is_some_and(|t| !t.trim().is_empty());
+            let args = account::LoginArgs { url: cli.url.clone(), token_set, email, password_stdin };
+            account::login(args, format).await
+        }
+        Command::Logout => account::logout(format).await,
+        Command::Whoami => account::whoami(&client()?, format).await,
+        Command::Users { command } => users::run(command, &client()?, format).await,
+        Command::Tokens { command } => tokens::run(command, &client()?, format).await,
+        Command::Collaborators { command } => collaborators::run(command, &client()?, format).await,
+        Command::Audit(args) => audit::run(args, &client()?, format).await,
         Command::Health => {
-            let answer = client()?.get_public(&["health"]).await?;
-            if cli.output == Format::Json {
+            let client = client()?;
+            let answer = client.get_public(&["health"]).await?;
+            if format == Format::Json {
                 return emit_json(&answer);
             }
             match answer.json.get("status").and_then(|s| s.as_str()) {
-                Some(status) => emit(&format!("{status} ({})\n", cli.url.trim_end_matches('/'))),
+                Some(status) => emit(&format!("{status} ({})\n", client.url())),
                 None => Err(CliError::Unexpected(format!("unexpected health answer: {}", answer.raw.trim()))),
             }
         }

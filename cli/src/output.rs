@@ -69,6 +69,25 @@ pub fn or_dash(v: Option<&str>) -> String {
     v.filter(|s| !s.is_empty()).unwrap_or("-").to_string()
 }
 
+/// A boolean in a table or a field.
+pub fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+/// A token's state: revoked, expired (by `expires_at`, none for a token that never expires), or active.
+pub fn token_status(revoked: bool, expires_at: Option<&str>, now: time::OffsetDateTime) -> &'static str {
+    use time::format_description::well_known::Rfc3339;
+    if revoked {
+        return "revoked";
+    }
+    match expires_at.map(|e| time::OffsetDateTime::parse(e, &Rfc3339)) {
+        None => "active",
+        Some(Ok(expires)) if expires <= now => "expired",
+        Some(Ok(_)) => "active",
+        Some(Err(_)) => "unknown",
+    }
+}
+
 /// Writes to stdout; a reader that went away (`deployer projects list | head -1`) is not an error.
 pub fn emit(text: &str) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();

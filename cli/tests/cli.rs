@@ -4,8 +4,10 @@
 //! `cargo build --bins`), or from `DEPLOYER_CONTROLLER_BIN`.
 
 use std::fs::File;
+use std::io::Write;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,19 +55,62 @@ impl Run {
     }
 }
 
+/// A config file no test writes, so a developer's own `deployer login` cannot change a test.
+const NO_CONFIG: &str = "/nonexistent/deployer-cli-tests/config.json";
+
 /// Runs `deployer` with exactly this URL and token, whatever the test's own environment holds.
 fn deployer(url: &str, token: Option<&str>, args: &[&str]) -> Run {
+    let mut env = vec![("DEPLOYER_URL", url), ("DEPLOYER_CONFIG", NO_CONFIG)];
+    env.extend(token.map(|t| ("DEPLOYER_TOKEN", t)));
+    deployer_env(&env, args, None)
+}
+
+/// Runs `deployer` with these of its environment variables and none other of the test's
+/// (DEPLOYER_URL, DEPLOYER_TOKEN, DEPLOYER_CONFIG, XDG_CONFIG_HOME), writing `stdin` to it.
+fn deployer_env(env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_deployer"));
-    command.args(args).env("DEPLOYER_URL", url).env_remove("DEPLOYER_TOKEN");
-    if let Some(token) = token {
-        command.env("DEPLOYER_TOKEN", token);
+    command.args(args);
+    for name in ["DEPLOYER_URL", "DEPLOYER_TOKEN", "DEPLOYER_CONFIG", "XDG_CONFIG_HOME"] {
+        command.env_remove(name);
     }
-    let out = command.stdin(Stdio::null()).output().expect("run deployer");
+    command.envs(env.iter().copied());
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run deployer");
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).expect("write deployer's stdin");
+    }
+    let out = child.wait_with_output().expect("run deployer");
     Run {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Runs `deployer` as someone who logged in: the URL and token come only from the config file.
+fn logged_in(config: &Path, args: &[&str]) -> Run {
+    deployer_env(&[("DEPLOYER_CONFIG", config.to_str().unwrap())], args, None)
+}
+
+/// `deployer login` with this password on stdin, with only the config file in the environment.
+fn login(config: &Path, url: &str, email: &str, password: &str) -> Run {
+    let args = ["login", "--url", url, "--email", email, "--password-stdin"];
+    deployer_env(&[("DEPLOYER_CONFIG", config.to_str().unwrap())], &args, Some(&format!("{password}\n")))
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The `name:  value` lines of a `fields` output.
+fn field<'a>(stdout: &'a str, name: &str) -> Option<&'a str> {
+    stdout.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(str::trim))
+}
+
+/// A table's rows, split on whitespace, the header first.
+fn rows(stdout: &str) -> Vec<Vec<&str>> {
+    stdout.lines().map(|l| l.split_whitespace().collect()).collect()
 }
 
 /// A one-node cluster in a temporary data dir; killed on drop, its log printed if the test failed.
@@ -337,4 +382,190 @@ fn agents_are_listed_shown_and_revoked() {
     let exited = wait_until(&mut c.child, "the revoked agent to exit", || agent.try_wait().ok().flatten());
     assert_eq!(exited.code(), Some(77));
     assert_eq!(c.run(&["agents", "list", "-o", "json"]).json(), serde_json::json!([]));
+}
+
+#[test]
+fn users_log_in_make_tokens_share_projects_and_are_audited() {
+    let c = Controller::start();
+    const ALICE: &str = "alice@example.com";
+    const BOB: &str = "bob@example.com";
+    const PASSWORD: &str = "correct horse battery";
+
+    // Users, made with the cluster's first admin token.
+    let none = c.run(&["users", "list"]).ok();
+    assert_eq!(none.stdout, "");
+    assert!(none.stderr.contains("No users"), "{}", none.stderr);
+    let create = |args: &[&str], password: &str| {
+        deployer_env(
+            &[("DEPLOYER_URL", &c.url), ("DEPLOYER_TOKEN", &c.token), ("DEPLOYER_CONFIG", NO_CONFIG)],
+            args,
+            Some(&format!("{password}\n")),
+        )
+    };
+    let alice = create(&["users", "create", ALICE, "--password-stdin"], PASSWORD).ok().stdout;
+    assert_eq!(field(&alice, "email"), Some(ALICE), "{alice}");
+    assert_eq!(field(&alice, "admin"), Some("no"), "{alice}");
+    let bob = create(&["users", "create", BOB, "--password-stdin", "-o", "json"], PASSWORD).json();
+    assert_eq!((bob["email"].as_str(), bob["admin"].as_bool()), (Some(BOB), Some(false)));
+    let bob_id = bob["id"].as_str().unwrap().to_string();
+    let short = create(&["users", "create", "carol@example.com", "--password-stdin"], "short");
+    assert_eq!(short.code, Some(1));
+    assert_eq!(short.stderr, "error: password must be 10 to 256 characters long\n");
+    let no_terminal = c.run(&["users", "create", "carol@example.com"]);
+    assert_eq!(no_terminal.code, Some(2));
+    assert!(no_terminal.stderr.contains("--password-stdin"), "{}", no_terminal.stderr);
+    let users = c.run(&["users", "list"]).ok().stdout;
+    let table = rows(&users);
+    assert_eq!(table[0], ["ID", "EMAIL", "ADMIN", "CREATED"]);
+    assert_eq!(table[1][1..3], [BOB, "no"], "newest first: {users}");
+    assert_eq!(table[2][1], ALICE, "{users}");
+
+    // Login: the token goes to a new private config file, and later commands use it.
+    let config = c.dir.path().join("home").join("deployer").join("config.json");
+    let wrong = login(&config, &c.url, ALICE, "not the password");
+    assert_eq!(wrong.code, Some(1));
+    assert_eq!(wrong.stderr, "error: wrong email or password\n");
+    assert!(!config.exists());
+    let logged = login(&config, &c.url, ALICE, PASSWORD).ok();
+    assert!(logged.stdout.starts_with(&format!("logged in to {} as {ALICE}; token cli@", c.url)), "{}", logged.stdout);
+    assert!(logged.stdout.contains(&config.display().to_string()), "{}", logged.stdout);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&config), 0o600);
+    assert_eq!(mode(config.parent().unwrap()), 0o700);
+    let saved = read_json(&config);
+    assert_eq!(saved["url"], c.url.as_str());
+    assert_eq!(saved["email"], ALICE);
+    let first_token = saved["token"].as_str().unwrap().to_string();
+    assert!(first_token.starts_with("dpl_"), "{saved}");
+
+    let whoami = logged_in(&config, &["whoami"]).ok().stdout;
+    assert_eq!(field(&whoami, "user"), Some(ALICE), "{whoami}");
+    assert_eq!(field(&whoami, "admin"), Some("no"), "{whoami}");
+    assert_eq!(field(&whoami, "scopes"), Some("read,deploy,write,admin"), "{whoami}");
+    assert_eq!(field(&whoami, "via"), Some("token"), "{whoami}");
+    assert_eq!(logged_in(&config, &["whoami", "-o", "json"]).json()["user"]["email"], ALICE);
+    let admin = c.run(&["whoami"]).ok().stdout;
+    assert_eq!(field(&admin, "user"), Some("the cluster's first admin token"), "{admin}");
+    assert!(field(&admin, "admin").unwrap().starts_with("yes"), "{admin}");
+    // DEPLOYER_TOKEN wins over the file; the file's token is never sent to another URL.
+    let env = [("DEPLOYER_CONFIG", config.to_str().unwrap()), ("DEPLOYER_TOKEN", c.token.as_str())];
+    let overridden = deployer_env(&env, &["whoami"], None).ok().stdout;
+    assert_eq!(field(&overridden, "user"), Some("the cluster's first admin token"), "{overridden}");
+    let elsewhere = c.url.replace("127.0.0.1", "localhost");
+    let env = [("DEPLOYER_CONFIG", config.to_str().unwrap()), ("DEPLOYER_URL", elsewhere.as_str())];
+    let not_sent = deployer_env(&env, &["whoami"], None);
+    assert_eq!(not_sent.code, Some(2), "{}", not_sent.stderr);
+    assert!(not_sent.stderr.contains("deployer login"), "{}", not_sent.stderr);
+
+    // A project of Alice's, shared with Bob.
+    let project = logged_in(&config, &["projects", "create", "shop", "-o", "json"]).json();
+    let project_id = project["id"].as_str().unwrap().to_string();
+    let added = logged_in(&config, &["collaborators", "add", &project_id, BOB, "--role", "developer"]).ok().stdout;
+    assert_eq!(field(&added, "user"), Some(bob_id.as_str()), "{added}");
+    assert_eq!(field(&added, "role"), Some("developer"), "{added}");
+    let listed = logged_in(&config, &["collaborators", "list", &project_id]).ok().stdout;
+    let table = rows(&listed);
+    assert_eq!(table[0], ["USER_ID", "EMAIL", "ROLE"]);
+    assert!(table.iter().any(|r| r[1..] == [ALICE, "owner"]), "{listed}");
+    assert!(table.iter().any(|r| r[..] == [bob_id.as_str(), BOB, "developer"]), "{listed}");
+    let bad_role = logged_in(&config, &["collaborators", "add", &project_id, BOB, "--role", "superuser"]);
+    assert_eq!(bad_role.code, Some(1));
+    assert_eq!(bad_role.stderr, "error: role must be one of viewer, developer, admin, owner\n");
+    assert_eq!(bad_role.stdout, "");
+    let removed = logged_in(&config, &["collaborators", "remove", &project_id, BOB]).ok().stdout;
+    assert_eq!(removed, format!("removed user {bob_id} from project {project_id}\n"));
+    logged_in(&config, &["collaborators", "add", &project_id, BOB, "--role", "viewer"]).ok();
+    logged_in(&config, &["collaborators", "remove", &project_id, &bob_id]).ok();
+    let left = logged_in(&config, &["collaborators", "list", &project_id, "-o", "json"]).json();
+    let emails: Vec<&str> = left.as_array().unwrap().iter().map(|c| c["email"].as_str().unwrap()).collect();
+    assert_eq!(emails, [ALICE]);
+    let not_there = logged_in(&config, &["collaborators", "remove", &project_id, &bob_id]);
+    assert_eq!(not_there.code, Some(1));
+    assert!(not_there.stderr.contains("is not a collaborator"), "{}", not_there.stderr);
+
+    // Tokens: made once, listed, limited to their scopes, and refused once revoked.
+    let args = ["tokens", "create", "ci", "--scope", "read", "--scope", "deploy", "--expires-in", "30d"];
+    let made = logged_in(&config, &args).ok();
+    assert!(made.stderr.contains("not shown again"), "{}", made.stderr);
+    let ci_token = field(&made.stdout, "token").unwrap().to_string();
+    let ci_id = field(&made.stdout, "id").unwrap().to_string();
+    assert!(ci_token.starts_with("dpl_"), "{}", made.stdout);
+    assert_eq!(field(&made.stdout, "scopes"), Some("read,deploy"), "{}", made.stdout);
+    assert_ne!(field(&made.stdout, "expires"), Some("never"), "{}", made.stdout);
+    let writer = logged_in(&config, &["tokens", "create", "writer", "--scope", "read,write", "-q"]).ok().stdout;
+    assert!(writer.starts_with("dpl_") && writer.lines().count() == 1, "{writer}");
+    let as_ci = deployer(&c.url, Some(&ci_token), &["whoami"]).ok().stdout;
+    assert_eq!((field(&as_ci, "user"), field(&as_ci, "scopes")), (Some(ALICE), Some("read,deploy")), "{as_ci}");
+    let wider = deployer(&c.url, Some(writer.trim()), &["tokens", "create", "x", "--scope", "admin"]);
+    assert_eq!(wider.code, Some(1));
+    assert_eq!(wider.stderr, "error: you cannot grant the \"admin\" scope, which you do not hold\n");
+    assert_eq!(logged_in(&config, &["tokens", "create", "x", "--scope", "root"]).code, Some(2));
+    assert_eq!(logged_in(&config, &["tokens", "create", "x", "--scope", "read", "--expires-in", "2w"]).code, Some(2));
+
+    assert_eq!(logged_in(&config, &["tokens", "revoke", &ci_id]).ok().stdout, format!("revoked API token {ci_id}\n"));
+    let refused = deployer(&c.url, Some(&ci_token), &["projects", "list"]);
+    assert_eq!(refused.code, Some(1));
+    assert!(refused.stderr.starts_with("error: the API token has been revoked\nhint: "), "{}", refused.stderr);
+    let tokens = logged_in(&config, &["tokens", "list"]).ok().stdout;
+    let table = rows(&tokens);
+    assert_eq!(table[0], ["ID", "NAME", "USER", "SCOPES", "CREATED", "EXPIRES", "STATUS"]);
+    assert_eq!(table.len(), 4, "the login's, ci and writer: {tokens}");
+    let row = |name: &str| table.iter().find(|r| r[1] == name).unwrap_or_else(|| panic!("{name}: {tokens}"));
+    assert_eq!((row("ci")[2], row("ci")[6]), (ALICE, "revoked"), "{tokens}");
+    assert_eq!((row("writer")[3], row("writer")[5], row("writer")[6]), ("read,write", "never", "active"), "{tokens}");
+    assert!(table[1..].iter().any(|r| r[1].starts_with("cli@") && r[3] == "read,deploy,write,admin"), "{tokens}");
+
+    // The audit log: the cluster's admins see all of it, Alice her project's part.
+    let audit = c.run(&["audit"]).ok().stdout;
+    let table = rows(&audit);
+    assert_eq!(table[0], ["SEQ", "AT", "ACTOR", "ACTION", "TARGET", "PROJECT", "SOURCE"]);
+    let created = table.iter().find(|r| r[3] == "project.create").unwrap_or_else(|| panic!("{audit}"));
+    assert_eq!(created[2..6], [&format!("user:{ALICE}"), "project.create", "shop", project_id.as_str()], "{audit}");
+    assert!(table.iter().any(|r| r[2..5] == ["token:admin", "user.create", ALICE]), "{audit}");
+    assert_eq!(c.run(&["audit", "--limit", "1", "-o", "json"]).json().as_array().map(Vec::len), Some(1));
+    let mine = logged_in(&config, &["audit", "--project", &project_id, "-o", "json"]).json();
+    let actions: Vec<&str> = mine.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions.last(), Some(&"project.create"), "oldest last: {mine}");
+    assert!(actions.iter().all(|a| a.starts_with("project.") || a.starts_with("collaborator.")), "{mine}");
+    let everything = logged_in(&config, &["audit"]);
+    assert_eq!(everything.code, Some(1));
+    assert!(everything.stderr.starts_with("error: only cluster administrators"), "{}", everything.stderr);
+
+    // Logging in again replaces the saved token and revokes the old one.
+    login(&config, &c.url, ALICE, PASSWORD).ok();
+    let second_token = read_json(&config)["token"].as_str().unwrap().to_string();
+    assert_ne!(second_token, first_token);
+    let old = deployer(&c.url, Some(&first_token), &["whoami"]);
+    assert_eq!(old.stderr.lines().next(), Some("error: the API token has been revoked"), "{}", old.stderr);
+
+    // Logout revokes the token and removes it from the file.
+    let out = logged_in(&config, &["logout"]).ok().stdout;
+    assert!(out.starts_with(&format!("logged out of {}: revoked token ", c.url)), "{out}");
+    let saved = read_json(&config);
+    assert_eq!(saved, serde_json::json!({ "url": c.url }), "only the URL is left");
+    assert_eq!(mode(&config), 0o600);
+    let gone = deployer(&c.url, Some(&second_token), &["whoami"]);
+    assert_eq!(gone.code, Some(1));
+    assert!(gone.stderr.starts_with("error: the API token has been revoked\n"), "{}", gone.stderr);
+    let anonymous = logged_in(&config, &["whoami"]);
+    assert_eq!(anonymous.code, Some(2));
+    assert!(anonymous.stderr.contains("deployer login"), "{}", anonymous.stderr);
+    let again = logged_in(&config, &["logout"]).ok();
+    assert!(again.stderr.starts_with("Not logged in"), "{}", again.stderr);
+
+    // A saved token revoked elsewhere says to log in again; logout then just forgets it.
+    login(&config, &c.url, BOB, PASSWORD).ok();
+    let bob_token_id = read_json(&config)["token_id"].as_str().unwrap().to_string();
+    c.run(&["tokens", "revoke", &bob_token_id]).ok();
+    let stale = logged_in(&config, &["whoami"]);
+    assert_eq!(stale.code, Some(1));
+    assert!(
+        stale.stderr.starts_with("error: the API token has been revoked\nhint: the token saved in "),
+        "{}",
+        stale.stderr
+    );
+    assert!(stale.stderr.contains("run `deployer login` again"), "{}", stale.stderr);
+    let forgotten = logged_in(&config, &["logout"]).ok();
+    assert!(forgotten.stderr.contains("no longer takes the token"), "{}", forgotten.stderr);
+    assert_eq!(read_json(&config), serde_json::json!({ "url": c.url }));
 }

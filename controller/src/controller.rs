@@ -40,6 +40,8 @@ pub struct Controller {
     pub applied: watch::Receiver<u64>,
     /// The leader's live view of agent sessions (empty on followers).
     pub agents: Arc<crate::agents::Registry>,
+    /// Read barriers that arrive together share one leadership check.
+    reads: ReadGate,
     /// Failed logins, to slow down password guessing.
     pub logins: crate::api::users::LoginThrottle,
     proposals: mpsc::Sender<Proposal>,
@@ -109,6 +111,7 @@ impl Controller {
             applied,
             agents: Arc::new(crate::agents::Registry::new(agent_settings)),
             logins: Default::default(),
+            reads: ReadGate::default(),
             proposals: tx,
             tokens: TokenCache { generation: tokens_generation, entries: Mutex::new((0, HashMap::new())) },
         };
@@ -355,6 +358,13 @@ impl Controller {
     /// so the read that follows is linearizable even on a follower.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let index = self.reads.read_index(|| self.read_index_once(deadline)).await?;
+        self.wait_applied(index, deadline).await
+    }
+
+    /// One check that this node's view is current: the commit index confirmed by the leader
+    /// (this node or another) after the call began.
+    async fn read_index_once(&self, deadline: tokio::time::Instant) -> Result<u64, ProposeError> {
         loop {
             let Ok(check) = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await else {
                 return Err(ProposeError::NoLeader);
@@ -387,7 +397,7 @@ impl Controller {
                 }
                 Err(RaftError::Fatal(_)) => return Err(ProposeError::ShuttingDown),
             };
-            return self.wait_applied(index, deadline).await;
+            return Ok(index);
         }
     }
 
@@ -483,5 +493,130 @@ fn classify_forward_error(status: &tonic::Status) -> Forwarded {
             Forwarded::Final(ProposeError::Unconfirmed(LEADER_WAIT))
         }
         None => Forwarded::Final(ProposeError::Forward(format!("{:?}: {}", status.code(), status.message()))),
+    }
+}
+
+/// Coalesces read-index checks: a check confirms the leadership (a heartbeat round to a quorum)
+/// and so costs a network round trip; reads arriving while one runs share the next one. A
+/// caller only ever uses a check that began after it arrived, which keeps reads linearizable.
+#[derive(Default)]
+struct ReadGate {
+    state: Mutex<GateState>,
+    completed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Number of the last check begun, and whether it is still running.
+    started: u64,
+    running: bool,
+    /// The latest finished check: its number and result.
+    last: Option<(u64, Result<u64, ProposeError>)>,
+}
+
+impl ReadGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn read_index<F, Fut>(&self, check: F) -> Result<u64, ProposeError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, ProposeError>>,
+    {
+        // Any check numbered `needed` or later began after this call.
+        let needed = self.lock().started + 1;
+        loop {
+            let notified = self.completed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let round = {
+                let mut state = self.lock();
+                match &state.last {
+                    Some((round, result)) if *round >= needed => return result.clone(),
+                    _ => {}
+                }
+                if state.running {
+                    None
+                } else {
+                    state.started += 1;
+                    state.running = true;
+                    Some(state.started)
+                }
+            };
+            let Some(round) = round else {
+                notified.await;
+                continue;
+            };
+            // This caller runs the check for everyone waiting; if it is cancelled midway, the
+            // guard lets a waiter take over.
+            let guard = RoundGuard { gate: self };
+            let result = check().await;
+            std::mem::forget(guard);
+            {
+                let mut state = self.lock();
+                state.running = false;
+                state.last = Some((round, result.clone()));
+            }
+            self.completed.notify_waiters();
+            return result;
+        }
+    }
+}
+
+/// Clears `running` if the caller running a check is dropped before it finishes.
+struct RoundGuard<'a> {
+    gate: &'a ReadGate,
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().running = false;
+        self.gate.completed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::ReadGate;
+
+    #[tokio::test]
+    async fn concurrent_reads_share_checks_that_began_after_them() {
+        let gate = Arc::new(ReadGate::default());
+        let checks = Arc::new(AtomicU64::new(0));
+        // Each check answers its own number, so a caller can tell which one it got.
+        let run = |gate: Arc<ReadGate>, checks: Arc<AtomicU64>| async move {
+            let began = checks.load(Ordering::SeqCst);
+            let got = gate
+                .read_index(|| {
+                    let checks = checks.clone();
+                    async move {
+                        let n = checks.fetch_add(1, Ordering::SeqCst) + 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(n)
+                    }
+                })
+                .await
+                .unwrap();
+            (began, got)
+        };
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            tasks.push(tokio::spawn(run(gate.clone(), checks.clone())));
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+        }
+        for t in tasks {
+            let (began, got) = t.await.unwrap();
+            // The check a caller used started after every check that had started before it.
+            assert!(got > began, "a caller used check {got} though {began} had begun before it arrived");
+        }
+        let total = checks.load(Ordering::SeqCst);
+        assert!(total < 10, "50 callers in a few rounds should share checks, but {total} ran");
     }
 }

@@ -192,8 +192,8 @@ pub async fn serve(
     tracing::info!(dir = %paths.dir.display(), "opening the Raft log and state");
     let log = LogStore::open(&paths.dir.join("raft-log.db")).await.context("cannot open the Raft log")?;
     let sm = StateMachine::open(&paths.dir).await.context("cannot open the state database")?;
-    let reader = StateReader::new(sm.reader());
     let applied = sm.applied_index();
+    let reader = StateReader::new(sm.reader(), applied.clone());
     let tokens_generation = sm.tokens_generation();
     let state_events = sm.events();
     let peers = PeerChannels::new(peer_tls);

@@ -209,7 +209,7 @@ pub struct Registry {
 /// What a heartbeat asks of the session: nothing, or to commit that the agent is `ready` again.
 pub enum HeartbeatOutcome {
     Recorded,
-    MarkReady(Command),
+    MarkReady(Box<Command>),
     /// The session was replaced or closed meanwhile.
     Stale,
 }
@@ -305,7 +305,7 @@ impl Registry {
         if !live.ready && !live.pending {
             if let Some(hello) = &live.hello {
                 live.pending = true;
-                return HeartbeatOutcome::MarkReady(hello.up_command(id, at));
+                return HeartbeatOutcome::MarkReady(Box::new(hello.up_command(id, at)));
             }
         }
         HeartbeatOutcome::Recorded

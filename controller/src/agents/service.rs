@@ -278,7 +278,7 @@ async fn run_session(
                     let c2 = c.clone();
                     let id2 = id.clone();
                     tokio::spawn(async move {
-                        let ready = match c2.propose(command).await {
+                        let ready = match c2.propose(*command).await {
                             Ok(CommandResponse::Applied) => Some(true),
                             _ => None,
                         };

@@ -105,7 +105,7 @@ async fn list(
     let member =
         if caller.user.as_ref().is_none_or(|u| u.admin) { None } else { caller.user.as_ref().map(|u| u.id.as_str()) };
     let projects = c.state.projects(limit, query.before.as_deref(), member).await?;
-    Ok(Json(projects.into_iter().map(ProjectView::from).collect()))
+    Ok(Json(projects.iter().cloned().map(ProjectView::from).collect()))
 }
 
 async fn show(

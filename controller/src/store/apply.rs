@@ -17,7 +17,7 @@ pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) ->
             Ok(first) => {
                 let mut run = vec![first];
                 while run.len() < CREATE_RUN_MAX {
-                    match commands.next_if(|c| NewProject::matches(c)).map(NewProject::from_command) {
+                    match commands.next_if(NewProject::matches).map(NewProject::from_command) {
                         Some(Ok(p)) => run.push(p),
                         _ => break,
                     }
@@ -615,7 +615,7 @@ mod tests {
     use sqlx::sqlite::SqliteSynchronous;
 
     use super::apply;
-    use crate::command::{AuditEntry, Command, CommandResponse, Rejection};
+    use crate::command::{Command, CommandResponse, Rejection};
 
     fn create(id: &str, name: &str) -> Command {
         Command::CreateProject { id: id.into(), name: name.into(), created_at: 1, owner: None }

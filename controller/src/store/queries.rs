@@ -10,7 +10,25 @@ use crate::command::{JoinTokenKind, UnixMillis};
 #[derive(Clone)]
 pub struct StateReader {
     pool: SqlitePool,
+    /// The index of the last applied entry: what cached listings are valid for.
+    applied: tokio::sync::watch::Receiver<u64>,
+    listings: std::sync::Arc<ListingCache>,
 }
+
+/// Project listings by their query, valid for one applied index: a dashboard polling the same
+/// page costs no query until the state changes. Entries are read after the caller's read
+/// barrier, so a cached page is never older than what the caller must see.
+#[derive(Default)]
+struct ListingCache {
+    entries: std::sync::Mutex<(u64, Listings)>,
+}
+
+/// (limit, before, member) of a listing.
+type ListingKey = (u32, Option<String>, Option<String>);
+type Listings = std::collections::HashMap<ListingKey, std::sync::Arc<Vec<Project>>>;
+
+/// Most listings kept for one applied index.
+const LISTING_CACHE_MAX: usize = 1024;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Project {
@@ -73,8 +91,8 @@ pub struct AuditRow {
 }
 
 impl StateReader {
-    pub fn new(pool: SqlitePool) -> StateReader {
-        StateReader { pool }
+    pub fn new(pool: SqlitePool, applied: tokio::sync::watch::Receiver<u64>) -> StateReader {
+        StateReader { pool, applied, listings: Default::default() }
     }
 
     pub async fn cluster_ca(&self) -> Result<Option<ClusterCaRow>, sqlx::Error> {
@@ -265,25 +283,65 @@ impl StateReader {
 
     /// Newest first; `before` is the id of a project, for paging. With `member`, only the
     /// projects that user collaborates on.
+    ///
+    /// The rows come back as one JSON array built by SQLite: sqlx hands rows over from its
+    /// worker thread one message at a time, which costs more than the query itself.
     pub async fn projects(
         &self,
         limit: u32,
         before: Option<&str>,
         member: Option<&str>,
+    ) -> Result<std::sync::Arc<Vec<Project>>, sqlx::Error> {
+        let version = *self.applied.borrow();
+        let key = (limit, before.map(str::to_string), member.map(str::to_string));
+        {
+            let cache = self.listings.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.0 == version {
+                if let Some(hit) = cache.1.get(&key) {
+                    return Ok(hit.clone());
+                }
+            }
+        }
+        let projects = std::sync::Arc::new(self.query_projects(limit, before, member).await?);
+        // Only if nothing was applied meanwhile: the rows then hold exactly that index's state
+        // (or a newer one, which a reader may see too).
+        if *self.applied.borrow() == version {
+            let mut cache = self.listings.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.0 != version || cache.1.len() >= LISTING_CACHE_MAX {
+                cache.1.clear();
+                cache.0 = version;
+            }
+            cache.1.insert(key, projects.clone());
+        }
+        Ok(projects)
+    }
+
+    async fn query_projects(
+        &self,
+        limit: u32,
+        before: Option<&str>,
+        member: Option<&str>,
     ) -> Result<Vec<Project>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT p.id, p.name, p.created_at FROM projects p \
-             WHERE (?1 IS NULL OR EXISTS (SELECT 1 FROM collaborators c WHERE c.project_id = p.id AND c.user_id = ?1)) \
-             AND (?2 IS NULL OR EXISTS (SELECT 1 FROM projects b WHERE b.id = ?2 \
-                  AND (p.created_at < b.created_at OR (p.created_at = b.created_at AND p.id < b.id)))) \
-             ORDER BY p.created_at DESC, p.id DESC LIMIT ?3",
-        )
-        .bind(member)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(Self::project_row).collect())
+        let membership = if member.is_some() {
+            "JOIN collaborators c ON c.project_id = p.id AND c.user_id = ?1"
+        } else {
+            "WHERE ?1 IS NULL"
+        };
+        let paging = if before.is_some() {
+            " AND (p.created_at, p.id) < (SELECT b.created_at, b.id FROM projects b WHERE b.id = ?2)"
+        } else {
+            " AND ?2 IS NULL"
+        };
+        let sql = format!(
+            "SELECT json_group_array(json_array(id, name, created_at)) FROM \
+             (SELECT p.id, p.name, p.created_at FROM projects p {membership} {} {paging} \
+              ORDER BY p.created_at DESC, p.id DESC LIMIT ?3)",
+            if member.is_some() { "WHERE 1" } else { "" }
+        );
+        let json: String = sqlx::query_scalar(&sql).bind(member).bind(before).bind(limit).fetch_one(&self.pool).await?;
+        let rows: Vec<(String, String, UnixMillis)> =
+            serde_json::from_str(&json).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        Ok(rows.into_iter().map(|(id, name, created_at)| Project { id, name, created_at }).collect())
     }
 }
 
