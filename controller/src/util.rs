@@ -6,14 +6,32 @@ pub fn now_ms() -> UnixMillis {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// RFC 3339 in UTC with exactly three fractional digits, so timestamps line up and sort as text.
+/// RFC 3339 in UTC with exactly three fractional digits, so timestamps line up and sort as text
+/// (years 0 to 9999; others give an empty string). Computed by hand: listings format many of
+/// these, and a general formatter costs more than the rest of the response.
 pub fn rfc3339(ms: UnixMillis) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
-        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(FORMAT).ok())
-        .unwrap_or_default()
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    if !(0..=9999).contains(&year) {
+        return String::new();
+    }
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{milli:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+}
+
+/// (year, month, day) of the proleptic Gregorian calendar for days since 1970-01-01
+/// (Howard Hinnant's civil_from_days).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 /// An error that is only a message, for error slots (openraft's among them) that want a
@@ -46,5 +64,26 @@ mod tests {
     fn timestamps_have_fixed_width() {
         assert_eq!(super::rfc3339(1_764_000_000_400), "2025-11-24T16:00:00.400Z");
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(super::rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn timestamps_match_a_general_formatter() {
+        const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+            time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+        // Every day of 1900..2400 at a varying time of day, and the edges of the range.
+        let mut ms: i64 = -2_208_988_800_000;
+        while ms < 13_569_465_600_000 {
+            let expected = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+                .unwrap()
+                .format(FORMAT)
+                .unwrap();
+            assert_eq!(super::rfc3339(ms), expected, "{ms}");
+            ms += 86_400_000 + 3_600_123;
+        }
+        assert_eq!(super::rfc3339(-62_167_219_200_000), "0000-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(super::rfc3339(253_402_300_800_000), "");
     }
 }
