@@ -193,6 +193,10 @@ impl Client {
         self.send(Method::POST, segments, &[], Some(body), true).await
     }
 
+    pub async fn patch(&self, segments: &[&str], body: &Value) -> Result<Answer, CliError> {
+        self.send(Method::PATCH, segments, &[], Some(body), true).await
+    }
+
     pub async fn delete(&self, segments: &[&str]) -> Result<Answer, CliError> {
         self.send(Method::DELETE, segments, &[], None, true).await
     }

@@ -7,9 +7,12 @@ mod client;
 mod cluster;
 mod collaborators;
 mod config;
+mod env;
 mod output;
 mod projects;
 mod prompt;
+mod secrets;
+mod services;
 mod tokens;
 mod users;
 
@@ -22,8 +25,11 @@ use audit::AuditArgs;
 use client::CliError;
 use cluster::ClusterCommand;
 use collaborators::CollaboratorsCommand;
+use env::EnvCommand;
 use output::{emit, emit_json, Format};
 use projects::ProjectsCommand;
+use secrets::SecretsCommand;
+use services::ServicesCommand;
 use tokens::TokensCommand;
 use users::UsersCommand;
 
@@ -62,6 +68,21 @@ enum Command {
     Projects {
         #[command(subcommand)]
         command: ProjectsCommand,
+    },
+    /// Services: what a project runs, built from git, an image or uploads.
+    Services {
+        #[command(subcommand)]
+        command: ServicesCommand,
+    },
+    /// A service's environment variables.
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
+    /// A service's secrets: set from the command line or stdin, never shown.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
     },
     /// Log in with an email and password, and save an API token for the CLI.
     ///
@@ -147,7 +168,13 @@ fn main() -> ExitCode {
 
 impl Command {
     fn may_prompt(&self) -> bool {
-        matches!(self, Command::Login { .. } | Command::Users { command: UsersCommand::Create { .. } })
+        matches!(
+            self,
+            Command::Login { .. }
+                | Command::Users { command: UsersCommand::Create { .. } }
+                | Command::Services { command: ServicesCommand::Create(_) }
+                | Command::Secrets { command: SecretsCommand::Set { .. } }
+        )
     }
 }
 
@@ -165,6 +192,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Cluster { command } => cluster::run(command, &client()?, format).await,
         Command::Projects { command } => projects::run(command, &client()?, format).await,
+        Command::Services { command } => services::run(command, &client()?, format).await,
+        Command::Env { command } => env::run(command, &client()?, format).await,
+        Command::Secrets { command } => secrets::run(command, &client()?, format).await,
         Command::Agents { command } => agents::run(command, &client()?, format).await,
         Command::Login { email, password_stdin } => {
             let token_set = cli.token.as_deref().is_some_and(|t| !t.trim().is_empty());

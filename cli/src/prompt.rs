@@ -35,6 +35,15 @@ pub async fn line(question: &str) -> Result<String, CliError> {
 
 /// Asks on stderr and reads one line from the terminal with echo turned off.
 pub async fn password(question: &str) -> Result<String, CliError> {
+    let answer = hidden(question).await?;
+    if answer.is_empty() {
+        return Err(CliError::Failed { message: "no password was given".into(), hint: None });
+    }
+    Ok(answer)
+}
+
+/// Asks on stderr and reads one line from the terminal with echo turned off; it may be empty.
+pub async fn hidden(question: &str) -> Result<String, CliError> {
     ask(question);
     stty("-echo")?;
     ECHO_OFF.store(true, Ordering::SeqCst);
@@ -42,28 +51,30 @@ pub async fn password(question: &str) -> Result<String, CliError> {
     restore_terminal();
     // The Enter the user typed was not echoed either.
     eprintln!();
-    let answer = answer?;
-    if answer.is_empty() {
-        return Err(CliError::Failed { message: "no password was given".into(), hint: None });
-    }
-    Ok(answer)
+    answer
 }
 
 /// All of stdin, without the one line ending a file or `echo` adds (`--password-stdin`).
 pub async fn password_from_stdin() -> Result<String, CliError> {
-    let read = tokio::task::spawn_blocking(|| {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).map(|_| text)
-    });
-    let text = read.await.map_err(|e| stdin_failed(e.into()))?.map_err(stdin_failed)?;
-    let password = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    let password = value_from_stdin().await?;
     if password.is_empty() {
         return Err(CliError::Usage {
             message: "--password-stdin was given, but stdin held no password".into(),
             hint: Some("write the password to stdin, as in `printf '%s' \"$PASSWORD\" | deployer ...`".into()),
         });
     }
-    Ok(password.to_string())
+    Ok(password)
+}
+
+/// All of stdin, without the one line ending a file or `echo` adds; it may be empty.
+pub async fn value_from_stdin() -> Result<String, CliError> {
+    let read = tokio::task::spawn_blocking(|| {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map(|_| text)
+    });
+    let text = read.await.map_err(|e| stdin_failed(e.into()))?.map_err(stdin_failed)?;
+    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    Ok(value.to_string())
 }
 
 /// Turns echo back on if this process turned it off (also after Ctrl-C, from `main`).

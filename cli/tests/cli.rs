@@ -325,6 +325,25 @@ fn usage_errors_exit_2() {
     assert_eq!(deployer(url, Some("t"), &["cluster", "token", "create"]).code, Some(2));
     assert_eq!(deployer(url, Some("t"), &["cluster", "token", "create", "--kind", "admin"]).code, Some(2));
     assert_eq!(deployer(url, Some("t"), &["projects", "list", "--output", "yaml"]).code, Some(2));
+    let both =
+        deployer(url, Some("t"), &["services", "create", "p", "web", "--git", "https://x/a.git", "--image", "a"]);
+    assert_eq!(both.code, Some(2));
+    assert!(both.stderr.contains("'--git <URL>' cannot be used with '--image <REF>'"), "{}", both.stderr);
+    let neither = deployer(url, Some("t"), &["services", "create", "p", "web"]);
+    assert_eq!(neither.code, Some(2));
+    assert!(neither.stderr.contains("<--git <URL>|--image <REF>|--upload>"), "{}", neither.stderr);
+    let no_equals = deployer(url, Some("t"), &["services", "create", "p", "web", "--upload", "--env", "NOEQUALS"]);
+    assert_eq!(no_equals.code, Some(2));
+    assert!(no_equals.stderr.contains("invalid value 'NOEQUALS' for '--env <KEY=VALUE>'"), "{}", no_equals.stderr);
+    assert_eq!(deployer(url, Some("t"), &["env", "set", "p", "s", "NOEQUALS"]).code, Some(2));
+    assert_eq!(
+        deployer(url, Some("t"), &["services", "create", "p", "w", "--image", "a", "--memory", "1X"]).code,
+        Some(2)
+    );
+    assert_eq!(
+        deployer(url, Some("t"), &["services", "create", "p", "w", "--image", "a", "--branch", "b"]).code,
+        Some(2)
+    );
     let no_scheme = deployer("127.0.0.1:7700", Some("t"), &["health"]);
     assert_eq!(no_scheme.code, Some(2));
     assert!(no_scheme.stderr.contains("http://127.0.0.1:7700"), "{}", no_scheme.stderr);
@@ -568,4 +587,146 @@ fn users_log_in_make_tokens_share_projects_and_are_audited() {
     let forgotten = logged_in(&config, &["logout"]).ok();
     assert!(forgotten.stderr.contains("no longer takes the token"), "{}", forgotten.stderr);
     assert_eq!(read_json(&config), serde_json::json!({ "url": c.url }));
+}
+
+#[test]
+fn services_env_and_secrets_against_a_real_controller() {
+    let c = Controller::start();
+    const SECRET: &str = "s3cr3t-from-the-command-line";
+    const PIPED: &str = "s3cr3t-from-stdin";
+    const ROTATED: &str = "s3cr3t-rotated";
+    let with_stdin = |args: &[&str], stdin: &str| {
+        let env = [("DEPLOYER_URL", c.url.as_str()), ("DEPLOYER_TOKEN", &c.token), ("DEPLOYER_CONFIG", NO_CONFIG)];
+        deployer_env(&env, args, Some(stdin))
+    };
+    // No output of any command shows a secret's value.
+    let secret_free = |run: Run| {
+        for value in [SECRET, PIPED, ROTATED] {
+            assert!(!run.stdout.contains(value) && !run.stderr.contains(value), "{}\n{}", run.stdout, run.stderr);
+        }
+        run
+    };
+
+    let project = c.run(&["projects", "create", "shop", "-o", "json"]).json();
+    let p = project["id"].as_str().unwrap().to_string();
+    let empty = c.run(&["services", "list", &p]).ok();
+    assert_eq!(empty.stdout, "");
+    assert!(empty.stderr.contains("No services") && empty.stderr.contains("services create"), "{}", empty.stderr);
+
+    let db = c.run(&["services", "create", &p, "db", "--image", "postgres:17", "--port", "5432", "-o", "json"]).json();
+    assert_eq!(db["source"], serde_json::json!({ "image": "postgres:17" }));
+    let db_id = db["id"].as_str().unwrap().to_string();
+
+    let args = [
+        "services",
+        "create",
+        &p,
+        "web",
+        "--git",
+        "https://github.com/acme/web.git",
+        "--branch",
+        "prod",
+        "--port",
+        "3000",
+        "--env",
+        "NODE_ENV=production",
+        "--env",
+        "LOG=debug",
+        "--secret",
+        &format!("API_KEY={SECRET}"),
+        "--secret",
+        "DB_PASSWORD",
+        "--replicas",
+        "2",
+        "--cpu",
+        "250",
+        "--memory",
+        "256M",
+        "--health-path",
+        "/healthz",
+        "--depends-on",
+        "db",
+        "--domain",
+        "www.example.com",
+    ];
+    let web = secret_free(with_stdin(&args, &format!("{PIPED}\n")).ok()).stdout;
+    assert_eq!(field(&web, "name"), Some("web"), "{web}");
+    assert_eq!(field(&web, "source"), Some("git https://github.com/acme/web.git (branch prod, Dockerfile)"), "{web}");
+    assert_eq!(field(&web, "memory"), Some("256 MiB"), "{web}");
+    assert_eq!(field(&web, "depends_on"), Some("db"), "{web}");
+    assert_eq!(field(&web, "secrets"), Some("API_KEY=********"), "{web}");
+    assert!(web.lines().any(|l| l.trim() == "DB_PASSWORD=********"), "{web}");
+    assert!(web.lines().any(|l| l.trim() == "NODE_ENV=production"), "{web}");
+    let web_id = field(&web, "id").unwrap().to_string();
+
+    let listed = secret_free(c.run(&["services", "list", &p]).ok()).stdout;
+    let table = rows(&listed);
+    assert_eq!(table[0], ["ID", "NAME", "SOURCE", "PORT", "REPLICAS", "DOMAINS", "UPDATED"]);
+    assert_eq!(table[1][..6], [db_id.as_str(), "db", "image:postgres:17", "5432", "1", "-"], "{listed}");
+    let web_row = [web_id.as_str(), "web", "git:https://github.com/acme/web.git#prod", "3000", "2", "www.example.com"];
+    assert_eq!(table[2][..6], web_row, "{listed}");
+    assert_eq!(table.len(), 3, "{listed}");
+    secret_free(c.run(&["services", "list", &p, "-o", "json"]).ok());
+
+    let show = |c: &Controller| secret_free(c.run(&["services", "show", &p, &web_id, "-o", "json"]).ok()).json();
+    let shown = show(&c);
+    assert_eq!(shown["env"], serde_json::json!({ "LOG": "debug", "NODE_ENV": "production" }));
+    assert_eq!(shown["secrets"], serde_json::json!({ "API_KEY": "********", "DB_PASSWORD": "********" }));
+    assert_eq!(shown["resources"], serde_json::json!({ "cpu_millis": 250, "memory_bytes": 256 << 20 }));
+    assert_eq!(shown["health_check"]["path"], "/healthz");
+    assert_eq!(shown["depends_on"], serde_json::json!(["db"]));
+    assert_eq!(shown["domains"], serde_json::json!(["www.example.com"]));
+    let text = secret_free(c.run(&["services", "show", &p, &web_id]).ok()).stdout;
+    assert_eq!(field(&text, "health_check"), Some("/healthz"), "{text}");
+
+    // Environment variables.
+    let set = c.run(&["env", "set", &p, &web_id, "LOG=info", "EXTRA=a=b"]).ok();
+    assert_eq!(set.stdout, "set EXTRA, LOG on service web\n");
+    let unset = c.run(&["env", "unset", &p, &web_id, "LOG", "NOT_THERE"]).ok();
+    assert_eq!(unset.stdout, "removed LOG, NOT_THERE from service web\n");
+    assert!(unset.stderr.contains("no environment variable NOT_THERE"), "{}", unset.stderr);
+    assert_eq!(show(&c)["env"], serde_json::json!({ "EXTRA": "a=b", "NODE_ENV": "production" }));
+    let env = secret_free(c.run(&["env", "list", &p, &web_id]).ok()).stdout;
+    assert_eq!(rows(&env), [vec!["NAME", "VALUE"], vec!["EXTRA", "a=b"], vec!["NODE_ENV", "production"]]);
+    let clash = c.run(&["env", "set", &p, &web_id, "API_KEY=x"]);
+    assert_eq!(clash.code, Some(1));
+    assert_eq!(clash.stderr, "error: API_KEY is both in env and in secrets; keep one\n");
+
+    // Secrets: set from stdin or the command line, removed, and listed by name only.
+    let piped = secret_free(with_stdin(&["secrets", "set", &p, &web_id, "TOKEN"], &format!("{PIPED}\n")).ok());
+    assert_eq!(piped.stdout, "set secrets TOKEN on service web\n");
+    let rotated = secret_free(c.run(&["secrets", "set", &p, &web_id, &format!("API_KEY={ROTATED}"), "-o", "json"]));
+    assert_eq!(rotated.json()["secrets"]["API_KEY"], "********");
+    let removed = c.run(&["secrets", "unset", &p, &web_id, "DB_PASSWORD"]).ok();
+    assert_eq!(removed.stdout, "removed secrets DB_PASSWORD from service web\n");
+    assert_eq!(show(&c)["secrets"], serde_json::json!({ "API_KEY": "********", "TOKEN": "********" }));
+    let names = secret_free(c.run(&["secrets", "list", &p, &web_id]).ok()).stdout;
+    assert_eq!(names, "NAME\nAPI_KEY\nTOKEN\n");
+    let two = with_stdin(&["secrets", "set", &p, &web_id, "A", "B"], "x\n");
+    assert_eq!(two.code, Some(2));
+    assert!(two.stderr.starts_with("error: only one secret's value can be read from stdin"), "{}", two.stderr);
+    let nothing = with_stdin(&["secrets", "set", &p, &web_id, "A"], "");
+    assert_eq!(nothing.code, Some(2));
+    assert!(nothing.stderr.starts_with("error: no value was given for the secret A\n"), "{}", nothing.stderr);
+    secret_free(c.run(&["audit", "-o", "json"]).ok());
+
+    // The API's own messages, naming the field.
+    let port = c.run(&["services", "create", &p, "api", "--image", "acme/api", "--port", "0"]);
+    assert_eq!(port.code, Some(1));
+    assert_eq!(port.stderr, "error: port must be between 1 and 65535\n");
+    assert_eq!(port.stdout, "");
+    let unknown = c.run(&["services", "create", &p, "api", "--upload", "--depends-on", "cache"]);
+    assert_eq!(unknown.code, Some(1));
+    assert_eq!(unknown.stderr, "error: depends_on: there is no service named \"cache\" in this project\n");
+
+    // Deletion: refused while another service depends on it.
+    let needed = c.run(&["services", "delete", &p, &db_id]);
+    assert_eq!(needed.code, Some(1));
+    assert!(needed.stderr.starts_with("error: service db is in the depends_on of"), "{}", needed.stderr);
+    assert_eq!(c.run(&["services", "delete", &p, &web_id]).ok().stdout, format!("deleted service {web_id}\n"));
+    c.run(&["services", "delete", &p, &db_id]).ok();
+    let gone = c.run(&["services", "show", &p, &web_id]);
+    assert_eq!(gone.code, Some(1));
+    assert_eq!(gone.stderr, format!("error: no service with id {web_id} in this project\n"));
+    assert_eq!(c.run(&["services", "list", &p, "-o", "json"]).json(), serde_json::json!([]));
 }
