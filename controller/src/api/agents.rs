@@ -7,9 +7,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{applied, ApiError};
+use super::error::{applied, ApiError, Forbidden, NotFound, Unauthorized, Unavailable};
 use super::AppState;
 use crate::agents::{live_view, ContainerView, LiveView, MetricsView};
 use crate::command::Command;
@@ -20,16 +21,18 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/agents", get(list)).route("/api/v1/agents/{id}", get(show).delete(revoke))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CapacityView {
     cpu_millis: i64,
     memory_bytes: i64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AgentView {
     id: String,
     hostname: String,
+    /// `ready`, `down` or `draining`.
+    #[schema(example = "ready")]
     status: String,
     labels: BTreeMap<String, String>,
     version: String,
@@ -42,13 +45,29 @@ struct AgentView {
     /// The latest heartbeat's host metrics (`null` before the first one, or when the leader
     /// could not be asked).
     metrics: Option<MetricsOut>,
+    #[schema(value_type = Vec<AgentContainer>)]
     containers: Vec<ContainerView>,
     /// Recent samples, oldest first (only on `GET /api/v1/agents/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     history: Option<Vec<MetricsOut>>,
 }
 
-#[derive(Serialize)]
+/// One container on an agent, from its latest heartbeat: the schema of
+/// [`crate::agents::ContainerView`] (documentation only; a test keeps the two alike).
+#[derive(Serialize, ToSchema)]
+pub struct AgentContainer {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub service: String,
+    pub deployment: String,
+    pub cpu_percent: f64,
+    pub memory_used_bytes: u64,
+    pub memory_limit_bytes: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = AgentMetrics)]
 struct MetricsOut {
     at: String,
     cpu_percent: f64,
@@ -101,6 +120,20 @@ fn view(row: AgentRow, live: Option<&HashMap<String, LiveView>>, with_history: b
     }
 }
 
+/// Every agent that has joined and is not revoked, with the leader's live view of each.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    tag = "agents",
+    operation_id = "list_agents",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "The agents", body = Vec<AgentView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<AgentView>>, ApiError> {
     caller.require("read")?;
     c.read_barrier().await?;
@@ -109,6 +142,22 @@ async fn list(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<Agen
     Ok(Json(rows.into_iter().map(|row| view(row, live.as_ref(), false)).collect()))
 }
 
+/// One agent, with its recent metrics history.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{id}",
+    tag = "agents",
+    operation_id = "show_agent",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<AgentView>, ApiError> {
     caller.require("read")?;
     c.read_barrier().await?;
@@ -123,9 +172,44 @@ async fn show(State(c): State<AppState>, caller: Caller, Path(id): Path<String>)
 }
 
 /// Revokes the agent: its session ends at once and its certificate is refused from now on.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/agents/{id}",
+    tag = "agents",
+    operation_id = "revoke_agent",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn revoke(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require_cluster_admin()?;
     let command = Command::RevokeAgent { id: id.clone(), at: now_ms() };
     applied(c.propose(caller.audited("agent.revoke", &id, None, command)).await?)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema;
+
+    use super::*;
+
+    /// The documented container schema names exactly the fields a `ContainerView` is sent with.
+    #[test]
+    fn container_schema_matches_container_view() {
+        let sent = serde_json::to_value(ContainerView::default()).expect("serialize");
+        let mut sent: Vec<String> = sent.as_object().expect("object").keys().cloned().collect();
+        let schema = serde_json::to_value(AgentContainer::schema()).expect("schema");
+        let mut documented: Vec<String> =
+            schema["properties"].as_object().expect("properties").keys().cloned().collect();
+        sent.sort();
+        documented.sort();
+        assert_eq!(sent, documented);
+    }
 }

@@ -7,9 +7,10 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Caller, Role};
-use super::error::ApiError;
+use super::error::{ApiError, BadRequest, Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable};
 use super::AppState;
 use crate::store::queries::AuditRow;
 use crate::util::rfc3339;
@@ -18,16 +19,22 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/audit", get(list))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
+    /// Only this project's entries (required unless the caller is a cluster administrator).
     project_id: Option<String>,
+    /// How many entries, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+    /// Only entries older than this `seq`, for the next page.
     before: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AuditView {
+    /// Increases with each entry; page with `?before=`.
     seq: i64,
     id: String,
     at: String,
@@ -53,6 +60,24 @@ impl From<AuditRow> for AuditView {
     }
 }
 
+/// Who did what, when and from where, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "audit",
+    operation_id = "list_audit",
+    security(("bearer" = []), ("session" = [])),
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Audit entries, newest first", body = Vec<AuditView>),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list(
     State(c): State<AppState>,
     caller: Caller,

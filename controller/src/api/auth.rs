@@ -16,6 +16,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use deployer_common::token::hash_secret;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::AppState;
@@ -30,7 +31,7 @@ pub const SESSION_COOKIE: &str = "deployer_session";
 pub const SCOPES: [&str; 4] = ["read", "deploy", "write", "admin"];
 
 /// A user's role on a project, weakest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Viewer,

@@ -6,9 +6,13 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use deployer_common::token::JoinToken;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{applied, ApiError};
+use super::error::{
+    applied, ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
+    UnsupportedMediaType,
+};
 use super::json::ApiJson;
 use super::AppState;
 use crate::command::{Command, JoinTokenKind};
@@ -25,14 +29,14 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/cluster/tokens/{id}", delete(revoke_token))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ClusterView {
     leader_id: Option<u64>,
     term: u64,
     nodes: Vec<NodeView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct NodeView {
     id: u64,
     addr: String,
@@ -40,6 +44,20 @@ struct NodeView {
     voter: bool,
 }
 
+/// The cluster's members and its current leader, as this node sees them.
+#[utoipa::path(
+    get,
+    path = "/api/v1/cluster",
+    tag = "cluster",
+    operation_id = "show_cluster",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "Membership and leadership", body = ClusterView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn cluster(State(c): State<AppState>, caller: Caller) -> Result<Json<ClusterView>, ApiError> {
     caller.require("read")?;
     let metrics = c.raft.metrics().borrow().clone();
@@ -57,21 +75,55 @@ async fn cluster(State(c): State<AppState>, caller: Caller) -> Result<Json<Clust
     Ok(Json(ClusterView { leader_id: metrics.current_leader, term: metrics.current_term, nodes }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(as = CreateJoinToken)]
 #[serde(deny_unknown_fields)]
 struct CreateToken {
+    /// `agent` or `controller`: what may join with the token.
+    #[schema(example = "agent", pattern = "^(agent|controller)$")]
     kind: String,
+    /// Lifetime in seconds: 1 to 30 days' worth, a day by default.
+    #[schema(minimum = 1, maximum = 2592000)]
     ttl_s: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = CreatedJoinToken)]
 struct CreatedToken {
     id: String,
+    #[schema(value_type = String, example = "agent")]
     kind: &'static str,
+    /// The join token itself; shown only here.
     token: String,
     expires_at: String,
 }
 
+/// Creates a join token for an agent or a controller (cluster administrators).
+#[utoipa::path(
+    post,
+    path = "/api/v1/cluster/tokens",
+    tag = "cluster",
+    operation_id = "create_join_token",
+    security(("bearer" = []), ("session" = [])),
+    request_body(content = CreateToken, content_type = "application/json"),
+    responses(
+        (
+            status = 201,
+            description = "The token, shown once",
+            body = CreatedToken,
+            links(
+                ("RevokeJoinToken" = (operation_id = "revoke_join_token", parameters(("id" = "$response.body#/id")))),
+            ),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create_token(
     State(c): State<AppState>,
     caller: Caller,
@@ -117,15 +169,32 @@ async fn create_token(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = JoinTokenView)]
 struct TokenView {
     id: String,
+    /// `agent`, `controller`, or `unknown` for a kind this version does not know.
+    #[schema(value_type = String, example = "agent")]
     kind: &'static str,
     created_at: String,
     expires_at: String,
     revoked_at: Option<String>,
 }
 
+/// Every join token, revoked and expired ones included (cluster administrators).
+#[utoipa::path(
+    get,
+    path = "/api/v1/cluster/tokens",
+    tag = "cluster",
+    operation_id = "list_join_tokens",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "The join tokens (never their secrets)", body = Vec<TokenView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenView>>, ApiError> {
     caller.require_cluster_admin()?;
     c.read_barrier().await?;
@@ -144,6 +213,22 @@ async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<V
     ))
 }
 
+/// Revokes a join token: nothing can join with it any more (cluster administrators).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/cluster/tokens/{id}",
+    tag = "cluster",
+    operation_id = "revoke_join_token",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The join token's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn revoke_token(
     State(c): State<AppState>,
     caller: Caller,

@@ -3,6 +3,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{ToResponse, ToSchema};
 
 use crate::command::{CommandResponse, Rejection};
 use crate::controller::ProposeError;
@@ -71,6 +73,63 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+/// The body of every error answer (as [`ApiError::into_response`] writes it), for the OpenAPI
+/// description.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable, e.g. `not_found`, `validation_failed`, `no_leader`.
+    pub code: String,
+    /// What went wrong and what to fix, for a person.
+    pub message: String,
+}
+
+// The error answers the handlers share, each documented once (`components/responses`).
+
+#[derive(ToResponse)]
+#[response(description = "Bad input: malformed JSON, a malformed query string, or a request this route does not serve")]
+pub struct BadRequest(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "No credentials, or an unknown, expired or revoked token or session")]
+pub struct Unauthorized(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "The token lacks the scope, or the caller the role, that this needs")]
+pub struct Forbidden(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "No such resource, or one the caller may not see")]
+pub struct NotFound(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "Conflicts with the current state (e.g. the name is taken)")]
+pub struct Conflict(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "The request body is larger than the API accepts (64 KiB)")]
+pub struct PayloadTooLarge(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "The request body was not sent as `Content-Type: application/json`")]
+pub struct UnsupportedMediaType(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "The request is well-formed but invalid; the message names the field")]
+pub struct Unprocessable(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "Too many failed attempts; wait and retry")]
+pub struct TooManyRequests(pub ErrorBody);
+
+#[derive(ToResponse)]
+#[response(description = "The cluster has no leader or quorum right now, or is shutting down; retry")]
+pub struct Unavailable(pub ErrorBody);
 
 impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> ApiError {

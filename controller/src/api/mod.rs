@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod error;
 pub mod health;
 pub mod json;
+pub mod openapi;
 pub mod projects;
 pub mod services;
 pub mod users;
@@ -22,9 +23,13 @@ pub type AppState = SharedController;
 /// Largest JSON body the API accepts.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// Each route is also described in [`openapi::ApiDoc`] (annotate the handler with
+/// `#[utoipa::path]` and list it there): `openapi`'s tests read the `.route(` calls of these
+/// files and fail on a route the description lacks.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(openapi::router())
         .merge(cluster::router())
         .merge(agents::router())
         .merge(projects::router())

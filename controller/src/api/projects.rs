@@ -5,9 +5,13 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Caller, Role};
-use super::error::{applied, ApiError};
+use super::error::{
+    applied, ApiError, BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    Unprocessable, UnsupportedMediaType,
+};
 use super::json::ApiJson;
 use super::AppState;
 use crate::command::Command;
@@ -22,7 +26,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/projects/{id}/collaborators/{user_id}", axum::routing::delete(remove_collaborator))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ProjectView {
     id: String,
     name: String,
@@ -50,12 +54,61 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateProject {
+    /// A DNS label: lowercase letters, digits and `-`, 1 to 40 characters.
+    #[schema(example = "shop", pattern = "^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")]
     name: String,
 }
 
+/// Creates a project; a user who creates one owns it.
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects",
+    tag = "projects",
+    operation_id = "create_project",
+    security(("bearer" = []), ("session" = [])),
+    request_body(content = CreateProject, content_type = "application/json"),
+    responses(
+        (
+            status = 201,
+            description = "The new project",
+            body = ProjectView,
+            links(
+                ("ShowProject" = (operation_id = "show_project", parameters(("id" = "$response.body#/id")))),
+                ("DeleteProject" = (operation_id = "delete_project", parameters(("id" = "$response.body#/id")))),
+                (
+                    "ListCollaborators" = (
+                        operation_id = "list_collaborators",
+                        parameters(
+                            ("id" = "$response.body#/id"),
+                        )
+                    )
+                ),
+                ("AddCollaborator" = (operation_id = "add_collaborator", parameters(("id" = "$response.body#/id")))),
+                ("ListServices" = (operation_id = "list_services", parameters(("project_id" = "$response.body#/id")))),
+                (
+                    "CreateService" = (
+                        operation_id = "create_service",
+                        parameters(
+                            ("project_id" = "$response.body#/id"),
+                        )
+                    )
+                ),
+                ("ListAudit" = (operation_id = "list_audit", parameters(("project_id" = "$response.body#/id")))),
+            ),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create(
     State(c): State<AppState>,
     caller: Caller,
@@ -75,13 +128,34 @@ async fn create(
     Ok((StatusCode::CREATED, Json(project.into())))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// How many projects, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+    /// The id of the last project of the previous page.
     before: Option<String>,
 }
 
+/// The projects the caller may see, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects",
+    tag = "projects",
+    operation_id = "list_projects",
+    security(("bearer" = []), ("session" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Projects, newest first", body = Vec<ProjectView>),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list(
     State(c): State<AppState>,
     caller: Caller,
@@ -108,6 +182,22 @@ async fn list(
     Ok(Json(projects.iter().cloned().map(ProjectView::from).collect()))
 }
 
+/// One project.
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{id}",
+    tag = "projects",
+    operation_id = "show_project",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The project's id")),
+    responses(
+        (status = 200, description = "The project", body = ProjectView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn show(
     State(c): State<AppState>,
     caller: Caller,
@@ -118,6 +208,23 @@ async fn show(
     Ok(Json(project.into()))
 }
 
+/// Deletes a project and everything in it (its owners).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{id}",
+    tag = "projects",
+    operation_id = "delete_project",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The project's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn remove(State(c): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     c.read_barrier().await?;
     let (project, _) = caller.require_project(&c, &id, "write", Role::Owner).await?;
@@ -126,13 +233,30 @@ async fn remove(State(c): State<AppState>, caller: Caller, Path(id): Path<String
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CollaboratorView {
     user_id: String,
     email: String,
+    #[schema(value_type = Role)]
     role: String,
 }
 
+/// The project's collaborators and their roles.
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{id}/collaborators",
+    tag = "projects",
+    operation_id = "list_collaborators",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The project's id")),
+    responses(
+        (status = 200, description = "The collaborators", body = Vec<CollaboratorView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_collaborators(
     State(c): State<AppState>,
     caller: Caller,
@@ -144,13 +268,53 @@ async fn list_collaborators(
     Ok(Json(rows.into_iter().map(|(u, role)| CollaboratorView { user_id: u.id, email: u.email, role }).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddCollaborator {
+    /// An existing user's email address.
+    #[schema(example = "ada@example.com")]
     email: String,
+    /// No higher than the caller's own role.
+    #[schema(value_type = Role)]
     role: String,
 }
 
+/// Adds a user to the project with a role, or changes their role (project admins).
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{id}/collaborators",
+    tag = "projects",
+    operation_id = "add_collaborator",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The project's id")),
+    request_body(content = AddCollaborator, content_type = "application/json"),
+    responses(
+        (
+            status = 201,
+            description = "The collaborator and their role",
+            body = CollaboratorView,
+            links(
+                (
+                    "RemoveCollaborator" = (
+                        operation_id = "remove_collaborator",
+                        parameters(
+                            ("id" = "$request.path.id"),
+                            ("user_id" = "$response.body#/user_id"),
+                        )
+                    )
+                ),
+            ),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn add_collaborator(
     State(c): State<AppState>,
     caller: Caller,
@@ -192,6 +356,25 @@ async fn add_collaborator(
     ))
 }
 
+/// Removes a collaborator from the project (project admins).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{id}/collaborators/{user_id}",
+    tag = "projects",
+    operation_id = "remove_collaborator",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("id" = String, Path, description = "The project's id"),
+        ("user_id" = String, Path, description = "The collaborator's user id"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn remove_collaborator(
     State(c): State<AppState>,
     caller: Caller,

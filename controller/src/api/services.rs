@@ -14,9 +14,13 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::{Caller, Role};
-use super::error::{applied, ApiError};
+use super::error::{
+    applied, ApiError, BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    Unprocessable, UnsupportedMediaType,
+};
 use super::json::ApiJson;
 use super::projects::validate_name;
 use super::AppState;
@@ -39,17 +43,21 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Where a service's code comes from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
     Git {
+        /// `https://`, `http://`, `git://`, `ssh://`, `file://` or `user@host:path`.
+        #[schema(example = "https://git.example.com/shop.git", pattern = r"^\S+$", max_length = 2048)]
         url: String,
         #[serde(default = "default_branch")]
         branch: String,
         #[serde(default = "default_dockerfile")]
         dockerfile: String,
     },
+    /// An image reference, e.g. `nginx:1.27`.
     Image(String),
+    /// Source uploads (`POST .../upload`).
     Upload {},
 }
 
@@ -61,12 +69,16 @@ fn default_dockerfile() -> String {
     "Dockerfile".into()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// Thousandths of a CPU, 10 to 256000 (default 500).
     #[serde(default = "default_cpu")]
+    #[schema(minimum = 10, maximum = 256000)]
     pub cpu_millis: u64,
+    /// 16 MiB to 1 TiB (default 512 MiB).
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16777216_u64, maximum = 1099511627776_u64)]
     pub memory_bytes: u64,
 }
 
@@ -84,10 +96,12 @@ impl Default for Resources {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
+    /// A URL path starting with `/` (default `/`).
     #[serde(default = "default_health_path")]
+    #[schema(example = "/healthz", pattern = r"^/\S*$", max_length = 1024)]
     pub path: String,
 }
 
@@ -102,7 +116,7 @@ impl Default for HealthCheck {
 }
 
 /// The stored spec: every field present, secrets apart.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSpec {
     pub source: Source,
     pub port: u16,
@@ -116,22 +130,35 @@ pub struct ServiceSpec {
 
 /// A create (every field but `name` and `source` optional) or a patch (every field optional;
 /// `null` in `env` or `secrets` removes that variable).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ServiceInput {
+    /// Required on create, a DNS label; cannot be changed.
+    #[schema(example = "web", pattern = "^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")]
     name: Option<String>,
+    /// Required on create.
     source: Option<Source>,
+    /// The port the service listens on (default 8080).
+    #[schema(minimum = 1, maximum = 65535)]
     port: Option<u16>,
+    /// Environment variables; on a patch, `null` removes one.
     env: Option<BTreeMap<String, Option<String>>>,
+    /// Secret variables, sealed and never shown again; on a patch, `null` removes one.
     secrets: Option<BTreeMap<String, Option<String>>>,
+    /// 0 to 100 (default 1).
+    #[schema(maximum = 100)]
     replicas: Option<u32>,
     resources: Option<Resources>,
     health_check: Option<HealthCheck>,
+    /// Names of services of the same project that this one needs.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$", max_items = 50)]
     depends_on: Option<Vec<String>>,
+    /// Host names routed to this service, each claimed by one service only.
+    #[schema(pattern = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_items = 50)]
     domains: Option<Vec<String>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ServiceView {
     id: String,
     project_id: String,
@@ -139,6 +166,7 @@ pub struct ServiceView {
     #[serde(flatten)]
     spec: ServiceSpec,
     /// Secret names, each with a masked value.
+    #[schema(value_type = BTreeMap<String, String>)]
     secrets: BTreeMap<String, &'static str>,
     created_at: String,
     updated_at: String,
@@ -293,6 +321,61 @@ fn dedup(list: Vec<String>) -> Vec<String> {
     out
 }
 
+/// Creates a service in the project (project admins).
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project_id}/services",
+    tag = "services",
+    operation_id = "create_service",
+    security(("bearer" = []), ("session" = [])),
+    params(("project_id" = String, Path, description = "The project's id")),
+    request_body(content = ServiceInput, content_type = "application/json"),
+    responses(
+        (
+            status = 201,
+            description = "The new service",
+            body = ServiceView,
+            links(
+                (
+                    "ShowService" = (
+                        operation_id = "show_service",
+                        parameters(
+                            ("project_id" = "$response.body#/project_id"),
+                            ("service_id" = "$response.body#/id"),
+                        )
+                    )
+                ),
+                (
+                    "UpdateService" = (
+                        operation_id = "update_service",
+                        parameters(
+                            ("project_id" = "$response.body#/project_id"),
+                            ("service_id" = "$response.body#/id"),
+                        )
+                    )
+                ),
+                (
+                    "DeleteService" = (
+                        operation_id = "delete_service",
+                        parameters(
+                            ("project_id" = "$response.body#/project_id"),
+                            ("service_id" = "$response.body#/id"),
+                        )
+                    )
+                ),
+            ),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create(
     State(c): State<AppState>,
     caller: Caller,
@@ -362,6 +445,31 @@ fn check_secrets(secrets: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Changes a service's spec: the fields sent replace those stored (project admins).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/projects/{project_id}/services/{service_id}",
+    tag = "services",
+    operation_id = "update_service",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("project_id" = String, Path, description = "The project's id"),
+        ("service_id" = String, Path, description = "The service's id"),
+    ),
+    request_body(content = ServiceInput, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The service as changed", body = ServiceView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn update(
     State(c): State<AppState>,
     caller: Caller,
@@ -454,6 +562,22 @@ async fn update(
     }))
 }
 
+/// The project's services.
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project_id}/services",
+    tag = "services",
+    operation_id = "list_services",
+    security(("bearer" = []), ("session" = [])),
+    params(("project_id" = String, Path, description = "The project's id")),
+    responses(
+        (status = 200, description = "The services", body = Vec<ServiceView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list(
     State(c): State<AppState>,
     caller: Caller,
@@ -465,6 +589,25 @@ async fn list(
     Ok(Json(rows.into_iter().map(ServiceView::new).collect::<Result<_, _>>()?))
 }
 
+/// One service.
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project_id}/services/{service_id}",
+    tag = "services",
+    operation_id = "show_service",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("project_id" = String, Path, description = "The project's id"),
+        ("service_id" = String, Path, description = "The service's id"),
+    ),
+    responses(
+        (status = 200, description = "The service", body = ServiceView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn show(
     State(c): State<AppState>,
     caller: Caller,
@@ -480,6 +623,26 @@ async fn show(
     Ok(Json(ServiceView::new(row)?))
 }
 
+/// Deletes a service no other service depends on (project admins).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{project_id}/services/{service_id}",
+    tag = "services",
+    operation_id = "delete_service",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("project_id" = String, Path, description = "The project's id"),
+        ("service_id" = String, Path, description = "The service's id"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn remove(
     State(c): State<AppState>,
     caller: Caller,

@@ -21,9 +21,13 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use deployer_common::token::{hash_secret, random_hex};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::{Caller, ClientAddr, Credential, SCOPES, SESSION_COOKIE};
-use super::error::{applied, ApiError};
+use super::error::{
+    applied, ApiError, BadRequest, Conflict, ErrorBody, Forbidden, NotFound, PayloadTooLarge, TooManyRequests,
+    Unauthorized, Unavailable, Unprocessable, UnsupportedMediaType,
+};
 use super::json::ApiJson;
 use super::AppState;
 use crate::command::Command;
@@ -47,7 +51,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/tokens/{id}", delete(revoke_token))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct UserView {
     id: String,
     email: String,
@@ -97,15 +101,39 @@ async fn verify_password(password: String, phc: String) -> bool {
     .unwrap_or(false)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateUser {
+    #[schema(example = "ada@example.com", pattern = r"^[^@\s]+@[^@\s.][^@\s]*$", max_length = 254)]
     email: String,
+    /// 10 to 256 characters.
+    #[schema(min_length = 10, max_length = 256)]
     password: String,
+    /// A cluster administrator (default false).
     #[serde(default)]
     admin: bool,
 }
 
+/// Creates a user (cluster administrators).
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    operation_id = "create_user",
+    security(("bearer" = []), ("session" = [])),
+    request_body(content = CreateUser, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new user", body = UserView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create_user(
     State(c): State<AppState>,
     caller: Caller,
@@ -130,6 +158,20 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(user.into())))
 }
 
+/// Every user (cluster administrators).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    operation_id = "list_users",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "The users", body = Vec<UserView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_users(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<UserView>>, ApiError> {
     caller.require_cluster_admin()?;
     c.read_barrier().await?;
@@ -191,14 +233,14 @@ impl LoginThrottle {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     email: String,
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LoggedIn {
     user: UserView,
     expires_at: String,
@@ -214,6 +256,29 @@ fn over_tls(headers: &HeaderMap) -> bool {
     headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
+/// Logs in to the dashboard: sets the session cookie `deployer_session`; needs no credentials.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "users",
+    operation_id = "login",
+    request_body(content = Login, content_type = "application/json"),
+    responses(
+        (
+            status = 200,
+            description = "Logged in",
+            body = LoggedIn,
+            headers(("Set-Cookie" = String, description = "The session cookie `deployer_session` (HttpOnly)")),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, description = "Wrong email or password", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn login(
     State(c): State<AppState>,
     ClientAddr(source): ClientAddr,
@@ -259,6 +324,24 @@ async fn login(
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$L1/bq4MSzuaGbzwWxAyBxRNWj0lk5n2H8xsyBD1vRc0";
 
+/// Ends the caller's dashboard session and clears its cookie.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    tag = "users",
+    operation_id = "logout",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (
+            status = 204,
+            description = "Logged out",
+            headers(("Set-Cookie" = String, description = "Clears the session cookie")),
+        ),
+        (status = 400, description = "The caller used an API token, not a session", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn logout(State(c): State<AppState>, caller: Caller, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
     let Credential::Session { token_hash, .. } = &caller.credential else {
         return Err(ApiError::bad_request(
@@ -269,14 +352,30 @@ async fn logout(State(c): State<AppState>, caller: Caller, headers: HeaderMap) -
     Ok((StatusCode::NO_CONTENT, AppendHeaders([(SET_COOKIE, session_cookie("", 0, over_tls(&headers)))])))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Me {
+    /// `null` for the cluster's first admin token, which belongs to no user.
     user: Option<UserView>,
     scopes: Vec<String>,
     cluster_admin: bool,
+    /// `token` or `session`.
+    #[schema(value_type = String, example = "token")]
     via: &'static str,
 }
 
+/// Who the caller is, and what they may do.
+#[utoipa::path(
+    get,
+    path = "/api/v1/me",
+    tag = "users",
+    operation_id = "me",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "The caller", body = Me),
+        (status = 401, response = Unauthorized),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn me(caller: Caller) -> Json<Me> {
     Json(Me {
         cluster_admin: caller.is_cluster_admin(),
@@ -289,15 +388,23 @@ async fn me(caller: Caller) -> Json<Me> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(as = CreateApiToken)]
 #[serde(deny_unknown_fields)]
 struct CreateToken {
+    /// 1 to 100 characters.
+    #[schema(example = "ci")]
     name: String,
+    /// Some of `read`, `deploy`, `write`, `admin`, none beyond the caller's own.
+    #[schema(example = json!(["deploy"]), pattern = "^(read|deploy|write|admin)$", min_items = 1)]
     scopes: Vec<String>,
+    /// Lifetime in seconds, at most a year; no expiry when absent.
+    #[schema(minimum = 1, maximum = 31536000)]
     expires_in_s: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = CreatedApiToken)]
 struct CreatedToken {
     id: String,
     name: String,
@@ -306,6 +413,32 @@ struct CreatedToken {
     expires_at: Option<String>,
 }
 
+/// Creates an API token that acts as the caller, limited to its scopes.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    tag = "users",
+    operation_id = "create_api_token",
+    security(("bearer" = []), ("session" = [])),
+    request_body(content = CreateToken, content_type = "application/json"),
+    responses(
+        (
+            status = 201,
+            description = "The token, shown once",
+            body = CreatedToken,
+            links(
+                ("RevokeApiToken" = (operation_id = "revoke_api_token", parameters(("id" = "$response.body#/id")))),
+            ),
+        ),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create_token(
     State(c): State<AppState>,
     caller: Caller,
@@ -351,7 +484,8 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedToken { id, name, token, scopes, expires_at: expires_at.map(rfc3339) })))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = ApiTokenView)]
 struct TokenView {
     id: String,
     name: String,
@@ -377,6 +511,19 @@ impl From<ApiTokenRow> for TokenView {
 }
 
 /// The caller's own tokens; a cluster administrator sees everyone's.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    tag = "users",
+    operation_id = "list_api_tokens",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "API tokens (never their secrets)", body = Vec<TokenView>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenView>>, ApiError> {
     caller.require("read")?;
     c.read_barrier().await?;
@@ -384,6 +531,22 @@ async fn list_tokens(State(c): State<AppState>, caller: Caller) -> Result<Json<V
     Ok(Json(c.state.api_tokens(owner).await?.into_iter().map(TokenView::from).collect()))
 }
 
+/// Revokes one of the caller's API tokens (any token, for a cluster administrator).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{id}",
+    tag = "users",
+    operation_id = "revoke_api_token",
+    security(("bearer" = []), ("session" = [])),
+    params(("id" = String, Path, description = "The API token's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn revoke_token(
     State(c): State<AppState>,
     caller: Caller,
