@@ -3,8 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use deployer_common::pki::{ClusterCa, Identity};
-use deployer_common::token::hash_secret;
+use deployer_common::pki::Identity;
 use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::agent_server::Agent;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
@@ -72,28 +71,6 @@ impl AgentService {
         }
         Ok(row)
     }
-
-    fn ca(&self, ca_row: &crate::store::queries::ClusterCaRow) -> Result<ClusterCa, tonic::Status> {
-        let key = self
-            .controller
-            .key
-            .open(&ca_row.ca_key_sealed, b"ca-key")
-            .map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
-        let key = String::from_utf8(key).map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
-        ClusterCa::from_pem(&ca_row.ca_cert_pem, &key)
-            .map_err(|_| tonic::Status::internal("cannot load the cluster CA"))
-    }
-
-    async fn cluster_ca(&self) -> Result<(ClusterCa, String), tonic::Status> {
-        let row = self
-            .controller
-            .state
-            .cluster_ca()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))?
-            .ok_or_else(|| tonic::Status::unavailable("the cluster is not initialized yet"))?;
-        Ok((self.ca(&row)?, row.ca_cert_pem))
-    }
 }
 
 fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), tonic::Status> {
@@ -128,37 +105,8 @@ impl Agent for AgentService {
         check_hostname(&req.hostname)?;
         check_labels(&req.labels)?;
         let c = &self.controller;
-        let hash = hash_secret(&req.token_secret);
-        let lookup = || async {
-            c.state
-                .join_token_by_hash(&hash)
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))
-        };
-        let token = match lookup().await? {
-            Some(token) => token,
-            None => {
-                c.read_barrier().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                lookup()
-                    .await?
-                    .ok_or_else(|| tonic::Status::permission_denied("the join token is not known to this cluster"))?
-            }
-        };
-        if token.revoked_at.is_some() {
-            return Err(tonic::Status::permission_denied("the join token has been revoked"));
-        }
-        if token.expires_at <= now_ms() {
-            return Err(tonic::Status::permission_denied(format!(
-                "the join token expired at {}",
-                rfc3339(token.expires_at)
-            )));
-        }
-        if token.kind != Some(JoinTokenKind::Agent) {
-            return Err(tonic::Status::permission_denied(
-                "the join token is not an agent token (create one with kind \"agent\")",
-            ));
-        }
-        let (ca, ca_pem) = self.cluster_ca().await?;
+        let token = crate::grpc::valid_join_token(c, &req.token_secret, JoinTokenKind::Agent).await?;
+        let (ca, ca_pem) = crate::grpc::cluster_ca(c).await?;
         let id = new_id();
         let cert_pem = ca
             .sign_csr(&req.csr_pem, &Identity::Agent(id.clone()), &[], c.agents.settings.cert_ttl)
@@ -288,8 +236,7 @@ async fn run_session(
                 }
             },
             AgentBody::RenewCertificate(renew) => {
-                let service = AgentService::new(c.clone());
-                let (ca, _) = service.cluster_ca().await?;
+                let (ca, _) = crate::grpc::cluster_ca(&c).await?;
                 let cert_pem = ca
                     .sign_csr(&renew.csr_pem, &Identity::Agent(id.clone()), &[], c.agents.settings.cert_ttl)
                     .map_err(|e| tonic::Status::invalid_argument(format!("the renewal CSR was refused: {e}")))?;

@@ -4,8 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use deployer_common::pki::{ClusterCa, Identity};
-use deployer_common::token::hash_secret;
+use deployer_common::pki::Identity;
 use deployer_proto::cluster::cluster_server::Cluster;
 use deployer_proto::cluster::{
     AddVoterReply, AddVoterRequest, AgentLiveReply, AgentLiveRequest, JoinReply, JoinRequest, ProposeReply,
@@ -18,7 +17,7 @@ use super::require_controller;
 use crate::command::{Command, JoinTokenKind};
 use crate::controller::{propose_error_status, LocalWrite, SharedController};
 use crate::raft::ControllerNode;
-use crate::util::{new_node_id, now_ms, rfc3339};
+use crate::util::new_node_id;
 
 /// Controller certificates are long-lived; agents get short-lived ones (agents issue).
 const CONTROLLER_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -82,48 +81,8 @@ impl Cluster for ClusterService {
             return Err(tonic::Status::invalid_argument("agents join through the agent service"));
         }
         let c = &self.controller;
-        let hash = hash_secret(&req.token_secret);
-        let lookup = || async {
-            c.state
-                .join_token_by_hash(&hash)
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))
-        };
-        let token = match lookup().await? {
-            Some(token) => token,
-            None => {
-                // This node may not have applied the token's creation yet: catch up, look again.
-                c.read_barrier().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                lookup()
-                    .await?
-                    .ok_or_else(|| tonic::Status::permission_denied("the join token is not known to this cluster"))?
-            }
-        };
-        if token.revoked_at.is_some() {
-            return Err(tonic::Status::permission_denied("the join token has been revoked"));
-        }
-        if token.expires_at <= now_ms() {
-            return Err(tonic::Status::permission_denied(format!(
-                "the join token expired at {}",
-                rfc3339(token.expires_at)
-            )));
-        }
-        if token.kind != Some(kind) {
-            return Err(tonic::Status::permission_denied("the join token is not a controller token"));
-        }
-        let ca_row = c
-            .state
-            .cluster_ca()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("state unavailable: {e}")))?
-            .ok_or_else(|| tonic::Status::unavailable("the cluster is not initialized yet"))?;
-        let ca_key = c
-            .key
-            .open(&ca_row.ca_key_sealed, b"ca-key")
-            .map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
-        let ca_key = String::from_utf8(ca_key).map_err(|_| tonic::Status::internal("cannot unseal the cluster CA"))?;
-        let ca = ClusterCa::from_pem(&ca_row.ca_cert_pem, &ca_key)
-            .map_err(|_| tonic::Status::internal("cannot load the cluster CA"))?;
+        let token = super::valid_join_token(c, &req.token_secret, kind).await?;
+        let (ca, ca_pem) = super::cluster_ca(c).await?;
         let node_id = new_node_id();
         let cert_pem = ca
             .sign_csr(&req.csr_pem, &Identity::Controller(node_id), &[], CONTROLLER_CERT_VALIDITY)
@@ -133,7 +92,7 @@ impl Cluster for ClusterService {
         Ok(tonic::Response::new(JoinReply {
             node_id,
             cert_pem,
-            ca_pem: ca_row.ca_cert_pem,
+            ca_pem,
             cluster_key_hex: c.key.to_hex(),
             leader_grpc_addr,
         }))
