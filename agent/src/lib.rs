@@ -4,7 +4,10 @@
 pub mod docker;
 pub mod identity;
 pub mod metrics;
+pub mod runtime;
 pub mod session;
+pub mod source;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +29,10 @@ pub struct AgentConfig {
     /// Docker engine address (default: `DOCKER_HOST`, else the local socket).
     pub docker_host: Option<String>,
     pub heartbeat_interval: Duration,
+    /// Root of the deployments' sources and results (default: the data dir).
+    pub storage: Option<PathBuf>,
+    /// Whether `file://` git URLs may be cloned (dev mode; never on a shared host).
+    pub allow_file_git: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +121,13 @@ pub async fn run(
             joined
         }
     };
+    let storage = config.storage.clone().unwrap_or_else(|| config.data_dir.clone());
+    let tasks = tasks::Tasks::new(tasks::TaskContext {
+        docker: docker.clone(),
+        agent_id: credentials.agent_id.clone(),
+        storage,
+        allow_file_git: config.allow_file_git,
+    });
     let result = session::run(
         session::Session {
             paths: paths.clone(),
@@ -125,6 +139,7 @@ pub async fn run(
             heartbeat_interval: config.heartbeat_interval,
             docker,
             docker_version,
+            tasks,
         },
         shutdown,
     )

@@ -45,6 +45,14 @@ struct RunArgs {
     /// Milliseconds between heartbeats.
     #[arg(long, env = "DEPLOYER_HEARTBEAT_MS", default_value_t = 5000)]
     heartbeat_ms: u64,
+    /// Root of the deployments' sources and results: projects/<projectId>/{sources,deployments}
+    /// (default: the data dir).
+    #[arg(long, env = "DEPLOYER_STORAGE_PATH")]
+    storage_path: Option<PathBuf>,
+    /// Let services clone file:// git URLs from this host's disk. Off by default: a project
+    /// could otherwise read any repository the agent can.
+    #[arg(long, env = "DEPLOYER_ALLOW_LOCAL_GIT")]
+    allow_local_git: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -80,6 +88,8 @@ fn main() -> ExitCode {
         hostname: args.hostname,
         docker_host: args.docker_host,
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        storage: args.storage_path,
+        allow_file_git: args.allow_local_git,
     };
     match runtime.block_on(deployer_agent::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,7 @@ pub struct Session {
     pub heartbeat_interval: Duration,
     pub docker: Docker,
     pub docker_version: String,
+    pub tasks: std::sync::Arc<crate::tasks::Tasks>,
 }
 
 /// How one attempt ended.
@@ -267,6 +268,7 @@ impl Session {
                 Some(ControllerBody::Welcome(w)) => {
                     tracing::info!(controller = %addr, agent = %w.agent_id, "in session with the leader");
                     self.learn_controllers(w.controllers);
+                    self.tasks.session_started();
                 }
                 _ => {
                     return Ok(Ended::Failed("the controller's first message was neither welcome nor redirect".into()))
@@ -321,6 +323,13 @@ impl Session {
                         renewing = Some((key_pem, tokio::time::Instant::now()));
                     }
                 }
+                _ = self.tasks.ready.notified() => {
+                    for message in self.tasks.drain() {
+                        if tx.send(message).await.is_err() {
+                            return Ok(Ended::Dropped("the outgoing stream closed".into()));
+                        }
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(m)) => match m.body {
                         Some(ControllerBody::CertificateIssued(issued)) => {
@@ -332,6 +341,10 @@ impl Session {
                             return Ok(Ended::Redirect(Some(r.leader).filter(|l| !l.is_empty())));
                         }
                         Some(ControllerBody::HeartbeatAck(a)) => acked = acked.max(a.seq.min(seq)),
+                        Some(ControllerBody::RunDeployment(run)) => self.tasks.run(run),
+                        Some(ControllerBody::UpdateAck(ack)) => self.tasks.acked(ack),
+                        Some(ControllerBody::UploadChunk(chunk)) => self.tasks.upload_chunk(chunk),
+                        Some(ControllerBody::StopService(stop)) => self.tasks.stop_service(stop),
                         Some(ControllerBody::Welcome(_)) | None => {}
                     },
                     Ok(None) => return Ok(Ended::Dropped("the controller ended the session".into())),

@@ -139,6 +139,57 @@ pub enum Command {
         id: String,
         at: UnixMillis,
     },
+    /// A deployment asked for: `queued`. An older deployment of the same service still queued
+    /// is `superseded` by it.
+    CreateDeployment {
+        id: String,
+        project_id: String,
+        service_id: String,
+        /// What to deploy, resolved when it was asked for (see `deploy::DeploySource`).
+        source: serde_json::Value,
+        reference: Option<String>,
+        created_by: String,
+        at: UnixMillis,
+    },
+    /// One chunk of an uploaded source tarball, stored before its deployment is created.
+    PutUploadChunk {
+        upload_id: String,
+        chunk: u32,
+        data_hex: String,
+    },
+    /// The dispatcher handed a queued deployment to an agent: attempt `attempt` starts.
+    AssignDeployment {
+        id: String,
+        attempt: u32,
+        agent_id: String,
+        at: UnixMillis,
+    },
+    /// What an attempt reached. Applied only while `attempt` is the deployment's current one and
+    /// it is still in progress: a late report of an older attempt changes nothing.
+    UpdateDeployment {
+        id: String,
+        attempt: u32,
+        status: DeploymentStatus,
+        image: Option<String>,
+        commit: Option<String>,
+        url: Option<String>,
+        error: Option<String>,
+        /// For a retry (`status` queued): not handed out again before this time.
+        not_before: Option<UnixMillis>,
+        /// For a requeue (`status` queued after the agent went down): never that agent again.
+        exclude_agent: Option<String>,
+        at: UnixMillis,
+    },
+    /// Log lines of a deployment's attempt.
+    AppendDeploymentLogs {
+        id: String,
+        attempt: u32,
+        lines: Vec<LogLine>,
+    },
+    /// Drops the uploaded tarballs of these deployments (they ended long ago).
+    DropUploads {
+        ids: Vec<String>,
+    },
     /// Writes that arrived together, committed as one entry; each is applied (or rejected) on
     /// its own, in order, and answers on its own.
     Batch {
@@ -169,6 +220,12 @@ impl Command {
             Command::AgentUp { .. } => "agent_up",
             Command::AgentsDown { .. } => "agents_down",
             Command::RevokeAgent { .. } => "revoke_agent",
+            Command::CreateDeployment { .. } => "create_deployment",
+            Command::PutUploadChunk { .. } => "put_upload_chunk",
+            Command::AssignDeployment { .. } => "assign_deployment",
+            Command::UpdateDeployment { .. } => "update_deployment",
+            Command::AppendDeploymentLogs { .. } => "append_deployment_logs",
+            Command::DropUploads { .. } => "drop_uploads",
             Command::Batch { .. } => "batch",
         }
     }
@@ -199,6 +256,64 @@ impl Command {
             _ => false,
         }
     }
+}
+
+/// Where a deployment stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Queued,
+    Building,
+    Deploying,
+    Running,
+    Failed,
+    Cancelled,
+    Superseded,
+}
+
+impl DeploymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Queued => "queued",
+            DeploymentStatus::Building => "building",
+            DeploymentStatus::Deploying => "deploying",
+            DeploymentStatus::Running => "running",
+            DeploymentStatus::Failed => "failed",
+            DeploymentStatus::Cancelled => "cancelled",
+            DeploymentStatus::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeploymentStatus> {
+        [
+            DeploymentStatus::Queued,
+            DeploymentStatus::Building,
+            DeploymentStatus::Deploying,
+            DeploymentStatus::Running,
+            DeploymentStatus::Failed,
+            DeploymentStatus::Cancelled,
+            DeploymentStatus::Superseded,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// Whether an agent is (or may be) working on it.
+    pub fn in_progress(self) -> bool {
+        matches!(self, DeploymentStatus::Building | DeploymentStatus::Deploying)
+    }
+}
+
+/// One line of a deployment's log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The agent's number for the line (`None` for the controller's own lines).
+    pub agent_seq: Option<u64>,
+    pub level: String,
+    pub message: String,
+    pub at: UnixMillis,
+    pub phase: String,
+    pub step: Option<String>,
 }
 
 /// One line of the audit log: who did what to which target, when and from where.

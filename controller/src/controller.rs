@@ -40,6 +40,10 @@ pub struct Controller {
     pub applied: watch::Receiver<u64>,
     /// The leader's live view of agent sessions (empty on followers).
     pub agents: Arc<crate::agents::Registry>,
+    /// What applying committed entries changed (deployments, for live streams).
+    pub events: tokio::sync::broadcast::Sender<crate::store::state_machine::StateEvent>,
+    /// The leader's deployment dispatcher.
+    pub deploys: Arc<crate::deploy::Dispatcher>,
     /// Read barriers that arrive together share one leadership check.
     reads: ReadGate,
     /// Failed logins, to slow down password guessing.
@@ -99,6 +103,8 @@ impl Controller {
         applied: watch::Receiver<u64>,
         tokens_generation: Arc<AtomicU64>,
         agent_settings: crate::agents::AgentSettings,
+        deploy_settings: crate::deploy::DeploySettings,
+        events: tokio::sync::broadcast::Sender<crate::store::state_machine::StateEvent>,
     ) -> (Arc<Controller>, Batcher) {
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
         let controller = Controller {
@@ -110,6 +116,8 @@ impl Controller {
             peers,
             applied,
             agents: Arc::new(crate::agents::Registry::new(agent_settings)),
+            deploys: Arc::new(crate::deploy::Dispatcher::new(deploy_settings)),
+            events,
             logins: Default::default(),
             reads: ReadGate::default(),
             proposals: tx,

@@ -4,10 +4,12 @@ pub mod agents;
 pub mod api;
 pub mod command;
 pub mod controller;
+pub mod deploy;
 pub use deployer_common::files;
 pub mod grpc;
 pub mod node;
 pub mod raft;
+pub mod scheduler;
 pub mod store;
 pub mod util;
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use deployer_controller::agents::AgentSettings;
+use deployer_controller::deploy::DeploySettings;
 use deployer_controller::node::DevAgent;
 use deployer_controller::raft::RaftTuning;
 use deployer_controller::{serve, ServeConfig};
@@ -55,6 +56,44 @@ struct ServeArgs {
     tuning: TuningArgs,
     #[command(flatten)]
     agents: AgentArgs,
+    #[command(flatten)]
+    deploys: DeployArgs,
+}
+
+#[derive(Args, Clone)]
+struct DeployArgs {
+    /// Deployment attempts in progress at once, cluster-wide.
+    #[arg(long, env = "DEPLOYER_MAX_CONCURRENT_DEPLOYMENTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_concurrent_deployments: u64,
+    /// Times a failed attempt is tried again (transient failures: Docker or network errors).
+    #[arg(long, env = "DEPLOYER_DEPLOY_RETRIES", default_value_t = 3)]
+    deploy_retries: u32,
+    /// Seconds before the first retry; doubled for each one after.
+    #[arg(long, env = "DEPLOYER_DEPLOY_RETRY_BASE_S", default_value_t = 2)]
+    deploy_retry_base_s: u64,
+    /// Seconds a new instance may take to pass its health check (a service's own
+    /// `health_check.timeout_s` wins).
+    #[arg(long, env = "DEPLOYER_HEALTH_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    health_timeout_s: u64,
+    /// Deployments whose sources, images and uploads are kept per service.
+    #[arg(long, env = "DEPLOYER_KEEP_DEPLOYMENTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    keep_deployments: u32,
+    /// Largest source upload, bytes.
+    #[arg(long, env = "DEPLOYER_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
+    max_upload_bytes: u64,
+}
+
+impl From<DeployArgs> for DeploySettings {
+    fn from(a: DeployArgs) -> DeploySettings {
+        DeploySettings {
+            max_concurrent: a.max_concurrent_deployments as usize,
+            retries: a.deploy_retries,
+            retry_base: Duration::from_secs(a.deploy_retry_base_s),
+            health_timeout: Duration::from_secs(a.health_timeout_s),
+            keep: a.keep_deployments,
+            max_upload_bytes: a.max_upload_bytes,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -96,6 +135,8 @@ struct DevArgs {
     /// DOCKER_HOST, else /var/run/docker.sock).
     #[arg(long)]
     docker_host: Option<String>,
+    #[command(flatten)]
+    deploys: DeployArgs,
 }
 
 #[derive(Args)]
@@ -202,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: args.token,
                 tuning: args.tuning.into(),
                 agents: args.agents.into(),
+                deploys: args.deploys.into(),
                 dev_agent: None,
             };
             if let Some(token) = &config.token {
@@ -229,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: None,
                 tuning: RaftTuning::default(),
                 agents: AgentSettings::default(),
+                deploys: args.deploys.clone().into(),
                 dev_agent: None,
             };
             if !args.no_agent {

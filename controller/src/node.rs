@@ -58,6 +58,7 @@ pub struct ServeConfig {
     pub token: Option<String>,
     pub tuning: RaftTuning,
     pub agents: crate::agents::AgentSettings,
+    pub deploys: crate::deploy::DeploySettings,
     /// Dev mode: run an agent in this process against the local Docker engine.
     pub dev_agent: Option<DevAgent>,
 }
@@ -213,8 +214,11 @@ pub async fn serve(
         applied,
         tokens_generation,
         config.agents.clone(),
+        config.deploys.clone(),
+        state_events.clone(),
     );
     let agents_task = tokio::spawn(crate::agents::run(controller.clone(), state_events.subscribe()));
+    let dispatch_task = tokio::spawn(crate::deploy::dispatch::run(controller.clone(), state_events.subscribe()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
     let detector = tokio::spawn(crate::raft::detector::run(
@@ -319,6 +323,7 @@ pub async fn serve(
     batcher.abort();
     detector.abort();
     agents_task.abort();
+    dispatch_task.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),
@@ -468,6 +473,9 @@ async fn run_dev_agent(
         hostname: None,
         docker_host: dev.docker_host,
         heartbeat_interval: Duration::from_secs(5),
+        storage: None,
+        // Dev mode deploys the repositories on this machine.
+        allow_file_git: true,
     };
     if let Err(e) = deployer_agent::run(config, shutdown).await {
         tracing::error!(error = %e, "dev mode: the local agent stopped");

@@ -384,6 +384,18 @@ impl Registry {
         }
     }
 
+    /// The agent's current session: its serial and outgoing queue.
+    pub fn session_of(&self, id: &str) -> Option<(u64, mpsc::Sender<Result<ControllerMessage, tonic::Status>>)> {
+        let inner = self.lock();
+        inner.agents.get(id).and_then(|l| l.session.as_ref()).map(|s| (s.serial, s.tx.clone()))
+    }
+
+    /// Every agent in session, with its session serial.
+    pub fn all_sessions(&self) -> Vec<(String, u64)> {
+        let inner = self.lock();
+        inner.agents.iter().filter_map(|(id, l)| l.session.as_ref().map(|s| (id.clone(), s.serial))).collect()
+    }
+
     /// Number of agents in session with this leader.
     pub fn sessions(&self) -> usize {
         self.lock().agents.values().filter(|l| l.session.is_some()).count()
@@ -437,7 +449,7 @@ pub async fn run(controller: SharedController, mut events: broadcast::Receiver<S
                         tracing::info!(agent = %id, "agent revoked: its session is closed");
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
         }

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{HeartbeatOutcome, HelloInfo};
 use crate::command::{Command, CommandResponse, JoinTokenKind};
 use crate::controller::SharedController;
+use crate::deploy::dispatch::SessionReport;
 use crate::grpc::peer_identity;
 use crate::store::queries::AgentRow;
 use crate::util::{new_id, now_ms, rfc3339};
@@ -197,6 +198,10 @@ async fn run_session(
         Err(e) => return Err(tonic::Status::unavailable(format!("cannot record the agent as ready: {e}"))),
     }
     tracing::info!(agent = %id, serial, "agent session started");
+    // Deployment reports are handled in order, off this loop.
+    let (reports, reports_rx) = mpsc::channel(64);
+    tokio::spawn(crate::deploy::dispatch::session_worker(c.clone(), id.clone(), serial, reports_rx));
+    c.deploys.wake();
     let welcome =
         ControllerMessage { body: Some(ControllerBody::Welcome(Welcome { agent_id: id.clone(), controllers })) };
     if tx.send(Ok(welcome)).await.is_err() {
@@ -235,6 +240,16 @@ async fn run_session(
                     });
                 }
             },
+            AgentBody::DeploymentUpdate(update) => {
+                if reports.send(SessionReport::Update(update)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            AgentBody::FetchUpload(fetch) => {
+                if reports.send(SessionReport::FetchUpload(fetch)).await.is_err() {
+                    return Ok(());
+                }
+            }
             AgentBody::RenewCertificate(renew) => {
                 let (ca, _) = crate::grpc::cluster_ca(&c).await?;
                 let cert_pem = ca

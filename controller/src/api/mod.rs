@@ -5,6 +5,7 @@ pub mod agents;
 pub mod audit;
 pub mod auth;
 pub mod cluster;
+pub mod deployments;
 pub mod error;
 pub mod health;
 pub mod json;
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .merge(projects::router())
         .merge(users::router())
         .merge(services::router())
+        .merge(deployments::router(&state))
         .merge(audit::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -19,7 +19,7 @@ use super::error::{
     ApiError, BadRequest, Conflict, ErrorBody, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized,
     Unavailable, Unprocessable, UnsupportedMediaType,
 };
-use super::{agents, audit, cluster, health, projects, services, users, AppState};
+use super::{agents, audit, cluster, deployments, health, projects, services, users, AppState};
 use crate::api::auth::SESSION_COOKIE;
 
 #[derive(OpenApi)]
@@ -59,6 +59,13 @@ use crate::api::auth::SESSION_COOKIE;
         services::show,
         services::update,
         services::remove,
+        deployments::deploy,
+        deployments::upload,
+        deployments::list,
+        deployments::show,
+        deployments::logs,
+        deployments::ws_logs,
+        deployments::ws_project,
         audit::list,
     ),
     components(
@@ -84,6 +91,7 @@ use crate::api::auth::SESSION_COOKIE;
         (name = "users", description = "Users, dashboard sessions and API tokens"),
         (name = "projects", description = "Projects and their collaborators"),
         (name = "services", description = "What a project runs"),
+        (name = "deployments", description = "Releases of a service, their logs and live streams"),
         (name = "audit", description = "Who did what, when"),
         (name = "openapi", description = "This description"),
     )

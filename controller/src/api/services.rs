@@ -103,6 +103,33 @@ pub struct HealthCheck {
     #[serde(default = "default_health_path")]
     #[schema(example = "/healthz", pattern = r"^/\S*$", max_length = 1024)]
     pub path: String,
+    /// Seconds a new instance may take to answer it with a 2xx or 3xx (default: the
+    /// controller's `--health-timeout-s`, 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_s: Option<u32>,
+}
+
+/// Relaxations of the hardened container defaults. Each one is off unless set here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// A writable root filesystem (default: read-only, with a tmpfs on `/tmp`).
+    #[serde(default)]
+    pub writable_root: bool,
+    /// Run as the image's user even when it is root (default: an image without a user, or
+    /// with root, runs as 65534:65534).
+    #[serde(default)]
+    pub run_as_root: bool,
+    /// Linux capabilities added back (default: all dropped; `NET_BIND_SERVICE` is added when
+    /// the port is below 1024).
+    #[serde(default)]
+    #[schema(example = json!(["CHOWN"]), max_items = 40)]
+    pub capabilities: Vec<String>,
+    /// Most processes in the container (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 16, maximum = 1000000)]
+    pub pids_limit: Option<i64>,
 }
 
 fn default_health_path() -> String {
@@ -111,7 +138,7 @@ fn default_health_path() -> String {
 
 impl Default for HealthCheck {
     fn default() -> Self {
-        HealthCheck { path: default_health_path() }
+        HealthCheck { path: default_health_path(), timeout_s: None }
     }
 }
 
@@ -126,6 +153,8 @@ pub struct ServiceSpec {
     pub health_check: HealthCheck,
     pub depends_on: Vec<String>,
     pub domains: Vec<String>,
+    #[serde(default)]
+    pub security: Security,
 }
 
 /// A create (every field but `name` and `source` optional) or a patch (every field optional;
@@ -156,6 +185,8 @@ struct ServiceInput {
     /// Host names routed to this service, each claimed by one service only.
     #[schema(pattern = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_items = 50)]
     domains: Option<Vec<String>>,
+    /// Relaxations of the hardened container defaults.
+    security: Option<Security>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -222,12 +253,21 @@ pub fn validate_domain(domain: &str) -> Result<(), String> {
 fn validate_source(source: &Source) -> Result<(), ApiError> {
     match source {
         Source::Git { url, branch, dockerfile } => {
-            let scheme_ok = ["https://", "http://", "git://", "ssh://", "file://"].iter().any(|s| url.starts_with(s))
-                || (url.contains('@') && url.contains(':') && !url.contains("://"));
+            let scheme_ok = ["https://", "http://", "git://", "file://"].iter().any(|s| url.starts_with(s));
             if !scheme_ok || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ApiError::validation(format!(
-                    "source.git.url: {url:?} is not a git URL (https://, http://, git://, ssh://, user@host:path or file://)"
+                    "source.git.url: {url:?} is not a git URL Deployer can fetch (https://, http://, git://, or \
+                     file:// where the operator allows it; ssh is not supported: agents hold no SSH keys, \
+                     use https with GIT_USERNAME and GIT_PASSWORD secrets)"
                 )));
+            }
+            if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
+                if rest.split('/').next().is_some_and(|authority| authority.contains('@')) {
+                    return Err(ApiError::validation(
+                        "source.git.url: credentials do not belong in the URL; set the secrets GIT_USERNAME and \
+                         GIT_PASSWORD instead",
+                    ));
+                }
             }
             if branch.is_empty()
                 || branch.len() > 255
@@ -285,6 +325,23 @@ fn validate_spec(spec: &ServiceSpec, secrets: &BTreeMap<String, ()>) -> Result<(
     }
     if !((16 << 20)..=(1 << 40)).contains(&spec.resources.memory_bytes) {
         return Err(ApiError::validation("resources.memory_bytes must be between 16 MiB and 1 TiB"));
+    }
+    if spec.health_check.timeout_s.is_some_and(|t| !(1..=3600).contains(&t)) {
+        return Err(ApiError::validation("health_check.timeout_s must be between 1 and 3600"));
+    }
+    let sec = &spec.security;
+    if sec.capabilities.len() > 40
+        || sec
+            .capabilities
+            .iter()
+            .any(|c| c.is_empty() || c.len() > 32 || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+    {
+        return Err(ApiError::validation(
+            "security.capabilities: at most 40 Linux capability names like NET_ADMIN (upper case, without CAP_)",
+        ));
+    }
+    if sec.pids_limit.is_some_and(|p| !(16..=1_000_000).contains(&p)) {
+        return Err(ApiError::validation("security.pids_limit must be between 16 and 1000000"));
     }
     let path = &spec.health_check.path;
     if !path.starts_with('/') || path.len() > 1024 || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -400,6 +457,7 @@ async fn create(
         health_check: body.health_check.unwrap_or_default(),
         depends_on: dedup(body.depends_on.unwrap_or_default()),
         domains: dedup(body.domains.unwrap_or_default()),
+        security: body.security.unwrap_or_default(),
     };
     let secrets: BTreeMap<String, String> =
         body.secrets.unwrap_or_default().into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
@@ -516,6 +574,9 @@ async fn update(
     }
     if let Some(d) = body.domains {
         spec.domains = dedup(d);
+    }
+    if let Some(s) = body.security {
+        spec.security = s;
     }
     let mut set = BTreeMap::new();
     let mut unset = Vec::new();

@@ -2,11 +2,16 @@
 
 use sqlx::{Sqlite, Transaction};
 
+use super::state_machine::StateEvent;
 use crate::command::{AuditEntry, Command, CommandResponse, Rejection};
 
-pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
+pub(crate) async fn apply(
+    tx: &mut Transaction<'_, Sqlite>,
+    command: Command,
+    events: &mut Vec<StateEvent>,
+) -> Result<CommandResponse, sqlx::Error> {
     let Command::Batch { commands } = command else {
-        return apply_one(tx, command).await;
+        return apply_one(tx, command, events).await;
     };
     let mut responses = Vec::with_capacity(commands.len());
     let mut commands = commands.into_iter().peekable();
@@ -28,7 +33,7 @@ pub(crate) async fn apply(tx: &mut Transaction<'_, Sqlite>, command: Command) ->
             Err(Command::Batch { .. }) => {
                 responses.push(CommandResponse::rejected(Rejection::Conflict, "nested batch"))
             }
-            Err(command) => responses.push(apply_one(tx, command).await?),
+            Err(command) => responses.push(apply_one(tx, command, events).await?),
         }
     }
     Ok(CommandResponse::Batch { responses })
@@ -138,9 +143,19 @@ async fn create_projects(
     Ok(responses)
 }
 
-async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result<CommandResponse, sqlx::Error> {
+async fn apply_one(
+    tx: &mut Transaction<'_, Sqlite>,
+    command: Command,
+    events: &mut Vec<StateEvent>,
+) -> Result<CommandResponse, sqlx::Error> {
     match command {
         Command::Batch { .. } => return Ok(CommandResponse::rejected(Rejection::Conflict, "nested batch")),
+        command @ (Command::CreateDeployment { .. }
+        | Command::PutUploadChunk { .. }
+        | Command::AssignDeployment { .. }
+        | Command::UpdateDeployment { .. }
+        | Command::AppendDeploymentLogs { .. }
+        | Command::DropUploads { .. }) => return super::apply_deploy::apply(tx, command, events).await,
         Command::InitCluster { ca_cert_pem, ca_key_sealed_hex, at } => {
             let exists: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM cluster WHERE id = 1").fetch_optional(&mut **tx).await?;
@@ -320,7 +335,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, command: Command) -> Result
         }
         // The command, and its audit entry if it was applied.
         Command::Audited { entry, command } => {
-            let response = Box::pin(apply_one(tx, *command)).await?;
+            let response = Box::pin(apply_one(tx, *command, events)).await?;
             if matches!(response, CommandResponse::Applied) {
                 insert_audit(tx, &[entry]).await?;
             }
@@ -637,7 +652,10 @@ mod tests {
         .await
         .unwrap();
         let mut tx = pool.begin().await.unwrap();
-        assert!(matches!(apply(&mut tx, create("p0", "old")).await.unwrap(), CommandResponse::Applied));
+        assert!(matches!(
+            apply(&mut tx, create("p0", "old"), &mut Vec::new()).await.unwrap(),
+            CommandResponse::Applied
+        ));
         let batch = Command::Batch {
             commands: vec![
                 create("p1", "web"),
@@ -648,7 +666,7 @@ mod tests {
                 create("p4", "api"),
             ],
         };
-        let CommandResponse::Batch { responses } = apply(&mut tx, batch).await.unwrap() else {
+        let CommandResponse::Batch { responses } = apply(&mut tx, batch, &mut Vec::new()).await.unwrap() else {
             panic!("a batch answers a batch");
         };
         assert_eq!(responses.len(), 6);

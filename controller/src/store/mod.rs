@@ -2,6 +2,7 @@
 //! SQLite database under the data dir.
 
 pub mod apply;
+mod apply_deploy;
 pub mod log_store;
 pub mod queries;
 pub mod state_machine;

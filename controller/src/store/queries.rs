@@ -465,3 +465,130 @@ impl StateReader {
             .await
     }
 }
+
+/// A deployment as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct DeploymentRow {
+    pub id: String,
+    pub seq: i64,
+    pub project_id: String,
+    pub service_id: String,
+    pub status: String,
+    pub source: String,
+    #[sqlx(rename = "ref")]
+    pub reference: Option<String>,
+    pub attempt: i64,
+    pub requeues: i64,
+    pub excluded: String,
+    pub not_before: i64,
+    pub agent_id: Option<String>,
+    pub image: Option<String>,
+    pub commit_sha: Option<String>,
+    pub url: Option<String>,
+    pub error: Option<String>,
+    pub created_by: String,
+    pub created_at: UnixMillis,
+    pub started_at: Option<UnixMillis>,
+    pub healthy_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub updated_at: UnixMillis,
+}
+
+impl DeploymentRow {
+    pub fn status(&self) -> crate::command::DeploymentStatus {
+        crate::command::DeploymentStatus::parse(&self.status).unwrap_or(crate::command::DeploymentStatus::Failed)
+    }
+
+    pub fn excluded(&self) -> Vec<String> {
+        serde_json::from_str(&self.excluded).unwrap_or_default()
+    }
+}
+
+/// A stored log line, with its number.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LogRow {
+    pub n: i64,
+    pub attempt: i64,
+    pub level: String,
+    pub message: String,
+    pub at: UnixMillis,
+    pub phase: String,
+    pub step: Option<String>,
+}
+
+impl StateReader {
+    pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM deployments WHERE id = ?").bind(id).fetch_optional(&self.pool).await
+    }
+
+    /// A service's deployments, newest first, `limit` of them older than `before` (a deployment id).
+    pub async fn deployments_of_service(
+        &self,
+        service_id: &str,
+        limit: u32,
+        before: Option<&str>,
+    ) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT * FROM deployments WHERE service_id = ?1 \
+             AND (?2 IS NULL OR seq < (SELECT seq FROM deployments WHERE id = ?2)) \
+             ORDER BY seq DESC LIMIT ?3",
+        )
+        .bind(service_id)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Deployments that are queued or in progress, oldest first: the dispatcher's queue.
+    pub async fn active_deployments(&self) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM deployments WHERE status IN ('queued', 'building', 'deploying') ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Reserved resources per agent: what its running and in-progress deployments asked for.
+    pub async fn running_on_agents(&self) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT d.agent_id, d.service_id, s.spec FROM deployments d JOIN services s ON s.id = d.service_id \
+             WHERE d.agent_id IS NOT NULL AND d.status IN ('running', 'building', 'deploying')",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Log lines numbered above `after`, in order, at most `limit`.
+    pub async fn deployment_logs(&self, id: &str, after: i64, limit: u32) -> Result<Vec<LogRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT n, attempt, level, message, at, phase, step FROM deployment_logs \
+             WHERE deployment_id = ? AND n > ? ORDER BY n LIMIT ?",
+        )
+        .bind(id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The chunks of an uploaded tarball from `chunk` on, at most `limit`.
+    pub async fn upload_chunks(&self, id: &str, chunk: u32, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT chunk, data FROM uploads WHERE id = ? AND chunk >= ? ORDER BY chunk LIMIT ?")
+            .bind(id)
+            .bind(chunk)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Uploads of deployments beyond the newest `keep` of their service that ended.
+    pub async fn stale_uploads(&self, keep: u32) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT u.id FROM uploads u JOIN deployments d ON d.id = u.id \
+             WHERE d.status NOT IN ('queued', 'building', 'deploying') \
+             AND (SELECT COUNT(*) FROM deployments n WHERE n.service_id = d.service_id AND n.seq > d.seq) >= ?",
+        )
+        .bind(keep)
+        .fetch_all(&self.pool)
+        .await
+    }
+}

@@ -45,6 +45,10 @@ pub struct StateMachine {
 pub enum StateEvent {
     /// The agent's certificate is refused from now on: its session must end.
     AgentRevoked(String),
+    /// A deployment was created or changed status.
+    DeploymentChanged { id: String, project_id: String },
+    /// Log lines up to number `upto` were added to a deployment.
+    DeploymentLogs { id: String, upto: i64 },
 }
 
 impl StateMachine {
@@ -71,7 +75,7 @@ impl StateMachine {
             snapshot_dir,
             applied,
             tokens_generation: Arc::default(),
-            events: broadcast::channel(1024).0,
+            events: broadcast::channel(4096).0,
         };
         // If the database lost what a snapshot already holds, start again from the snapshot:
         // the log behind it may have been purged.
@@ -218,7 +222,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     tokens_changed |= command.touches_api_tokens();
                     command.collect_events(&mut events);
                     let kind = command.kind();
-                    let response = super::apply::apply(&mut tx, command).await.map_err(err)?;
+                    let response = super::apply::apply(&mut tx, command, &mut events).await.map_err(err)?;
                     tracing::debug!(index = entry.log_id.index, command = kind, "applied");
                     responses.push(response);
                 }
