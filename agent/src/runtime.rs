@@ -1,20 +1,23 @@
 //! Builds images and runs a deployment's containers through the Docker API: build, start with
 //! hardened defaults, health check, stop and cleanup.
 //!
-//! Everything created here carries the Deployer labels (`deployer.managed=true`, the agent, the
+//! Containers and networks carry the Deployer labels (`deployer.managed=true`, the agent, the
 //! project, the service and the deployment; networks carry the first three), and nothing here ever
-//! stops, removes or prunes an object that lacks `deployer.managed=true` and this agent's label.
+//! stops or removes one that lacks `deployer.managed=true` (and, for a container, this agent's
+//! label). Images carry no labels: the classic builder commits one layer per label, about 1 s each
+//! on this engine. The agent recognises its images by their repository instead,
+//! `deployer/<project>/<service>`, a namespace nothing else writes, and prunes no other.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerState, EndpointSettings, HostConfig, NetworkCreateRequest,
-    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerState, EndpointSettings, HostConfig, ImageSummary,
+    NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -28,9 +31,8 @@ use tokio::time::Instant;
 
 use crate::docker::{Docker, LABEL_AGENT, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_PROJECT, LABEL_SERVICE};
 
-/// Image label holding the build time in nanoseconds since the epoch: the engine's own creation
-/// time has one-second resolution, too coarse to order two builds of one service.
-pub const LABEL_BUILT_AT: &str = "deployer.built-at";
+/// The namespace of the images the agent builds: `deployer/<project>/<service>:<deployment>`.
+const IMAGE_NAMESPACE: &str = "deployer/";
 
 /// The user a container runs as when its image names none (or root): `nobody` on most distributions.
 pub const NON_ROOT_USER: &str = "65534:65534";
@@ -60,7 +62,7 @@ const CONTEXT_CHUNKS: usize = 8;
 /// with the same name, and two deployments of one project may start at once.
 static NETWORK_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The labels a deployment's containers and images carry.
+/// The labels a deployment's containers carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Labels {
     pub agent: String,
@@ -70,7 +72,7 @@ pub struct Labels {
 }
 
 impl Labels {
-    /// The labels of a container or image.
+    /// The labels of a container.
     pub fn to_map(&self) -> HashMap<String, String> {
         let mut labels = self.network_map();
         labels.insert(LABEL_SERVICE.into(), self.service.clone());
@@ -117,6 +119,8 @@ pub enum RuntimeError {
     },
     #[error("image {reference} is not present on this agent and cannot be pulled: {reason}")]
     ImageMissing { reference: String, reason: String },
+    #[error("refusing to prune the images of {repository:?}: only repositories deployer/<project>/<service> are ours")]
+    ForeignRepository { repository: String },
     #[error(
         "a Docker network named {name} exists but was not created by Deployer for this project; remove or rename it"
     )]
@@ -157,6 +161,7 @@ impl RuntimeError {
             RuntimeError::Context { .. }
             | RuntimeError::Build { .. }
             | RuntimeError::ImageMissing { .. }
+            | RuntimeError::ForeignRepository { .. }
             | RuntimeError::ForeignNetwork { .. }
             | RuntimeError::NameTaken { .. }
             | RuntimeError::Start { .. }
@@ -229,8 +234,8 @@ fn owned_by(labels: Option<&HashMap<String, String>>, agent: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Images
 
-/// Builds `context_dir` with the Dockerfile at `dockerfile` (a path inside it) into `tag`,
-/// labelled with `labels`, and returns the image id.
+/// Builds `context_dir` with the Dockerfile at `dockerfile` (a path inside it) into `tag` and
+/// returns the image id. The image gets no labels: each would cost the classic builder a step.
 ///
 /// The context is streamed as a tar archive of the directory: symlinks are archived as links,
 /// never followed; only a top-level `.git` is left out (`.dockerignore` is not applied). Every line
@@ -240,7 +245,6 @@ pub async fn build_image(
     context_dir: &Path,
     dockerfile: &str,
     tag: &str,
-    labels: &Labels,
     log: LogSink<'_>,
 ) -> Result<String, RuntimeError> {
     let (chunks, chunks_rx) = mpsc::channel::<io::Result<Vec<u8>>>(CONTEXT_CHUNKS);
@@ -263,16 +267,7 @@ pub async fn build_image(
         rx.recv().await.map(|chunk| (chunk.map(Into::into), rx))
     }));
 
-    let mut image_labels = labels.to_map();
-    let built_at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-    image_labels.insert(LABEL_BUILT_AT.into(), built_at.to_string());
-    let options = BuildImageOptionsBuilder::new()
-        .dockerfile(dockerfile)
-        .t(tag)
-        .rm(true)
-        .forcerm(true)
-        .labels(&image_labels)
-        .build();
+    let options = BuildImageOptionsBuilder::new().dockerfile(dockerfile).t(tag).rm(true).forcerm(true).build();
     let api = docker.api().clone().with_timeout(BUILD_REQUEST_TIMEOUT);
     let built = follow_build(api.build_image(options, None, Some(body)), log).await;
     drop(stop_packing);
@@ -443,8 +438,8 @@ fn pack_context(root: &Path, writer: impl Write) -> Result<Vec<PathBuf>, (PathBu
 /// (to pick up a moved tag); when the pull fails the local copy is used, with a warning. A
 /// reference pinned by digest or id is used as it is when present.
 ///
-/// A pulled image carries no Deployer labels: the engine cannot relabel it, so `prune_images`
-/// never removes it.
+/// `prune_images` removes only images named in the agent's own `deployer/` namespace; a pulled
+/// image keeps the name it was pulled by.
 pub async fn ensure_image(docker: &Docker, reference: &str, log: LogSink<'_>) -> Result<String, RuntimeError> {
     let local = local_image_id(docker, reference).await?;
     if let Some(id) = &local {
@@ -516,47 +511,34 @@ fn split_reference(reference: &str) -> (&str, &str) {
     }
 }
 
-/// Removes the images of `service` in `project` that this agent built, except the `keep` newest
-/// and any image a container (running or stopped) still uses. Returns the tags (or ids, for an
-/// untagged image) removed.
+/// Removes the images of `repository` (`deployer/<project>/<service>`, where the agent tags what
+/// it builds), except the `keep` newest and any image a container (running or stopped) still
+/// uses. Returns the tags removed.
 ///
-/// `project` scopes the search: service names repeat across projects.
-pub async fn prune_images(
-    docker: &Docker,
-    agent: &str,
-    project: &str,
-    service: &str,
-    keep: usize,
-) -> Result<Vec<String>, RuntimeError> {
-    let filters = HashMap::from([(
-        "label",
-        vec![
-            format!("{LABEL_MANAGED}=true"),
-            format!("{LABEL_AGENT}={agent}"),
-            format!("{LABEL_PROJECT}={project}"),
-            format!("{LABEL_SERVICE}={service}"),
-        ],
-    )]);
+/// An image counts only if every one of its tags is in `repository`: one also tagged elsewhere
+/// is someone else's too. A repository outside `deployer/` is refused.
+pub async fn prune_images(docker: &Docker, repository: &str, keep: usize) -> Result<Vec<String>, RuntimeError> {
+    if !is_own_repository(repository) {
+        return Err(RuntimeError::ForeignRepository { repository: repository.to_owned() });
+    }
+    let filters = HashMap::from([("reference", vec![format!("{repository}:*")])]);
     let options = ListImagesOptionsBuilder::new().filters(&filters).build();
     let mut images = docker
         .api()
         .list_images(Some(options))
         .await
-        .map_err(|e| docker_error(format!("list the images of service {service}"), e))?;
-    // The engine filtered already; this guards against one that ignores filters.
-    images.retain(|image| {
-        owned_by(Some(&image.labels), agent)
-            && image.labels.get(LABEL_PROJECT).is_some_and(|v| v == project)
-            && image.labels.get(LABEL_SERVICE).is_some_and(|v| v == service)
-    });
-    let built_at = |image: &bollard::models::ImageSummary| {
-        image
-            .labels
-            .get(LABEL_BUILT_AT)
-            .and_then(|nanos| nanos.parse::<u128>().ok())
-            .unwrap_or(u128::try_from(image.created).unwrap_or(0) * 1_000_000_000)
-    };
-    images.sort_by(|a, b| built_at(b).cmp(&built_at(a)).then_with(|| b.id.cmp(&a.id)));
+        .map_err(|e| docker_error(format!("list the images of {repository}"), e))?;
+    // Filtered by reference, the list shows only the matching tags of each image; whether it has
+    // others too comes from inspecting it.
+    for image in &mut images {
+        match docker.api().inspect_image(&image.id).await {
+            Ok(inspected) => image.repo_tags = inspected.repo_tags.unwrap_or_default(),
+            // Removed since it was listed: no longer a candidate.
+            Err(error) if status_code(&error) == Some(404) => image.repo_tags.clear(),
+            Err(error) => return Err(docker_error(format!("inspect image {}", image.id), error)),
+        }
+    }
+    let candidates = prune_candidates(images, repository);
 
     let containers = docker
         .api()
@@ -566,23 +548,47 @@ pub async fn prune_images(
     let in_use: HashSet<String> = containers.into_iter().filter_map(|container| container.image_id).collect();
 
     let mut removed = Vec::new();
-    for image in images.into_iter().skip(keep).filter(|image| !in_use.contains(&image.id)) {
-        let tags: Vec<String> = image.repo_tags.into_iter().filter(|tag| tag != "<none>:<none>").collect();
+    for image in candidates.into_iter().skip(keep).filter(|image| !in_use.contains(&image.id)) {
         // Removing the last tag removes the image; removing by id would fail while it has several.
-        let references = if tags.is_empty() { vec![image.id.clone()] } else { tags };
-        for reference in references {
+        for tag in image.repo_tags {
             let options = RemoveImageOptionsBuilder::new().force(false).noprune(false).build();
-            match docker.api().remove_image(&reference, Some(options), None).await {
-                Ok(_) => removed.push(reference),
+            match docker.api().remove_image(&tag, Some(options), None).await {
+                Ok(_) => removed.push(tag),
                 // Gone already, or a container started using it since we looked.
                 Err(error) if matches!(status_code(&error), Some(404 | 409)) => {
-                    tracing::debug!(image = %reference, error = %reason(&error), "image not pruned");
+                    tracing::debug!(image = %tag, error = %reason(&error), "image not pruned");
                 }
-                Err(error) => return Err(docker_error(format!("remove image {reference}"), error)),
+                Err(error) => return Err(docker_error(format!("remove image {tag}"), error)),
             }
         }
     }
     Ok(removed)
+}
+
+/// Whether `repository` is one the agent builds into: `deployer/...`, with no tag or digest.
+fn is_own_repository(repository: &str) -> bool {
+    repository.strip_prefix(IMAGE_NAMESPACE).is_some_and(|rest| !rest.is_empty())
+        && !repository.contains([':', '@'])
+        && !repository.contains(char::is_whitespace)
+}
+
+/// The images of `repository` (every tag in it, at least one), newest first: by creation time,
+/// which has one-second resolution, then by tag, descending.
+fn prune_candidates(images: Vec<ImageSummary>, repository: &str) -> Vec<ImageSummary> {
+    // The engine filtered already; this guards against one that ignores the filter, or a
+    // repository with pattern characters in it that widen it.
+    let in_repository = |tag: &String| {
+        tag.strip_prefix(repository)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|name| !name.is_empty() && !name.contains(['/', ':', '@']))
+    };
+    let mut candidates: Vec<_> = images
+        .into_iter()
+        .filter(|image| !image.repo_tags.is_empty() && image.repo_tags.iter().all(in_repository))
+        .collect();
+    let newest_tag = |image: &ImageSummary| image.repo_tags.iter().max().cloned();
+    candidates.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| newest_tag(b).cmp(&newest_tag(a))));
+    candidates
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,7 +1229,9 @@ mod tests {
     impl Scratch {
         async fn new(test: &str) -> (Docker, Scratch) {
             static COUNTER: AtomicU32 = AtomicU32::new(0);
-            let id = format!("rt{}x{}-{test}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+            // Lowercase, as a repository name must be.
+            let id = format!("rt{}x{}-{test}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+                .to_ascii_lowercase();
             let scratch = Scratch {
                 agent: format!("agent-{id}"),
                 base: format!("deployer-test/{id}-base:1"),
@@ -1252,6 +1260,17 @@ mod tests {
             format!("deployer-test/{}-{name}:1", self.id)
         }
 
+        /// Where the agent tags the images of `service` in `project` (from `Scratch::project`).
+        fn repository(&self, project: &str, service: &str) -> String {
+            format!("deployer/{project}/{service}")
+        }
+
+        /// Whether `tag` is in one of the repositories this test made, `tag` or `repository`.
+        fn owns_tag(&self, tag: &str) -> bool {
+            tag.starts_with(&format!("deployer-test/{}-", self.id))
+                || tag.starts_with(&format!("deployer/{}-", self.id))
+        }
+
         /// Builds a context with `Dockerfile` (its `{base}` replaced) and `files`.
         async fn build(
             &self,
@@ -1259,7 +1278,6 @@ mod tests {
             dockerfile: &str,
             files: &[(&str, &str)],
             tag: &str,
-            labels: &Labels,
         ) -> (Result<String, RuntimeError>, Vec<(LogLevel, String)>) {
             let context = tempfile::tempdir().unwrap();
             std::fs::write(context.path().join("Dockerfile"), dockerfile.replace("{base}", &self.base)).unwrap();
@@ -1267,10 +1285,9 @@ mod tests {
                 std::fs::write(context.path().join(name), content).unwrap();
             }
             let mut lines = Vec::new();
-            let built = build_image(docker, context.path(), "Dockerfile", tag, labels, &mut |level, line| {
-                lines.push((level, line))
-            })
-            .await;
+            let built =
+                build_image(docker, context.path(), "Dockerfile", tag, &mut |level, line| lines.push((level, line)))
+                    .await;
             (built, lines)
         }
     }
@@ -1290,16 +1307,17 @@ mod tests {
             for network in networks.split_whitespace() {
                 docker_quiet(&["network", "rm", network]);
             }
-            let mut images: Vec<String> = docker_quiet(&["images", "-q", "--filter", &agent_filter])
-                .split_whitespace()
+            // Images carry no labels: they are found by name. The base goes last, after the images
+            // built on it.
+            let mut tags: Vec<String> = docker_quiet(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+                .lines()
+                .filter(|tag| self.owns_tag(tag) && *tag != self.base)
                 .map(String::from)
                 .collect();
-            images.sort();
-            images.dedup();
-            for image in images {
-                docker_quiet(&["rmi", "-f", &image]);
+            tags.push(self.base.clone());
+            for tag in tags {
+                docker_quiet(&["rmi", "-f", &tag]);
             }
-            docker_quiet(&["rmi", "-f", &self.base]);
         }
     }
 
@@ -1339,13 +1357,12 @@ mod tests {
     const SLEEP_DOCKERFILE: &str = "FROM {base}\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n";
 
     #[tokio::test]
-    async fn build_streams_its_output_and_labels_the_image() {
+    async fn build_streams_its_output() {
         if engine_missing() {
             return;
         }
         let (docker, scratch) = Scratch::new("build").await;
-        let labels = scratch.labels(&scratch.project("p"), "web", "d1");
-        let tag = scratch.tag("web");
+        let tag = format!("{}:d1", scratch.repository(&scratch.project("p"), "web"));
         let context = tempfile::tempdir().unwrap();
         std::fs::write(context.path().join("Dockerfile"), HTTPD_DOCKERFILE.replace("{base}", &scratch.base)).unwrap();
         std::fs::write(context.path().join("index.html"), "hello").unwrap();
@@ -1354,13 +1371,11 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", context.path().join("outside")).unwrap();
 
         // Spawned, as the agent does, so that the future is checked to be `Send`.
-        let (docker2, dir, tag2, labels2) = (docker.clone(), context.path().to_path_buf(), tag.clone(), labels.clone());
+        let (docker2, dir, tag2) = (docker.clone(), context.path().to_path_buf(), tag.clone());
         let (built, lines) = tokio::spawn(async move {
             let mut lines = Vec::new();
-            let built = build_image(&docker2, &dir, "Dockerfile", &tag2, &labels2, &mut |level, line| {
-                lines.push((level, line))
-            })
-            .await;
+            let built =
+                build_image(&docker2, &dir, "Dockerfile", &tag2, &mut |level, line| lines.push((level, line))).await;
             (built, lines)
         })
         .await
@@ -1368,16 +1383,28 @@ mod tests {
         let id = built.unwrap();
 
         assert!(id.starts_with("sha256:"), "{id}");
-        assert!(lines.iter().any(|(level, line)| *level == LogLevel::Info && line.starts_with("Step 2/")), "{lines:?}");
+        assert!(
+            lines.iter().any(|(level, line)| *level == LogLevel::Info && line.starts_with("Step 2/3 : ")),
+            "{lines:?}"
+        );
+        assert!(!lines.iter().any(|(_, line)| line.contains("LABEL")), "no label steps: {lines:?}");
         assert!(lines.iter().any(|(_, line)| line.contains("COPY index.html /www/index.html")), "{lines:?}");
         assert!(lines.iter().all(|(level, _)| *level != LogLevel::Error), "{lines:?}");
         let image = docker.api().inspect_image(&tag).await.unwrap();
         assert_eq!(image.id.as_deref(), Some(id.as_str()));
-        let image_labels = image.config.unwrap().labels.unwrap();
-        for (key, value) in labels.to_map() {
-            assert_eq!(image_labels.get(&key), Some(&value), "{key}");
+        assert_eq!(image.repo_tags, Some(vec![tag.clone()]));
+    }
+
+    #[tokio::test]
+    async fn zz_timing_tmp() {
+        let (docker, scratch) = Scratch::new("timing").await;
+        for n in 0..5 {
+            let files = [("index.html", format!("run {n} {}", scratch.id))];
+            let files: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+            let start = std::time::Instant::now();
+            scratch.build(&docker, HTTPD_DOCKERFILE, &files, &format!("{}:t{n}", scratch.repository(&scratch.project("p"), "web"))).await.0.unwrap();
+            eprintln!("TIMING build_image 3 steps: {:?}", start.elapsed());
         }
-        assert!(image_labels.get(LABEL_BUILT_AT).is_some_and(|nanos| nanos.parse::<u128>().is_ok()));
     }
 
     #[tokio::test]
@@ -1386,30 +1413,25 @@ mod tests {
             return;
         }
         let (docker, scratch) = Scratch::new("build-fail").await;
-        let labels = scratch.labels(&scratch.project("p"), "web", "d1");
 
-        let (built, lines) = scratch
-            .build(&docker, "FROM {base}\nRUN /bin/false\nCMD [\"sh\"]\n", &[], &scratch.tag("run"), &labels)
-            .await;
+        let (built, lines) =
+            scratch.build(&docker, "FROM {base}\nRUN /bin/false\nCMD [\"sh\"]\n", &[], &scratch.tag("run")).await;
         let err = built.unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, RuntimeError::Build { .. }), "{err:?}");
         assert!(!err.retryable());
-        // The labels make steps of their own after the Dockerfile's: `step 2/9`.
-        assert!(message.starts_with("the image build failed at step 2/"), "{message}");
-        assert!(message.contains(" (RUN /bin/false): "), "{message}");
+        assert!(message.starts_with("the image build failed at step 2/3 (RUN /bin/false): "), "{message}");
         assert!(message.contains("returned a non-zero code: 1"), "{message}");
         assert!(
             lines.iter().any(|(level, line)| *level == LogLevel::Error && line.contains("non-zero code")),
             "{lines:?}"
         );
 
-        let (built, _) = scratch.build(&docker, "FROMM {base}\n", &[], &scratch.tag("typo"), &labels).await;
+        let (built, _) = scratch.build(&docker, "FROMM {base}\n", &[], &scratch.tag("typo")).await;
         let message = built.unwrap_err().to_string();
         assert!(message.contains("unknown instruction"), "{message}");
 
-        let (built, _) =
-            scratch.build(&docker, "FROM {base}\nCOPY missing.txt /\n", &[], &scratch.tag("copy"), &labels).await;
+        let (built, _) = scratch.build(&docker, "FROM {base}\nCOPY missing.txt /\n", &[], &scratch.tag("copy")).await;
         let message = built.unwrap_err().to_string();
         assert!(message.contains("missing.txt"), "{message}");
     }
@@ -1423,8 +1445,7 @@ mod tests {
         let project = scratch.project("p");
         let labels = scratch.labels(&project, "web", "d1");
         let tag = scratch.tag("web");
-        let (built, _) =
-            scratch.build(&docker, HTTPD_DOCKERFILE, &[("index.html", "<h1>hello</h1>")], &tag, &labels).await;
+        let (built, _) = scratch.build(&docker, HTTPD_DOCKERFILE, &[("index.html", "<h1>hello</h1>")], &tag).await;
         built.unwrap();
         let network = ensure_network(&docker, &project, &labels).await.unwrap();
         assert_eq!(network, format!("deployer-{project}"));
@@ -1493,7 +1514,7 @@ mod tests {
         let tag = scratch.tag("crash");
         let dockerfile = "FROM {base}\n\
             CMD [\"/bin/busybox\", \"sh\", \"-c\", \"echo starting up; echo cannot open the database >&2; exit 3\"]\n";
-        scratch.build(&docker, dockerfile, &[], &tag, &labels).await.0.unwrap();
+        scratch.build(&docker, dockerfile, &[], &tag).await.0.unwrap();
         let network = ensure_network(&docker, &project, &labels).await.unwrap();
         let name = format!("deployer-crash-{}", scratch.id);
         let hardening = Hardening::default();
@@ -1519,7 +1540,7 @@ mod tests {
         let project = scratch.project("p");
         let labels = scratch.labels(&project, "quiet", "d1");
         let tag = scratch.tag("quiet");
-        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag, &labels).await.0.unwrap();
+        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag).await.0.unwrap();
         let network = ensure_network(&docker, &project, &labels).await.unwrap();
         let name = format!("deployer-quiet-{}", scratch.id);
         let hardening = Hardening {
@@ -1559,7 +1580,7 @@ mod tests {
         let project = scratch.project("p");
         let labels = scratch.labels(&project, "api", "d1");
         let tag = scratch.tag("api");
-        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag, &labels).await.0.unwrap();
+        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag).await.0.unwrap();
         let network = ensure_network(&docker, &project, &labels).await.unwrap();
         let hardening = Hardening::default();
 
@@ -1594,7 +1615,7 @@ mod tests {
         let worker = scratch.labels(&project, "worker", "d3");
         let elsewhere = scratch.labels(&other_project, "api", "d4");
         let tag = scratch.tag("sleep");
-        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag, &old).await.0.unwrap();
+        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag).await.0.unwrap();
         let network = ensure_network(&docker, &project, &old).await.unwrap();
         let other_network = ensure_network(&docker, &other_project, &elsewhere).await.unwrap();
         let hardening = Hardening::default();
@@ -1662,6 +1683,12 @@ mod tests {
         docker.api().inspect_container(&other_agent, None).await.unwrap();
     }
 
+    /// A sleeping image's Dockerfile that no other build shares, so the build cache cannot merge
+    /// two of them into one image.
+    fn sleeper(build: &str) -> String {
+        format!("FROM {{base}}\nENV BUILD={build}\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n")
+    }
+
     #[tokio::test]
     async fn prune_keeps_the_newest_images_and_those_in_use() {
         if engine_missing() {
@@ -1669,19 +1696,26 @@ mod tests {
         }
         let (docker, scratch) = Scratch::new("prune").await;
         let project = scratch.project("p");
+        let api = scratch.repository(&project, "api");
+        // In the repository, but also tagged outside it: someone else's too, so never pruned.
+        let shared = format!("{api}:shared");
+        let shared_elsewhere = scratch.tag("shared");
+        scratch.build(&docker, &sleeper("shared"), &[], &shared).await.0.unwrap();
+        docker_cli(&["tag", &shared, &shared_elsewhere]);
         let mut tags = Vec::new();
         for n in 1..=3 {
-            let labels = scratch.labels(&project, "api", &format!("d{n}"));
-            let tag = scratch.tag(&format!("api-{n}"));
-            scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag, &labels).await.0.unwrap();
+            if n > 1 {
+                // Not a wait: `created` has one-second resolution, and this gives each build its own.
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+            }
+            let tag = format!("{api}:d{n}");
+            scratch.build(&docker, &sleeper(&format!("d{n}")), &[], &tag).await.0.unwrap();
             tags.push(tag);
         }
-        let other = scratch.tag("worker");
-        scratch
-            .build(&docker, SLEEP_DOCKERFILE, &[], &other, &scratch.labels(&project, "worker", "d9"))
-            .await
-            .0
-            .unwrap();
+        let worker = format!("{}:d9", scratch.repository(&project, "worker"));
+        scratch.build(&docker, &sleeper("d9"), &[], &worker).await.0.unwrap();
+        let outside = scratch.tag("other");
+        scratch.build(&docker, &sleeper("other"), &[], &outside).await.0.unwrap();
         // The oldest image still runs (a rollback target, say).
         let labels = scratch.labels(&project, "api", "d1");
         let network = ensure_network(&docker, &project, &labels).await.unwrap();
@@ -1689,7 +1723,7 @@ mod tests {
         let name = format!("{}-api", scratch.id);
         start_instance(&docker, &spec(&name, &tags[0], &labels, &network, &hardening)).await.unwrap();
 
-        let removed = prune_images(&docker, &scratch.agent, &project, "api", 1).await.unwrap();
+        let removed = prune_images(&docker, &api, 1).await.unwrap();
         assert_eq!(removed, [tags[1].clone()]);
         let exists = |tag: String| {
             let docker = docker.clone();
@@ -1698,14 +1732,69 @@ mod tests {
         assert!(exists(tags[0].clone()).await, "in use");
         assert!(!exists(tags[1].clone()).await);
         assert!(exists(tags[2].clone()).await, "newest");
-        assert!(exists(other.clone()).await, "another service");
+        assert!(exists(worker.clone()).await, "another service");
+        assert!(exists(outside.clone()).await, "outside deployer/");
+        assert!(exists(shared.clone()).await && exists(shared_elsewhere.clone()).await, "tagged elsewhere too");
 
         remove_deployment(&docker, &scratch.agent, "d1").await.unwrap();
-        let removed = prune_images(&docker, &scratch.agent, &project, "api", 1).await.unwrap();
+        let removed = prune_images(&docker, &api, 1).await.unwrap();
         assert_eq!(removed, [tags[0].clone()]);
         assert!(exists(tags[2].clone()).await);
-        assert_eq!(prune_images(&docker, &scratch.agent, &project, "api", 1).await.unwrap(), Vec::<String>::new());
-        assert!(exists(scratch.base.clone()).await, "the base image carries no labels");
+        assert_eq!(prune_images(&docker, &api, 1).await.unwrap(), Vec::<String>::new());
+        assert_eq!(prune_images(&docker, &api, 0).await.unwrap(), [tags[2].clone()]);
+        assert!(exists(shared.clone()).await && exists(shared_elsewhere.clone()).await, "tagged elsewhere too");
+        assert!(exists(worker.clone()).await, "another service");
+        assert!(exists(scratch.base.clone()).await, "the base image is outside deployer/");
+    }
+
+    #[tokio::test]
+    async fn prune_refuses_a_repository_outside_deployer() {
+        if engine_missing() {
+            return;
+        }
+        let (docker, scratch) = Scratch::new("prune-foreign").await;
+        let victim = scratch.tag("victim");
+        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &victim).await.0.unwrap();
+        let (repository, _) = split_reference(&victim);
+        for repository in [
+            repository,
+            "deployer",
+            "deployer/",
+            "deployers/p/api",
+            "deployer/p/api:d1",
+            "deployer/p/api@sha256:ab",
+            "deployer/p /api",
+            "",
+        ] {
+            let err = prune_images(&docker, repository, 0).await.unwrap_err();
+            assert!(matches!(err, RuntimeError::ForeignRepository { .. }), "{repository:?}: {err:?}");
+            assert!(!err.retryable());
+            assert!(err.to_string().contains(&format!("{repository:?}")), "{err}");
+        }
+        assert!(docker.api().inspect_image(&victim).await.is_ok(), "left alone");
+    }
+
+    #[test]
+    fn prune_candidates_are_the_repositorys_own_images_newest_first() {
+        let image = |id: &str, created: i64, tags: &[&str]| ImageSummary {
+            id: id.into(),
+            created,
+            repo_tags: tags.iter().map(|tag| tag.to_string()).collect(),
+            ..Default::default()
+        };
+        let images = vec![
+            image("older", 100, &["deployer/p/api:z"]),
+            image("tie-a", 200, &["deployer/p/api:a"]),
+            image("tie-b", 200, &["deployer/p/api:0", "deployer/p/api:b"]),
+            image("newest", 300, &["deployer/p/api:m"]),
+            image("shared", 400, &["deployer/p/api:s", "someone/else:1"]),
+            image("longer-name", 400, &["deployer/p/api-x:1"]),
+            image("nested", 400, &["deployer/p/api/x:1"]),
+            image("dangling", 400, &["<none>:<none>"]),
+            image("untagged", 400, &[]),
+        ];
+        let ids: Vec<String> = prune_candidates(images, "deployer/p/api").into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, ["newest", "tie-b", "tie-a", "older"]);
     }
 
     #[tokio::test]
@@ -1765,14 +1854,14 @@ mod tests {
         pull_log: LogSink<'_>,
     ) {
         fn send<T: Send>(_: T) {}
-        send(build_image(docker, Path::new("."), "Dockerfile", "t", spec.labels, log));
+        send(build_image(docker, Path::new("."), "Dockerfile", "t", log));
         send(ensure_network(docker, "p", spec.labels));
         send(ensure_image(docker, "i", pull_log));
         send(start_instance(docker, spec));
         send(wait_healthy(docker, instance, 80, "/", Duration::ZERO));
         send(stop_service_instances(docker, "a", "p", "s", None, Duration::ZERO));
         send(remove_deployment(docker, "a", "d"));
-        send(prune_images(docker, "a", "p", "s", 1));
+        send(prune_images(docker, "deployer/p/s", 1));
         send(applied_hardening(docker, "c"));
     }
 

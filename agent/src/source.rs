@@ -905,8 +905,9 @@ mod tests {
 
     // ---- git -----------------------------------------------------------------------------
 
-    fn git_command(dir: &Path) -> Command {
-        let mut command = Command::new("git");
+    /// `program` (git or one of its parts) with no user or system configuration.
+    fn git_command(program: &Path, dir: &Path) -> Command {
+        let mut command = Command::new(program);
         command
             .current_dir(dir)
             .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -919,7 +920,7 @@ mod tests {
     }
 
     fn git(dir: &Path, args: &[&str]) -> String {
-        let out = git_command(dir).args(args).output().expect("run git");
+        let out = git_command(Path::new("git"), dir).args(args).output().expect("run git");
         assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
@@ -1115,20 +1116,22 @@ mod tests {
         let up = upstream();
         let port = free_port();
         let base = up.dir.path().display().to_string();
-        let spawned = git_command(up.dir.path())
-            .args(["daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1"])
-            .arg(format!("--base-path={base}"))
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let _daemon = match spawned {
-            Ok(child) => Daemon(child),
-            Err(e) => {
-                println!("skipping: `git daemon` is unavailable ({e})");
-                return;
-            }
-        };
+        // Run git-daemon itself: `git daemon` would fork it, and killing `git` would leave it.
+        let daemon = PathBuf::from(git(up.dir.path(), &["--exec-path"])).join("git-daemon");
+        if !daemon.is_file() {
+            println!("skipping: `git daemon` is unavailable (no {})", daemon.display());
+            return;
+        }
+        let _daemon = Daemon(
+            git_command(&daemon, up.dir.path())
+                .args(["--export-all", "--reuseaddr", "--listen=127.0.0.1"])
+                .arg(format!("--base-path={base}"))
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start git-daemon"),
+        );
         wait_for_port(port);
         let url = format!("git://127.0.0.1:{port}/repo");
 

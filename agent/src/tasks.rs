@@ -359,7 +359,7 @@ impl Tasks {
                 let fetched = self.clone_git(key, g, &source_dir).await?;
                 report.commit = fetched.commit.clone();
                 self.log(key, "info", "source", format!("commit {} {}", short(&fetched.commit), fetched.summary));
-                self.build(key, &source_dir, &g.dockerfile, &tag, &labels).await?
+                self.build(key, &source_dir, &g.dockerfile, &tag).await?
             }
             Some(RunSource::Upload(u)) => {
                 self.fresh_dir(&source_dir, &run.service_id).await?;
@@ -378,7 +378,7 @@ impl Tasks {
                         .await
                         .map_err(|e| io_failure("extraction stopped", e))??;
                 self.log(key, "info", "source", format!("extracted {} files, {} bytes", stats.files, stats.bytes));
-                self.build(key, &source_dir, &u.dockerfile, &tag, &labels).await?
+                self.build(key, &source_dir, &u.dockerfile, &tag).await?
             }
             Some(RunSource::Image(reference)) => {
                 let mut sink = self.sink(key, "source");
@@ -486,7 +486,6 @@ impl Tasks {
         dir: &Path,
         dockerfile: &str,
         tag: &str,
-        labels: &Labels,
     ) -> Result<String, Failure> {
         let root = dir.to_path_buf();
         let requested = dockerfile.to_string();
@@ -495,7 +494,7 @@ impl Tasks {
             .map_err(|e| io_failure("checking the Dockerfile stopped", e))??;
         self.log(key, "info", "build", format!("building {tag} from {dockerfile}"));
         let mut sink = self.sink(key, "build");
-        runtime::build_image(&self.ctx.docker, dir, &dockerfile, tag, labels, &mut sink).await?;
+        runtime::build_image(&self.ctx.docker, dir, &dockerfile, tag, &mut sink).await?;
         Ok(tag.to_string())
     }
 
@@ -592,8 +591,8 @@ impl Tasks {
     /// is not ours.
     async fn cleanup(&self, key: &(String, u32), run: &RunDeployment) {
         let keep = run.keep.max(1) as usize;
-        match runtime::prune_images(&self.ctx.docker, &self.ctx.agent_id, &run.project_id, &run.service_id, keep).await
-        {
+        let repository = format!("deployer/{}/{}", run.project_name, run.service_name);
+        match runtime::prune_images(&self.ctx.docker, &repository, keep).await {
             Ok(removed) if !removed.is_empty() => {
                 self.log(key, "debug", "run", format!("removed old images: {}", removed.join(", ")));
             }
@@ -607,14 +606,14 @@ impl Tasks {
         let mut mine = Vec::new();
         while let Ok(Some(entry)) = entries.next_entry().await {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "service") {
-                if tokio::fs::read_to_string(&path).await.is_ok_and(|s| s == run.service_id) {
-                    let modified = entry.metadata().await.and_then(|m| m.modified()).ok();
-                    mine.push((modified, path));
-                }
+            if path.extension().is_some_and(|e| e == "service")
+                && tokio::fs::read_to_string(&path).await.is_ok_and(|s| s == run.service_id)
+            {
+                let modified = entry.metadata().await.and_then(|m| m.modified()).ok();
+                mine.push((modified, path));
             }
         }
-        mine.sort_by(|a, b| b.0.cmp(&a.0));
+        mine.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
         for (_, marker) in mine.into_iter().skip(keep) {
             let dir = marker.with_extension("");
             let _ = tokio::fs::remove_dir_all(&dir).await;

@@ -2,13 +2,20 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, COOKIE, SET_COOKIE};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE, USER_AGENT,
+};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// An upload is replicated chunk by chunk before the controller answers.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+const CLIENT_NAME: &str = concat!("deployer-cli/", env!("CARGO_PKG_VERSION"));
 
 const TOKEN_HINT: &str =
     "run `deployer login`, or set DEPLOYER_TOKEN or pass --token; a new cluster's admin token is in \
@@ -121,7 +128,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("deployer-cli/", env!("CARGO_PKG_VERSION")))
+            .user_agent(CLIENT_NAME)
             .build()
             .map_err(|e| CliError::Unexpected(format!("cannot set up the HTTP client: {e}")))?;
         let credential = match token.filter(|t| !t.trim().is_empty()) {
@@ -157,7 +164,7 @@ impl Client {
     pub async fn login(&self, email: &str, password: &str) -> Result<(Answer, String), CliError> {
         let body = serde_json::json!({ "email": email, "password": password });
         let request = self.http.post(self.endpoint(&["auth", "login"])).json(&body);
-        let (headers, answer) = self.execute(request, None).await?;
+        let (headers, answer) = self.execute(request, None, REQUEST_TIMEOUT).await?;
         let session = session_cookie(&headers).ok_or_else(|| {
             CliError::Unexpected(format!("{} accepted the login but set no {SESSION_COOKIE} cookie", self.shown_base()))
         })?;
@@ -201,6 +208,20 @@ impl Client {
         self.send(Method::DELETE, segments, &[], None, true).await
     }
 
+    /// POSTs `body` as it is, with this content type (an upload, which may take minutes).
+    pub async fn post_bytes(&self, segments: &[&str], content_type: &str, body: Vec<u8>) -> Result<Answer, CliError> {
+        check_segments(segments)?;
+        let (name, value, refused_hint) = self.authorization()?;
+        let request = self
+            .http
+            .post(self.endpoint(segments))
+            .header(name, value)
+            .header(CONTENT_TYPE, content_type)
+            .timeout(UPLOAD_TIMEOUT)
+            .body(body);
+        Ok(self.execute(request, refused_hint, UPLOAD_TIMEOUT).await?.1)
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -209,10 +230,7 @@ impl Client {
         body: Option<&Value>,
         auth: bool,
     ) -> Result<Answer, CliError> {
-        // The URL parser drops "." and ".." segments, which would turn `show ..` into a listing.
-        if let Some(bad) = segments.iter().find(|s| matches!(s.trim(), "" | "." | "..")) {
-            return Err(CliError::Usage { message: format!("{bad:?} is not a valid id"), hint: None });
-        }
+        check_segments(segments)?;
         let mut request = self.http.request(method, self.endpoint(segments));
         if !query.is_empty() {
             request = request.query(query);
@@ -222,21 +240,93 @@ impl Client {
         }
         let mut refused_hint = None;
         if auth {
-            request = match &self.credential {
-                Credential::Token { token, refused_hint: hint } => {
-                    refused_hint = Some(hint.clone());
-                    request.bearer_auth(token)
-                }
-                Credential::Session(session) => request.header(COOKIE, format!("{SESSION_COOKIE}={session}")),
-                Credential::None => {
-                    return Err(CliError::Usage {
-                        message: "this command needs an API token, and none was given".into(),
-                        hint: Some(TOKEN_HINT.into()),
-                    })
-                }
-            };
+            let (name, value, hint) = self.authorization()?;
+            request = request.header(name, value);
+            refused_hint = hint;
         }
-        Ok(self.execute(request, refused_hint).await?.1)
+        Ok(self.execute(request, refused_hint, REQUEST_TIMEOUT).await?.1)
+    }
+
+    /// The header that proves who the client is, and the hint to show when the controller refuses it.
+    fn authorization(&self) -> Result<(HeaderName, HeaderValue, Option<String>), CliError> {
+        let (name, value, refused_hint) = match &self.credential {
+            Credential::Token { token, refused_hint } => {
+                (AUTHORIZATION, format!("Bearer {}", token.trim()), Some(refused_hint.clone()))
+            }
+            Credential::Session(session) => (COOKIE, format!("{SESSION_COOKIE}={session}"), None),
+            Credential::None => {
+                return Err(CliError::Usage {
+                    message: "this command needs an API token, and none was given".into(),
+                    hint: Some(TOKEN_HINT.into()),
+                })
+            }
+        };
+        let mut value = HeaderValue::from_str(&value).map_err(|_| CliError::Usage {
+            message: "the API token holds characters that an HTTP header cannot carry".into(),
+            hint: Some(format!("check the token: {TOKEN_HINT}")),
+        })?;
+        value.set_sensitive(true);
+        Ok((name, value, refused_hint))
+    }
+
+    /// Opens the WebSocket at `/api/v1/<segments...>`: ws:// for an http:// controller.
+    pub async fn websocket(&self, segments: &[&str]) -> Result<WebSocket, CliError> {
+        check_segments(segments)?;
+        let mut url = self.endpoint(segments);
+        match url.scheme() {
+            "http" => {
+                url.set_scheme("ws").map_err(|()| CliError::Unexpected(format!("cannot make a ws:// URL of {url}")))?
+            }
+            // Client::new refuses https:// today; this build has no TLS for WebSockets either.
+            "https" => {
+                return Err(CliError::Usage {
+                    message: "TLS WebSockets (wss://) are not supported by this CLI build yet".into(),
+                    hint: Some("use the controller's http:// address".into()),
+                })
+            }
+            other => return Err(CliError::Unexpected(format!("no WebSocket scheme for {other}:// URLs"))),
+        }
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| CliError::Unexpected(format!("cannot make a WebSocket request for {url}: {e}")))?;
+        let (name, value, refused_hint) = self.authorization()?;
+        request.headers_mut().insert(name, value);
+        request.headers_mut().insert(USER_AGENT, HeaderValue::from_static(CLIENT_NAME));
+        match tokio::time::timeout(REQUEST_TIMEOUT, tokio_tungstenite::connect_async(request)).await {
+            Ok(Ok((socket, _))) => Ok(socket),
+            Ok(Err(e)) => Err(self.websocket_refused(e, refused_hint)),
+            Err(_) => Err(CliError::Unreachable {
+                url: self.shown_base(),
+                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+            }),
+        }
+    }
+
+    /// Why a WebSocket could not be opened, as the HTTP calls would say it.
+    fn websocket_refused(&self, e: tungstenite::Error, refused_hint: Option<String>) -> CliError {
+        match e {
+            tungstenite::Error::Http(response) => {
+                let status = response.status();
+                let raw = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+                match serde_json::from_str::<Value>(&raw).ok().as_ref().and_then(api_error) {
+                    Some((code, message)) => {
+                        let hint = refused_hint.filter(|_| status == StatusCode::UNAUTHORIZED);
+                        CliError::Api { status, code, message, hint }
+                    }
+                    None => self.not_the_api(status, &raw),
+                }
+            }
+            tungstenite::Error::Io(e) => CliError::Unreachable { url: self.shown_base(), reason: root_cause(&e) },
+            // The connection went away mid-handshake: as unreachable as a refused one.
+            tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete)
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed => CliError::Unreachable {
+                url: self.shown_base(),
+                reason: "the connection closed during the WebSocket handshake".into(),
+            },
+            e => CliError::Unexpected(format!("cannot open a WebSocket to {}: {e}", self.shown_base())),
+        }
     }
 
     /// Sends `request`; an API error answer becomes [`CliError::Api`], with `refused_hint` on a 401.
@@ -244,11 +334,12 @@ impl Client {
         &self,
         request: RequestBuilder,
         refused_hint: Option<String>,
+        timeout: Duration,
     ) -> Result<(HeaderMap, Answer), CliError> {
-        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e, timeout))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let raw = response.text().await.map_err(|e| self.unreachable(&e))?;
+        let raw = response.text().await.map_err(|e| self.unreachable(&e, timeout))?;
         let parsed = if raw.trim().is_empty() { Ok(Value::Null) } else { serde_json::from_str::<Value>(&raw) };
         match parsed {
             Ok(json) if status.is_success() => Ok((headers, Answer { raw, json })),
@@ -263,9 +354,8 @@ impl Client {
         }
     }
 
-    fn unreachable(&self, e: &reqwest::Error) -> CliError {
-        let reason =
-            if e.is_timeout() { format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()) } else { root_cause(e) };
+    fn unreachable(&self, e: &reqwest::Error, timeout: Duration) -> CliError {
+        let reason = if e.is_timeout() { format!("no answer within {} s", timeout.as_secs()) } else { root_cause(e) };
         CliError::Unreachable { url: self.shown_base(), reason }
     }
 
@@ -279,6 +369,17 @@ impl Client {
              hint: is DEPLOYER_URL the controller's HTTP API address?",
             self.shown_base()
         ))
+    }
+}
+
+/// A WebSocket to the controller.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The URL parser drops "." and ".." segments, which would turn `show ..` into a listing.
+fn check_segments(segments: &[&str]) -> Result<(), CliError> {
+    match segments.iter().find(|s| matches!(s.trim(), "" | "." | "..")) {
+        Some(bad) => Err(CliError::Usage { message: format!("{bad:?} is not a valid id"), hint: None }),
+        None => Ok(()),
     }
 }
 
@@ -339,6 +440,30 @@ mod tests {
         let mut cleared = HeaderMap::new();
         cleared.append(SET_COOKIE, "deployer_session=; Max-Age=0".parse().unwrap());
         assert_eq!(session_cookie(&cleared), None);
+    }
+
+    #[test]
+    fn a_refused_websocket_reads_like_a_refused_request() {
+        let c = Client::new("http://h:1", Some("t".into())).unwrap();
+        let refusal = |status: u16, body: &str| {
+            let mut r = tungstenite::http::Response::new(Some(body.as_bytes().to_vec()));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            c.websocket_refused(tungstenite::Error::Http(Box::new(r)), Some("log in again".into()))
+        };
+        let body = r#"{"error":{"code":"not_found","message":"no deployment with id d9"}}"#;
+        match refusal(404, body) {
+            CliError::Api { status, message, hint, .. } => {
+                assert_eq!((status.as_u16(), message.as_str(), hint), (404, "no deployment with id d9", None));
+            }
+            other => panic!("{other:?}"),
+        }
+        let body = r#"{"error":{"code":"unauthorized","message":"invalid token"}}"#;
+        assert_eq!(refusal(401, body).hint().as_deref(), Some("log in again"));
+        assert!(matches!(refusal(502, "<html>bad gateway</html>"), CliError::Unexpected(_)));
+        let refused = tungstenite::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(c.websocket_refused(refused, None), CliError::Unreachable { .. }));
+        let cut = tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete);
+        assert!(matches!(c.websocket_refused(cut, None), CliError::Unreachable { .. }));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod client;
 mod cluster;
 mod collaborators;
 mod config;
+mod deployments;
 mod env;
 mod output;
 mod projects;
@@ -25,6 +26,7 @@ use audit::AuditArgs;
 use client::CliError;
 use cluster::ClusterCommand;
 use collaborators::CollaboratorsCommand;
+use deployments::{DeployArgs, DeploymentsCommand, LogsArgs};
 use env::EnvCommand;
 use output::{emit, emit_json, Format};
 use projects::ProjectsCommand;
@@ -84,6 +86,22 @@ enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Deploy a service from its source (or a local directory), and follow the deployment's log
+    /// until it runs or fails.
+    ///
+    /// The exit status says how it ended: 0 once it runs, 1 if it failed, was cancelled or was
+    /// superseded, 130 on Ctrl-C (which stops following, not the deployment).
+    #[command(after_help = "Examples:\n  \
+        deployer deploy $PROJECT $SERVICE --ref main\n  \
+        deployer deploy $PROJECT $SERVICE --upload . --detach")]
+    Deploy(DeployArgs),
+    /// A service's deployments: list and show.
+    Deployments {
+        #[command(subcommand)]
+        command: DeploymentsCommand,
+    },
+    /// Print a deployment's log, or follow it live with -f.
+    Logs(LogsArgs),
     /// Log in with an email and password, and save an API token for the CLI.
     ///
     /// The token (named cli@<hostname>, with every scope you hold) and the controller's URL are saved
@@ -195,6 +213,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Services { command } => services::run(command, &client()?, format).await,
         Command::Env { command } => env::run(command, &client()?, format).await,
         Command::Secrets { command } => secrets::run(command, &client()?, format).await,
+        Command::Deploy(args) => deployments::deploy(args, &client()?, format).await,
+        Command::Deployments { command } => deployments::run(command, &client()?, format).await,
+        Command::Logs(args) => deployments::logs(args, &client()?, format).await,
         Command::Agents { command } => agents::run(command, &client()?, format).await,
         Command::Login { email, password_stdin } => {
             let token_set = cli.token.as_deref().is_some_and(|t| !t.trim().is_empty());

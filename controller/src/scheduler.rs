@@ -28,10 +28,10 @@
 //! (16) feasible agents free of the service have been scored, or twice that many feasible agents in all
 //! (the allowance for agents already holding a replica, Nomad's `maxSkip`, keeps spreading working). The
 //! bound is a constant because the quality of a best-of-L pick does not depend on the number of agents:
-//! it is in the top 10% of the feasible agents with probability 1 - 0.9^L, 81% for L = 16, and in the
-//! top 25% with probability 99%. Nomad uses max(2, ceil(log2 n)) instead, which is 14 for 10,000 agents
-//! but only 2 for 4, where it misses the best agent of three half the time; with 16, clusters of up to
-//! 16 feasible agents are ranked exactly. A walk that finds fewer feasible agents goes on to the end, so
+//! it is in the top 10% of the feasible agents with probability about 1 - 0.9^L, 81% for L = 16, and in
+//! the top 25% with probability 99%. Nomad uses max(2, ceil(log2 n)) instead, which is 14 for 10,000
+//! agents but only 2 for 4, where it misses the best of three feasible agents one time in three; with
+//! 16, clusters of up to 16 feasible agents are ranked exactly. A walk that finds fewer feasible agents goes on to the end, so
 //! a placement fails only when no agent at all is feasible.
 
 use std::collections::{BTreeMap, HashMap};
@@ -98,7 +98,7 @@ pub struct NoPlacement {
 /// before the next; all of them or none.
 pub fn place(agents: &[AgentSnapshot], request: &Request) -> Result<Placement, NoPlacement> {
     let mut scheduler = Scheduler::new(agents, request);
-    let mut placed = Vec::with_capacity(request.replicas as usize);
+    let mut placed = Vec::new();
     for replica in 0..request.replicas {
         let Some(index) = scheduler.best() else {
             return Err(scheduler.explain(replica));
@@ -571,15 +571,15 @@ mod tests {
 
     #[test]
     fn unreported_capacity_fits_only_a_request_of_zero() {
-        let unreported = agent("unreported", 0, 0);
-        assert_eq!(placed(&[unreported.clone()], &request(1, 0, 0)), ["unreported"]);
+        let unreported = [agent("unreported", 0, 0)];
+        assert_eq!(placed(&unreported, &request(1, 0, 0)), ["unreported"]);
         assert_eq!(
-            reason(&[unreported.clone()], &request(1, 0, 512 * MIB)),
+            reason(&unreported, &request(1, 0, 512 * MIB)),
             "no agent can run 1 replica of this service: 1 agent lacks memory (need 512 MiB free, most free is 0 B; \
              1 reports no memory capacity)"
         );
         assert_eq!(
-            reason(&[unreported], &request(1, 100, 0)),
+            reason(&unreported, &request(1, 100, 0)),
             "no agent can run 1 replica of this service: 1 agent lacks CPU (need 0.1 CPU free, most free is 0 CPU; \
              1 reports no CPU capacity)"
         );

@@ -178,30 +178,35 @@ async fn service_of(
     Ok((service.name, spec))
 }
 
+/// The service a deployment is for.
+struct Target {
+    project_id: String,
+    service_id: String,
+    name: String,
+}
+
+/// Commits a new deployment (with the id `id`) and answers it.
 async fn create(
     c: &AppState,
     caller: &Caller,
-    project_id: String,
-    service_id: String,
-    name: &str,
+    target: Target,
+    id: String,
     source: DeploySource,
     reference: Option<String>,
-    action: &str,
 ) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
-    let id = new_id();
+    let action = if matches!(source, DeploySource::Upload { .. }) { "deployment.upload" } else { "deployment.create" };
     let command = Command::CreateDeployment {
         id: id.clone(),
-        project_id: project_id.clone(),
-        service_id,
+        project_id: target.project_id.clone(),
+        service_id: target.service_id,
         source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
         reference,
         created_by: caller.actor(),
         at: now_ms(),
     };
-    super::error::applied(c.propose(caller.audited(action, name, Some(&project_id), command)).await?)?;
+    super::error::applied(c.propose(caller.audited(action, &target.name, Some(&target.project_id), command)).await?)?;
     c.deploys.wake();
-    let row =
-        c.state.deployment(&id).await?.ok_or_else(|| ApiError::unavailable("the deployment is not readable yet"))?;
+    let row = c.state.deployment(&id).await?.ok_or_else(|| ApiError::unavailable("the deployment is not readable yet"))?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
@@ -267,7 +272,8 @@ async fn deploy(
             )))
         }
     };
-    create(&c, &caller, project_id, service_id, &name, source, body.reference, "deployment.create").await
+    let target = Target { project_id, service_id, name };
+    create(&c, &caller, target, new_id(), source, body.reference).await
 }
 
 /// Deploys a `.tar.gz` of the source sent as the body (project developers). The Dockerfile is
@@ -327,29 +333,26 @@ async fn upload(
     let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
     let chunks = body.chunks(UPLOAD_CHUNK).count() as u32;
     // The tarball is replicated like any state, chunk by chunk, before the deployment exists.
-    for (i, chunk) in body.chunks(UPLOAD_CHUNK).enumerate() {
-        let command = Command::PutUploadChunk { upload_id: id.clone(), chunk: i as u32, data_hex: hex::encode(chunk) };
-        super::error::applied(c.propose(command).await?)?;
+    let stored = async {
+        for (i, chunk) in body.chunks(UPLOAD_CHUNK).enumerate() {
+            let command =
+                Command::PutUploadChunk { upload_id: id.clone(), chunk: i as u32, data_hex: hex::encode(chunk) };
+            super::error::applied(c.propose(command).await?)?;
+        }
+        Ok::<(), ApiError>(())
     }
-    let source = DeploySource::Upload { size: body.len() as u64, sha256: digest, chunks, dockerfile };
-    let command = Command::CreateDeployment {
-        id: id.clone(),
-        project_id: project_id.clone(),
-        service_id,
-        source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
-        reference: None,
-        created_by: caller.actor(),
-        at: now_ms(),
-    };
-    let response = c.propose(caller.audited("deployment.upload", &name, Some(&project_id), command)).await?;
-    if let Err(e) = super::error::applied(response) {
+    .await;
+    if let Err(e) = stored {
         let _ = c.propose(Command::DropUploads { ids: vec![id] }).await;
         return Err(e);
     }
-    c.deploys.wake();
-    let row =
-        c.state.deployment(&id).await?.ok_or_else(|| ApiError::unavailable("the deployment is not readable yet"))?;
-    Ok((StatusCode::CREATED, Json(row.into())))
+    let source = DeploySource::Upload { size: body.len() as u64, sha256: digest, chunks, dockerfile };
+    let created = create(&c, &caller, Target { project_id, service_id, name }, id.clone(), source, None).await;
+    if created.is_err() {
+        // The chunks stored so far belong to no deployment.
+        let _ = c.propose(Command::DropUploads { ids: vec![id] }).await;
+    }
+    created
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -60,6 +60,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// Largest append-entries message sent in one piece (the receiver accepts 64 MiB).
+const APPEND_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
@@ -83,11 +86,24 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.call_raw(rpc, payload, option).await
+    }
+
+    async fn call_raw<Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        payload: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, ControllerNode, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&MessageError(e.clone())))),
         };
-        let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftRequest { payload });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
@@ -126,7 +142,43 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ControllerNode, RaftError<NodeId>>> {
-        self.call(Rpc::Append, &rpc, &option).await
+        let payload = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if payload.len() <= APPEND_BYTES_MAX || rpc.entries.len() <= 1 {
+            return self.call_raw(Rpc::Append, payload, &option).await;
+        }
+        // Too large for one message (uploads are replicated in chunks, and a lagging follower
+        // gets up to `max_payload_entries` of them at once): send consecutive parts, each
+        // starting where the previous one ended. A follower caps what it commits at what it
+        // has accepted, so every part may carry the leader's commit index.
+        let AppendEntriesRequest { vote, prev_log_id, leader_commit, entries } = rpc;
+        let sizes: Vec<usize> =
+            entries.iter().map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0)).collect();
+        let mut prev = prev_log_id;
+        let mut part = Vec::new();
+        let mut part_bytes = 0usize;
+        let mut entries = entries.into_iter().enumerate().peekable();
+        while let Some((i, entry)) = entries.next() {
+            part_bytes += sizes[i];
+            part.push(entry);
+            let full = entries.peek().is_none_or(|(next, _)| part_bytes + sizes[*next] > APPEND_BYTES_MAX);
+            if !full {
+                continue;
+            }
+            let last = part.last().map(|e| e.log_id);
+            let request = AppendEntriesRequest::<TypeConfig> {
+                vote,
+                prev_log_id: prev,
+                leader_commit,
+                entries: std::mem::take(&mut part),
+            };
+            part_bytes = 0;
+            let response: AppendEntriesResponse<NodeId> = self.call(Rpc::Append, &request, &option).await?;
+            if !response.is_success() || entries.peek().is_none() {
+                return Ok(response);
+            }
+            prev = last;
+        }
+        Ok(AppendEntriesResponse::Success)
     }
 
     async fn install_snapshot(

@@ -1,0 +1,675 @@
+//! The deploy path as a user sees it, against the real Docker engine: a git repository served
+//! by `git daemon` on loopback (or a tarball upload) becomes a running, hardened container that
+//! answers HTTP; failures say why and leave the previous release serving; logs and events
+//! arrive over the WebSockets in order; an agent or a leader killed mid-deployment loses
+//! nothing and runs nothing twice.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use deployer_tests::{busybox_image, free_port, wait_for, Agent, Cluster};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const DEPLOY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Short liveness settings, so a killed agent is `down` quickly.
+const FAST: &[&str] = &["--agent-ttl-s", "4", "--agent-disconnect-grace-s", "2"];
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "user.email=dev@example.com", "-c", "user.name=Dev"])
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .expect("git");
+    assert!(status.success(), "git {args:?}");
+}
+
+/// A git repository with a Dockerfile that serves `page` with busybox httpd on port 8080.
+fn make_repo(dir: &Path, base: &str, page: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    write_app(dir, base, page, "");
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "first"]);
+}
+
+fn write_app(dir: &Path, base: &str, page: &str, extra_step: &str) {
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {base}\n{extra_step}COPY index.html /www/index.html\n\
+             CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("index.html"), page).unwrap();
+}
+
+fn commit(dir: &Path, message: &str) {
+    git(dir, &["commit", "-qam", message]);
+}
+
+/// `git daemon` exporting every repository under `base`, on loopback.
+struct GitDaemon {
+    child: Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    async fn start(base: &Path) -> GitDaemon {
+        let port = free_port();
+        let child = Command::new("git")
+            .args(["daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon");
+        wait_for("git daemon to listen", Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+        })
+        .await
+        .unwrap();
+        GitDaemon { child, port }
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster, agents, and one project; removes every container, network and image of the
+/// project when dropped.
+struct Setup {
+    cluster: Cluster,
+    agents: Vec<Agent>,
+    project_id: String,
+    project: String,
+    base: String,
+}
+
+impl Setup {
+    async fn start(controllers: usize, agents: usize, controller_args: &[&str]) -> Setup {
+        let base = busybox_image().expect("busybox image");
+        let cluster = Cluster::start(controllers, controller_args).await.expect("cluster");
+        let token = cluster.agent_token().await.expect("agent token");
+        let mut started = Vec::new();
+        for i in 0..agents {
+            let name = format!("agent{i}");
+            let mut agent = Agent::new(cluster.root.join(&name));
+            let controller = cluster.nodes[0].grpc_addr();
+            agent
+                .start(&[
+                    "--controller".into(),
+                    format!("https://{controller}"),
+                    "--token".into(),
+                    token.clone(),
+                    "--hostname".into(),
+                    name,
+                    "--allow-local-git".into(),
+                ])
+                .expect("start agent");
+            started.push(agent);
+        }
+        let url = cluster.nodes[0].url();
+        let api = cluster.api.clone();
+        wait_for("the agents to be ready", Duration::from_secs(30), || {
+            let (api, url) = (api.clone(), url.clone());
+            async move {
+                let (_, body) = api.get(&format!("{url}/api/v1/agents")).await.ok()?;
+                let ready = body.as_array()?.iter().filter(|a| a["status"] == "ready").count();
+                (ready == agents).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+        let project = format!("p{}", &uuid_like()[..10]);
+        let (status, body) = cluster.api.post(&format!("{url}/api/v1/projects"), &json!({"name": project})).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        let project_id = body["id"].as_str().unwrap().to_string();
+        Setup { cluster, agents: started, project_id, project, base }
+    }
+
+    fn url(&self) -> String {
+        self.cluster.any_running_url().unwrap()
+    }
+
+    async fn create_service(&self, spec: Value) -> String {
+        let url = format!("{}/api/v1/projects/{}/services", self.url(), self.project_id);
+        let (status, body) = self.cluster.api.post(&url, &spec).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    async fn deploy(&self, service: &str, body: Value) -> Value {
+        let url = format!("{}/api/v1/projects/{}/services/{service}/deploy", self.url(), self.project_id);
+        let (status, answer) = self.cluster.api.post(&url, &body).await.unwrap();
+        assert_eq!(status, 201, "{answer}");
+        assert_eq!(answer["status"], "queued");
+        answer
+    }
+
+    async fn deployment(&self, id: &str) -> Option<Value> {
+        let (status, body) = self.cluster.api.get(&format!("{}/api/v1/deployments/{id}", self.url())).await.ok()?;
+        (status == 200).then_some(body)
+    }
+
+    /// Waits until the deployment has ended, and returns it.
+    async fn finished(&self, id: &str) -> Value {
+        let result = wait_for(&format!("deployment {id} to end"), DEPLOY_TIMEOUT, || async {
+            let d = self.deployment(id).await?;
+            matches!(d["status"].as_str(), Some("running" | "failed" | "cancelled" | "superseded")).then_some(d)
+        })
+        .await;
+        result.unwrap_or_else(|e| panic!("{e:#}\n{}", self.diagnostics()))
+    }
+
+    async fn logs(&self, id: &str) -> Vec<Value> {
+        let (status, body) = self.cluster.api.get(&format!("{}/api/v1/deployments/{id}/logs", self.url())).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.as_array().unwrap().clone()
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for (i, node) in self.cluster.nodes.iter().enumerate() {
+            out += &format!("--- controller {i}\n{}\n", tail(&node.log_text(), 60));
+        }
+        for (i, agent) in self.agents.iter().enumerate() {
+            out += &format!("--- agent {i}\n{}\n", tail(&agent.log_text(), 60));
+        }
+        out
+    }
+
+    fn ws_url(&self, path: &str) -> String {
+        format!("{}{path}", self.url().replacen("http://", "ws://", 1))
+    }
+
+    /// The agent directory's project storage.
+    fn storage(&self, agent: usize) -> PathBuf {
+        self.agents[agent].dir.join("projects").join(&self.project_id)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.kill9();
+        }
+        let filter = format!("label=deployer.project={}", self.project_id);
+        let containers = docker(&["ps", "-aq", "--filter", &filter]);
+        for c in containers.split_whitespace() {
+            docker(&["rm", "-f", c]);
+        }
+        docker(&["network", "rm", &format!("deployer-{}", self.project_id)]);
+        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+        for image in images.lines().filter(|i| i.starts_with(&format!("deployer/{}/", self.project))) {
+            docker(&["rmi", "-f", image]);
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    Command::new("docker")
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+/// The body of `GET url`.
+async fn page(url: &str) -> String {
+    reqwest::get(url).await.expect("GET the deployment's url").text().await.unwrap()
+}
+
+async fn ws_connect(
+    url: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("websocket");
+    socket
+}
+
+/// Every JSON message of a WebSocket until the server closes it (or `timeout`), and the close code.
+async fn ws_read_all(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    timeout: Duration,
+    mut stop: impl FnMut(&Value) -> bool,
+) -> (Vec<Value>, Option<u16>) {
+    let mut messages = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let next = tokio::time::timeout_at(deadline, socket.next()).await;
+        match next {
+            Err(_) => return (messages, None),
+            Ok(None) => return (messages, None),
+            Ok(Some(Err(e))) => panic!("websocket error: {e}"),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let value: Value = serde_json::from_str(&text).expect("JSON message");
+                let done = stop(&value);
+                messages.push(value);
+                if done {
+                    return (messages, None);
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => return (messages, frame.map(|f| u16::from(f.code))),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+fn container_of(deployment: &str) -> String {
+    let out = docker(&["ps", "-q", "--filter", &format!("label=deployer.deployment={deployment}")]);
+    let ids: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(ids.len(), 1, "one container for deployment {deployment}: {out}");
+    ids[0].to_string()
+}
+
+#[tokio::test]
+async fn a_git_service_deploys_hardened_and_failures_leave_it_serving() {
+    let setup = Setup::start(1, 1, &[]).await;
+    let repos = setup.cluster.root.join("repos");
+    let repo = repos.join("app");
+    make_repo(&repo, &setup.base, "hello from v1\n");
+    let daemon = GitDaemon::start(&repos).await;
+    let secret = "s3cr3t-deploy-value-41";
+    let service = setup
+        .create_service(json!({
+            "name": "web",
+            "source": {"git": {"url": daemon.url("app"), "branch": "main"}},
+            "port": 8080,
+            "env": {"GREETING": "hi"},
+            "secrets": {"API_KEY": secret},
+            "health_check": {"path": "/", "timeout_s": 5},
+        }))
+        .await;
+    let token = setup.cluster.api.token.clone();
+
+    // Events of the project, from before the deployment is asked for.
+    let mut events =
+        ws_connect(&setup.ws_url(&format!("/api/v1/ws/projects/{}/deployments", setup.project_id)), &token).await;
+
+    let first = setup.deploy(&service, json!({})).await;
+    let id = first["id"].as_str().unwrap().to_string();
+    let done = setup.finished(&id).await;
+    assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
+    assert_eq!(done["attempt"], 1);
+    assert_eq!(done["commit"].as_str().unwrap().len(), 40, "{done}");
+    assert_eq!(done["image"], format!("deployer/{}/web:{id}", setup.project));
+    let url = done["url"].as_str().expect("url").to_string();
+    assert_eq!(page(&url).await, "hello from v1\n");
+
+    // Every hardening default, as Docker reports it.
+    let container = container_of(&id);
+    let inspect: Value = serde_json::from_str(&docker(&["inspect", &container])).unwrap();
+    let c = &inspect[0];
+    assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
+    assert_eq!(c["HostConfig"]["CapDrop"], json!(["ALL"]));
+    assert!(c["HostConfig"]["SecurityOpt"].to_string().contains("no-new-privileges"), "{}", c["HostConfig"]);
+    assert_eq!(c["Config"]["User"], "65534:65534");
+    assert_eq!(c["HostConfig"]["Memory"], 512 << 20);
+    assert_eq!(c["HostConfig"]["NanoCpus"], 500_000_000);
+    assert_eq!(c["HostConfig"]["PidsLimit"], 256);
+    assert!(c["HostConfig"]["Tmpfs"]["/tmp"].is_string(), "{}", c["HostConfig"]);
+    assert_eq!(c["Config"]["Labels"]["deployer.managed"], "true");
+    assert_eq!(c["Config"]["Labels"]["deployer.deployment"], id);
+    assert_eq!(c["Config"]["Labels"]["deployer.project"], setup.project_id);
+    assert!(c["NetworkSettings"]["Networks"][format!("deployer-{}", setup.project_id)].is_object());
+    let env = c["Config"]["Env"].to_string();
+    assert!(env.contains("GREETING=hi") && env.contains(&format!("API_KEY={secret}")), "{env}");
+
+    // The log lines, in order, over the WebSocket (the deployment has ended: all of them, then a
+    // normal close), the same as the API's.
+    let mut socket = ws_connect(&setup.ws_url(&format!("/api/v1/ws/deployments/{id}/logs")), &token).await;
+    let (lines, close) = ws_read_all(&mut socket, Duration::from_secs(10), |_| false).await;
+    assert_eq!(close, Some(1000));
+    let stored = setup.logs(&id).await;
+    assert_eq!(lines.len(), stored.len());
+    for (live, kept) in lines.iter().zip(&stored) {
+        assert_eq!(live["message"], kept["message"]);
+        for key in ["level", "message", "timestamp", "phase", "step"] {
+            assert!(live.get(key).is_some(), "{key} in {live}");
+        }
+    }
+    let messages: Vec<&str> = stored.iter().map(|l| l["message"].as_str().unwrap()).collect();
+    let position = |needle: &str| {
+        messages.iter().position(|m| m.contains(needle)).unwrap_or_else(|| panic!("{needle:?} in {messages:#?}"))
+    };
+    assert!(position("scheduled on agent") < position("cloning"));
+    assert!(position("cloning") < position("Step 1/"));
+    assert!(position("Step 1/") < position("is healthy"));
+    assert!(position("is healthy") < position("deployment running"));
+    assert!(!messages.iter().any(|m| m.contains(secret)), "the secret is in the logs");
+    for node in &setup.cluster.nodes {
+        assert!(!node.log_text().contains(secret), "the secret is in the controller's log");
+    }
+    for agent in &setup.agents {
+        assert!(!agent.log_text().contains(secret), "the secret is in the agent's log");
+    }
+
+    // The project's events: started, then progress, then completed, for this deployment.
+    let (seen, _) = ws_read_all(&mut events, Duration::from_secs(10), |e| e["type"] == "deployment.completed").await;
+    let kinds: Vec<&str> =
+        seen.iter().filter(|e| e["deploymentId"] == id.as_str()).map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"deployment.started"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"deployment.completed"), "{kinds:?}");
+    assert!(kinds.contains(&"deployment.progress"), "{kinds:?}");
+    let streamed_lines: usize = seen
+        .iter()
+        .filter(|e| e["deploymentId"] == id.as_str())
+        .map(|e| e["data"]["logs"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(streamed_lines, stored.len(), "every line once in the project's events");
+    let _ = events.send(Message::Close(None)).await;
+
+    // A build that fails: the deployment fails with the step, v1 keeps serving.
+    write_app(&repo, &setup.base, "v2\n", "RUN /bin/false\n");
+    commit(&repo, "broken build");
+    let broken = setup.deploy(&service, json!({})).await;
+    let broken = setup.finished(broken["id"].as_str().unwrap()).await;
+    assert_eq!(broken["status"], "failed", "{broken}");
+    assert!(broken["error"].as_str().unwrap().contains("RUN /bin/false"), "{broken}");
+    assert_eq!(broken["attempt"], 1, "a build error is not retried: {broken}");
+    assert_eq!(page(&url).await, "hello from v1\n");
+
+    // An app that never answers its health check: failed with the reason, v1 keeps serving.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        format!("FROM {}\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n", setup.base),
+    )
+    .unwrap();
+    commit(&repo, "never healthy");
+    let silent = setup.deploy(&service, json!({})).await;
+    let silent_id = silent["id"].as_str().unwrap().to_string();
+    let silent = setup.finished(&silent_id).await;
+    assert_eq!(silent["status"], "failed", "{silent}");
+    assert!(silent["error"].as_str().unwrap().contains("no healthy answer"), "{silent}");
+    assert_eq!(page(&url).await, "hello from v1\n");
+    assert_eq!(docker(&["ps", "-q", "--filter", &format!("label=deployer.deployment={silent_id}")]).trim(), "");
+
+    // A branch that does not exist.
+    let nope = setup.deploy(&service, json!({"ref": "nope"})).await;
+    let nope = setup.finished(nope["id"].as_str().unwrap()).await;
+    assert_eq!(nope["status"], "failed");
+    assert!(nope["error"].as_str().unwrap().contains("nope"), "{nope}");
+
+    // A good v2 replaces v1: v1's container stops, v1 is superseded.
+    write_app(&repo, &setup.base, "hello from v2\n", "");
+    commit(&repo, "v2");
+    let second = setup.deploy(&service, json!({"ref": "main"})).await;
+    let second = setup.finished(second["id"].as_str().unwrap()).await;
+    assert_eq!(second["status"], "running", "{second}");
+    assert_eq!(page(second["url"].as_str().unwrap()).await, "hello from v2\n");
+    assert_eq!(setup.deployment(&id).await.unwrap()["status"], "superseded");
+    assert_eq!(docker(&["ps", "-q", "--filter", &format!("label=deployer.deployment={id}")]).trim(), "");
+
+    // The listing: newest first.
+    let list_url = format!("{}/api/v1/projects/{}/services/{service}/deployments", setup.url(), setup.project_id);
+    let (status, list) = setup.cluster.api.get(&list_url).await.unwrap();
+    assert_eq!(status, 200);
+    let statuses: Vec<&str> = list.as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["running", "failed", "failed", "failed", "superseded"]);
+}
+
+/// A `.tar.gz` with the symlinks `links` (path, target) first, then the files `entries`.
+fn tarball(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, target) in links {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_link_name(target).unwrap();
+        header.set_mode(0o777);
+        let name = &mut header.as_gnu_mut().unwrap().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_cksum();
+        builder.append(&header, &[][..]).unwrap();
+    }
+    for (path, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        // Written raw: the builder refuses `..` and absolute paths, which these tests need.
+        let name = &mut header.as_gnu_mut().unwrap().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_cksum();
+        builder.append(&header, *data).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test]
+async fn uploads_deploy_and_hostile_tarballs_fail_without_writing_outside() {
+    let setup = Setup::start(1, 1, &["--max-upload-bytes", "1000000"]).await;
+    let service = setup
+        .create_service(json!({"name": "up", "source": {"upload": {}}, "port": 8080, "health_check": {"timeout_s": 5}}))
+        .await;
+    let upload_url = format!("{}/api/v1/projects/{}/services/{service}/upload", setup.url(), setup.project_id);
+    let api = &setup.cluster.api;
+    let upload_url = &upload_url;
+    let upload = |body: Vec<u8>| async move {
+        let r = api
+            .client
+            .post(upload_url)
+            .bearer_auth(&api.token)
+            .header("content-type", "application/gzip")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let dockerfile = format!(
+        "FROM {}\nCOPY index.html /www/index.html\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        setup.base
+    );
+
+    // A good tarball runs.
+    let (status, body) =
+        upload(tarball(&[("Dockerfile", dockerfile.as_bytes()), ("index.html", b"uploaded\n")], &[])).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["source"], "upload");
+    let done = setup.finished(body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
+    assert_eq!(page(done["url"].as_str().unwrap()).await, "uploaded\n");
+
+    // Refused at the door: not gzip, too large, and deploy on an upload service.
+    let (status, body) = upload(b"this is not a tarball at all".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("gzip"), "{body}");
+    let (status, body) = upload(vec![0x1f; 1_100_000]).await;
+    assert_eq!(status, 413, "{body}");
+    let deploy_url = format!("{}/api/v1/projects/{}/services/{service}/deploy", setup.url(), setup.project_id);
+    let (status, body) = api.post(&deploy_url, &json!({})).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("upload"), "{body}");
+
+    // Hostile tarballs: each deployment fails naming the cause; nothing lands outside its dir.
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("dot-dot", tarball(&[("Dockerfile", dockerfile.as_bytes()), ("../escaped", b"x")], &[]), "escaped"),
+        ("absolute", tarball(&[("/tmp/deployer-absolute-escape", b"x")], &[]), "deployer-absolute-escape"),
+        ("link out", tarball(&[("Dockerfile", dockerfile.as_bytes())], &[("evil", "/etc")]), "evil"),
+        ("through a link", tarball(&[("a/x", b"x")], &[("a", "..")]), "a"),
+    ];
+    for (case, body, needle) in cases {
+        let (status, answer) = upload(body).await;
+        assert_eq!(status, 201, "{case}: {answer}");
+        let d = setup.finished(answer["id"].as_str().unwrap()).await;
+        assert_eq!(d["status"], "failed", "{case}: {d}");
+        let error = d["error"].as_str().unwrap();
+        assert!(error.contains(needle), "{case}: {error}");
+        assert_eq!(d["attempt"], 1, "{case}: a hostile tarball is not retried");
+    }
+    assert!(!Path::new("/tmp/deployer-absolute-escape").exists());
+    let sources = setup.storage(0).join("sources");
+    assert!(!sources.join("escaped").exists() && !setup.storage(0).join("escaped").exists());
+    for entry in std::fs::read_dir(&sources).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        assert!(name.len() >= 36, "only deployment directories and their markers in sources/: {name}");
+    }
+    // The agent is healthy, and the good release still serves.
+    let (_, agents) = api.get(&format!("{}/api/v1/agents", setup.url())).await.unwrap();
+    assert_eq!(agents[0]["status"], "ready");
+    assert_eq!(page(done["url"].as_str().unwrap()).await, "uploaded\n");
+}
+
+#[tokio::test]
+async fn bad_deploy_requests_are_refused_with_reasons() {
+    let setup = Setup::start(1, 0, &[]).await;
+    let api = &setup.cluster.api;
+    let base = format!("{}/api/v1/projects/{}/services", setup.url(), setup.project_id);
+    for (url, why) in [
+        ("ssh://git@example.com/repo.git", "ssh"),
+        ("git@example.com:repo.git", "git URL"),
+        ("ftp://example.com/repo.git", "git URL"),
+        ("https://user:pass@example.com/repo.git", "GIT_PASSWORD"),
+    ] {
+        let (status, body) =
+            api.post(&base, &json!({"name": "x", "source": {"git": {"url": url}}})).await.unwrap();
+        assert_eq!(status, 422, "{url}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(why), "{url}: {body}");
+    }
+    let service = setup
+        .create_service(json!({"name": "web", "source": {"git": {"url": "https://example.com/x.git"}}}))
+        .await;
+    let deploy = format!("{base}/{service}/deploy");
+    let (status, body) = api.post(&format!("{base}/00000000-0000-0000-0000-000000000000/deploy"), &json!({})).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = api.post(&deploy, &json!({"ref": "bad ref"})).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("ref"), "{body}");
+    let (status, body) = api.post(&deploy, &json!({"reff": "main"})).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let r = api
+        .client
+        .post(&deploy)
+        .bearer_auth(&api.token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let (status, _) = api.get(&format!("{}/api/v1/deployments/nope", setup.url())).await.unwrap();
+    assert_eq!(status, 404);
+    // No agent: the deployment fails with the scheduler's reason instead of waiting forever.
+    let d = setup.deploy(&service, json!({})).await;
+    let d = setup.finished(d["id"].as_str().unwrap()).await;
+    assert_eq!(d["status"], "failed");
+    assert!(d["error"].as_str().unwrap().contains("cannot schedule"), "{d}");
+}
+
+/// A Dockerfile whose build takes a few seconds, so a test can act while it runs.
+fn slow_app(dir: &Path, base: &str, seconds: u32) {
+    write_app(dir, base, "slow but sure\n", &format!("RUN /bin/busybox sleep {seconds}\n"));
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_build_hands_the_deployment_to_another() {
+    let mut setup = Setup::start(1, 2, FAST).await;
+    let repo = setup.cluster.root.join("repos").join("slow");
+    make_repo(&repo, &setup.base, "x");
+    slow_app(&repo, &setup.base, 8);
+    commit(&repo, "slow");
+    let service = setup
+        .create_service(json!({
+            "name": "slow",
+            "source": {"git": {"url": format!("file://{}", repo.display())}},
+            "port": 8080,
+        }))
+        .await;
+    let d = setup.deploy(&service, json!({})).await;
+    let id = d["id"].as_str().unwrap().to_string();
+    let building = wait_for("the build to start", Duration::from_secs(30), || async {
+        let d = setup.deployment(&id).await?;
+        let logs = setup.logs(&id).await;
+        (d["status"] == "building" && logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")))
+            .then_some(d)
+    })
+    .await
+    .unwrap();
+    let first_agent = building["agent_id"].as_str().unwrap().to_string();
+    let index = setup
+        .agents
+        .iter()
+        .position(|a| std::fs::read_to_string(a.dir.join("agent.json")).unwrap().contains(&first_agent))
+        .unwrap();
+    setup.agents[index].kill9();
+
+    let done = setup.finished(&id).await;
+    assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_ne!(done["agent_id"], first_agent.as_str());
+    assert_eq!(page(done["url"].as_str().unwrap()).await, "slow but sure\n");
+    let logs = setup.logs(&id).await;
+    assert!(logs.iter().any(|l| l["message"].as_str().unwrap().contains("went down")), "{logs:#?}");
+}
+
+#[tokio::test]
+async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
+    let mut setup = Setup::start(3, 1, &[]).await;
+    let repo = setup.cluster.root.join("repos").join("app");
+    make_repo(&repo, &setup.base, "x");
+    slow_app(&repo, &setup.base, 6);
+    commit(&repo, "slow");
+    let service = setup
+        .create_service(json!({
+            "name": "web",
+            "source": {"git": {"url": format!("file://{}", repo.display())}},
+            "port": 8080,
+        }))
+        .await;
+    let d = setup.deploy(&service, json!({})).await;
+    let id = d["id"].as_str().unwrap().to_string();
+    wait_for("the build to start", Duration::from_secs(30), || async {
+        let logs = setup.logs(&id).await;
+        logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")).then_some(())
+    })
+    .await
+    .unwrap();
+    let leader = setup.cluster.leader().await.unwrap();
+    setup.cluster.nodes[leader].kill9();
+
+    let done = setup.finished(&id).await;
+    assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
+    assert_eq!(done["attempt"], 1, "the same attempt finished: {done}");
+    container_of(&id);
+    // Every line once: a line sent again after the leader change is kept once.
+    let logs = setup.logs(&id).await;
+    let mut steps: Vec<&str> =
+        logs.iter().map(|l| l["message"].as_str().unwrap()).filter(|m| m.starts_with("Step ")).collect();
+    let total = steps.len();
+    steps.dedup();
+    assert_eq!(steps.len(), total, "{logs:#?}");
+    assert!(total >= 3, "{logs:#?}");
+    assert_eq!(page(done["url"].as_str().unwrap()).await, "slow but sure\n");
+}
