@@ -1396,18 +1396,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn zz_timing_tmp() {
-        let (docker, scratch) = Scratch::new("timing").await;
-        for n in 0..5 {
-            let files = [("index.html", format!("run {n} {}", scratch.id))];
-            let files: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
-            let start = std::time::Instant::now();
-            scratch.build(&docker, HTTPD_DOCKERFILE, &files, &format!("{}:t{n}", scratch.repository(&scratch.project("p"), "web"))).await.0.unwrap();
-            eprintln!("TIMING build_image 3 steps: {:?}", start.elapsed());
-        }
-    }
-
-    #[tokio::test]
     async fn build_failures_name_the_step_and_the_engine_error() {
         if engine_missing() {
             return;

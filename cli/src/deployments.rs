@@ -293,6 +293,7 @@ async fn follow(
             }
             Ending::Dropped(reason) => reason,
         };
+        // Reconnects are counted in a row: a connection that brought new lines starts over.
         failures = if shown > before { 1 } else { failures + 1 };
         if failures > RECONNECTS {
             return Err(CliError::Failed {
@@ -338,7 +339,7 @@ async fn read_lines(
             }
             Message::Close(frame) => {
                 // Sends the reply the close handshake wants; the socket is done either way.
-                let _ = futures::SinkExt::close(&mut socket).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), futures::SinkExt::close(&mut socket)).await;
                 return Ok(match frame {
                     Some(f) if f.code == CloseCode::Normal => Ending::Closed,
                     Some(f) => Ending::Dropped(format!("the log stream closed ({}: {})", u16::from(f.code), f.reason)),

@@ -139,7 +139,8 @@ impl Setup {
         .await
         .unwrap();
         let project = format!("p{}", &uuid_like()[..10]);
-        let (status, body) = cluster.api.post(&format!("{url}/api/v1/projects"), &json!({"name": project})).await.unwrap();
+        let (status, body) =
+            cluster.api.post(&format!("{url}/api/v1/projects"), &json!({"name": project})).await.unwrap();
         assert_eq!(status, 201, "{body}");
         let project_id = body["id"].as_str().unwrap().to_string();
         Setup { cluster, agents: started, project_id, project, base }
@@ -180,7 +181,8 @@ impl Setup {
     }
 
     async fn logs(&self, id: &str) -> Vec<Value> {
-        let (status, body) = self.cluster.api.get(&format!("{}/api/v1/deployments/{id}/logs", self.url())).await.unwrap();
+        let (status, body) =
+            self.cluster.api.get(&format!("{}/api/v1/deployments/{id}/logs", self.url())).await.unwrap();
         assert_eq!(status, 200, "{body}");
         body.as_array().unwrap().clone()
     }
@@ -553,16 +555,15 @@ async fn bad_deploy_requests_are_refused_with_reasons() {
         ("ftp://example.com/repo.git", "git URL"),
         ("https://user:pass@example.com/repo.git", "GIT_PASSWORD"),
     ] {
-        let (status, body) =
-            api.post(&base, &json!({"name": "x", "source": {"git": {"url": url}}})).await.unwrap();
+        let (status, body) = api.post(&base, &json!({"name": "x", "source": {"git": {"url": url}}})).await.unwrap();
         assert_eq!(status, 422, "{url}: {body}");
         assert!(body["error"]["message"].as_str().unwrap().contains(why), "{url}: {body}");
     }
-    let service = setup
-        .create_service(json!({"name": "web", "source": {"git": {"url": "https://example.com/x.git"}}}))
-        .await;
+    let service =
+        setup.create_service(json!({"name": "web", "source": {"git": {"url": "https://example.com/x.git"}}})).await;
     let deploy = format!("{base}/{service}/deploy");
-    let (status, body) = api.post(&format!("{base}/00000000-0000-0000-0000-000000000000/deploy"), &json!({})).await.unwrap();
+    let (status, body) =
+        api.post(&format!("{base}/00000000-0000-0000-0000-000000000000/deploy"), &json!({})).await.unwrap();
     assert_eq!(status, 404, "{body}");
     let (status, body) = api.post(&deploy, &json!({"ref": "bad ref"})).await.unwrap();
     assert_eq!(status, 422, "{body}");

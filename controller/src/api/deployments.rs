@@ -206,7 +206,8 @@ async fn create(
     };
     super::error::applied(c.propose(caller.audited(action, &target.name, Some(&target.project_id), command)).await?)?;
     c.deploys.wake();
-    let row = c.state.deployment(&id).await?.ok_or_else(|| ApiError::unavailable("the deployment is not readable yet"))?;
+    let row =
+        c.state.deployment(&id).await?.ok_or_else(|| ApiError::unavailable("the deployment is not readable yet"))?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
@@ -288,7 +289,7 @@ async fn deploy(
         ("project_id" = String, Path, description = "The project's id"),
         ("service_id" = String, Path, description = "The service's id"),
     ),
-    request_body(content = Vec<u8>, content_type = "application/gzip", description = "A gzip-compressed tar of the source tree"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A gzip-compressed tar (.tar.gz) of the source tree; any Content-Type is accepted"),
     responses(
         (status = 201, description = "The queued deployment", body = DeploymentView),
         (status = 400, response = BadRequest),

@@ -743,7 +743,11 @@ mod tests {
             dockerfile: dockerfile.into(),
         };
         assert!(validate_source(&git("https://example.com/a.git", "main", "Dockerfile")).is_ok());
-        assert!(validate_source(&git("git@example.com:a/b.git", "feature/x", "docker/Dockerfile")).is_ok());
+        assert!(validate_source(&git("git://example.com/a/b.git", "feature/x", "docker/Dockerfile")).is_ok());
+        // Agents hold no SSH keys; credentials belong in secrets.
+        assert!(validate_source(&git("git@example.com:a/b.git", "main", "Dockerfile")).is_err());
+        assert!(validate_source(&git("ssh://git@example.com/a/b.git", "main", "Dockerfile")).is_err());
+        assert!(validate_source(&git("https://me:pw@example.com/a.git", "main", "Dockerfile")).is_err());
         assert!(validate_source(&git("ftp://x", "main", "Dockerfile")).is_err());
         assert!(validate_source(&git("https://x", "a..b", "Dockerfile")).is_err());
         assert!(validate_source(&git("https://x", "main", "../Dockerfile")).is_err());

@@ -151,8 +151,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // starting where the previous one ended. A follower caps what it commits at what it
         // has accepted, so every part may carry the leader's commit index.
         let AppendEntriesRequest { vote, prev_log_id, leader_commit, entries } = rpc;
-        let sizes: Vec<usize> =
-            entries.iter().map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0)).collect();
+        let sizes: Vec<usize> = entries.iter().map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0)).collect();
         let mut prev = prev_log_id;
         let mut part = Vec::new();
         let mut part_bytes = 0usize;
