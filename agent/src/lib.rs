@@ -1,6 +1,7 @@
 //! The Deployer agent: one per Docker host. It joins the cluster with a token, keeps one
 //! mutual-TLS session with the controller leader, and reports host and container metrics.
 
+pub mod devimage;
 pub mod docker;
 pub mod identity;
 pub mod metrics;
@@ -128,6 +129,7 @@ pub async fn run(
         storage,
         allow_file_git: config.allow_file_git,
     });
+    let watcher = tokio::spawn(tasks.clone().watch_crashes());
     let result = session::run(
         session::Session {
             paths: paths.clone(),
@@ -144,6 +146,7 @@ pub async fn run(
         shutdown,
     )
     .await;
+    watcher.abort();
     if let Err(AgentError::Revoked(message)) = &result {
         return match paths.retire() {
             Ok(aside) => Err(AgentError::Revoked(format!(

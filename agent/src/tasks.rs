@@ -14,8 +14,10 @@ use std::time::Duration;
 use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::run_deployment::Source as RunSource;
 use deployer_proto::agent::{
-    AgentMessage, DeploymentUpdate, FetchUpload, LogLine, RunDeployment, StopService, UpdateAck, UploadChunk,
+    AgentMessage, DeploymentUpdate, FetchUpload, InstanceEvent, LogLine, RunDeployment, StopService, UpdateAck,
+    UploadChunk,
 };
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
@@ -294,12 +296,66 @@ impl Tasks {
                 ),
                 _ => format!("deployment failed: {}", report.error),
             };
+            let running = report.status == "running";
             tasks.set_report(&key, report, message);
+            if running {
+                // The new release serves: the one it replaces on this agent stops (given its
+                // grace to finish what it is doing), and old sources and images go.
+                tasks.retire_previous(&run).await;
+                tasks.cleanup(&run).await;
+            }
             let mut inner = tasks.lock();
             if let Some(task) = inner.tasks.get_mut(&key) {
                 task.finished = true;
             }
         });
+    }
+
+    /// Watches the engine for this agent's instances that die. Docker restarts a crashed one
+    /// (restart policy `unless-stopped`, with its own backoff); each crash becomes a line of its
+    /// deployment's log. A container the agent stopped on purpose is gone or stays stopped,
+    /// and is not reported.
+    pub async fn watch_crashes(self: Arc<Self>) {
+        let filters = std::collections::HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("event", vec!["die".to_string()]),
+            ("label", vec!["deployer.managed=true".to_string(), format!("deployer.agent={}", self.ctx.agent_id)]),
+        ]);
+        loop {
+            let options = bollard::query_parameters::EventsOptionsBuilder::new().filters(&filters).build();
+            let api = self.ctx.docker.api().clone().with_timeout(Duration::from_secs(24 * 3600));
+            let mut events = std::pin::pin!(api.events(Some(options)));
+            while let Some(Ok(event)) = events.next().await {
+                let Some(actor) = event.actor else { continue };
+                let attributes = actor.attributes.unwrap_or_default();
+                let (Some(id), Some(deployment)) = (actor.id, attributes.get("deployer.deployment").cloned()) else {
+                    continue;
+                };
+                let name = attributes.get("name").cloned().unwrap_or_else(|| id.clone());
+                let code = attributes.get("exitCode").cloned().unwrap_or_else(|| "?".into());
+                let tasks = self.clone();
+                tokio::spawn(async move { tasks.report_crash(id, name, deployment, code).await });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn report_crash(&self, id: String, name: String, deployment: String, code: String) {
+        // Give Docker a moment to decide: restarting (a crash) or stopped (on purpose).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(inspect) = self.ctx.docker.api().inspect_container(&id, None).await else { return };
+        let state = inspect.state.unwrap_or_default();
+        let restarting = state.restarting.unwrap_or(false) || state.running.unwrap_or(false);
+        if !restarting {
+            return;
+        }
+        let restarts = inspect.restart_count.unwrap_or(0);
+        let oom = if state.oom_killed.unwrap_or(false) { " (killed: out of memory)" } else { "" };
+        let message = format!("{name} exited with code {code}{oom}; Docker restarts it (restart {restarts})");
+        tracing::warn!(deployment = %deployment, "{message}");
+        let event = InstanceEvent { deployment_id: deployment, level: "warn".into(), message, at_ms: now_ms() };
+        self.lock().extra.push(AgentMessage { body: Some(AgentBody::InstanceEvent(event)) });
+        self.ready.notify_one();
     }
 
     /// A window of an uploaded tarball arrived.
@@ -441,26 +497,6 @@ impl Tasks {
             runtime::wait_healthy(&ctx.docker, instance, port, &run.health_path, timeout).await?;
             self.log(key, "info", "health", format!("{} is healthy", instance.name));
         }
-        // The new release serves: the one it replaces on this agent stops.
-        match runtime::stop_service_instances(
-            &ctx.docker,
-            &ctx.agent_id,
-            &run.project_id,
-            &run.service_id,
-            Some(&run.deployment_id),
-            STOP_GRACE,
-        )
-        .await
-        {
-            Ok(stopped) if !stopped.is_empty() => {
-                self.log(key, "info", "deploy", format!("stopped the previous instance(s): {}", stopped.join(", ")));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                self.log(key, "warn", "deploy", format!("cannot stop the previous instance(s): {e}"));
-            }
-        }
-        self.cleanup(key, run).await;
         report.status = "running".into();
         report.url =
             instances.iter().find_map(|i| i.host_port).map(|p| format!("http://127.0.0.1:{p}")).unwrap_or_default();
@@ -587,19 +623,35 @@ impl Tasks {
         self.ready.notify_one();
     }
 
+    /// Stops this agent's instances of the service other than the deployment's.
+    async fn retire_previous(&self, run: &RunDeployment) {
+        let ctx = &self.ctx;
+        let keep = Some(run.deployment_id.as_str());
+        let stopped = runtime::stop_service_instances(
+            &ctx.docker,
+            &ctx.agent_id,
+            &run.project_id,
+            &run.service_id,
+            keep,
+            STOP_GRACE,
+        )
+        .await;
+        match stopped {
+            Ok(stopped) if !stopped.is_empty() => tracing::info!(?stopped, "stopped the previous instances"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot stop the previous instances"),
+        }
+    }
+
     /// Keeps the newest `keep` sources and images of the service; never touches anything that
     /// is not ours.
-    async fn cleanup(&self, key: &(String, u32), run: &RunDeployment) {
+    async fn cleanup(&self, run: &RunDeployment) {
         let keep = run.keep.max(1) as usize;
         let repository = format!("deployer/{}/{}", run.project_name, run.service_name);
         match runtime::prune_images(&self.ctx.docker, &repository, keep).await {
-            Ok(removed) if !removed.is_empty() => {
-                self.log(key, "debug", "run", format!("removed old images: {}", removed.join(", ")));
-            }
+            Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old images"),
             Ok(_) => {}
-            Err(e) => {
-                self.log(key, "warn", "run", format!("cannot remove old images: {e}"));
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot remove old images"),
         }
         let sources = self.ctx.storage.join("projects").join(&run.project_id).join("sources");
         let Ok(mut entries) = tokio::fs::read_dir(&sources).await else { return };

@@ -34,6 +34,13 @@ pub struct DeployArgs {
     detach: bool,
 }
 
+impl DeployArgs {
+    /// A deployment of the files of `dir`.
+    pub fn upload(project_id: String, service_id: String, dir: PathBuf, detach: bool) -> DeployArgs {
+        DeployArgs { project_id, service_id, reference: None, upload: Some(dir), detach }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum DeploymentsCommand {
     /// List a service's deployments, newest first.

@@ -15,6 +15,7 @@ mod prompt;
 mod secrets;
 mod services;
 mod tokens;
+mod up;
 mod users;
 
 use std::process::ExitCode;
@@ -95,6 +96,11 @@ enum Command {
         deployer deploy $PROJECT $SERVICE --ref main\n  \
         deployer deploy $PROJECT $SERVICE --upload . --detach")]
     Deploy(DeployArgs),
+    /// Deploy a directory with a Dockerfile in one step: its project and service (an upload
+    /// service) are made first if missing; follows the log and prints where it answers.
+    ///
+    /// For example, with `deployer-controller dev` running: `deployer up examples/hello`.
+    Up(up::UpArgs),
     /// A service's deployments: list and show.
     Deployments {
         #[command(subcommand)]
@@ -214,6 +220,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Env { command } => env::run(command, &client()?, format).await,
         Command::Secrets { command } => secrets::run(command, &client()?, format).await,
         Command::Deploy(args) => deployments::deploy(args, &client()?, format).await,
+        Command::Up(args) => up::up(args, &client()?, format).await,
         Command::Deployments { command } => deployments::run(command, &client()?, format).await,
         Command::Logs(args) => deployments::logs(args, &client()?, format).await,
         Command::Agents { command } => agents::run(command, &client()?, format).await,

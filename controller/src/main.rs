@@ -276,10 +276,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if !args.no_agent {
                 // Fail now, clearly, rather than run a platform that cannot start anything.
-                if let Err(e) =
-                    deployer_agent::docker::connect(args.docker_host.as_deref(), Duration::from_secs(5)).await
-                {
-                    return Err(DockerUnavailable(format!("{e}; or run `deployer-controller dev --no-agent`")).into());
+                let docker =
+                    match deployer_agent::docker::connect(args.docker_host.as_deref(), Duration::from_secs(5)).await {
+                        Ok(docker) => docker,
+                        Err(e) => {
+                            return Err(
+                                DockerUnavailable(format!("{e}; or run `deployer-controller dev --no-agent`")).into()
+                            )
+                        }
+                    };
+                // The examples' base image, made locally: no registry is needed.
+                match deployer_agent::devimage::ensure(&docker).await {
+                    Ok(true) => {}
+                    Ok(false) => eprintln!(
+                        "note: /bin/busybox is missing, so the examples' base image {}:{} was not made \
+                         (apt-get install busybox-static)",
+                        deployer_agent::devimage::REPOSITORY,
+                        deployer_agent::devimage::TAG
+                    ),
+                    Err(e) => eprintln!("note: {e}"),
                 }
                 config.dev_agent =
                     Some(DevAgent { data_dir: config.data_dir.join("agent"), docker_host: args.docker_host });
@@ -292,6 +307,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "  Try:          curl -H \"Authorization: Bearer $(cat {})\" {url}/api/v1/cluster",
                 token_path.display()
             );
+            if !args.no_agent {
+                eprintln!(
+                    "  Deploy:       DEPLOYER_URL={url} DEPLOYER_TOKEN=$(cat {}) deployer up examples/hello",
+                    token_path.display()
+                );
+            }
             eprintln!();
             serve(config, http, grpc, shutdown_signal()).await
         }

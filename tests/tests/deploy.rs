@@ -431,14 +431,48 @@ async fn a_git_service_deploys_hardened_and_failures_leave_it_serving() {
     assert_eq!(second["status"], "running", "{second}");
     assert_eq!(page(second["url"].as_str().unwrap()).await, "hello from v2\n");
     assert_eq!(setup.deployment(&id).await.unwrap()["status"], "superseded");
-    assert_eq!(docker(&["ps", "-q", "--filter", &format!("label=deployer.deployment={id}")]).trim(), "");
+    // v1 stops once v2 answers (after its grace to finish its requests).
+    wait_for("v1's container to stop", Duration::from_secs(20), || async {
+        docker(&["ps", "-q", "--filter", &format!("label=deployer.deployment={id}")]).trim().is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+
+    // An app that crashes once it runs: Docker restarts it, and the crash is in its log.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        format!(
+            "FROM {}\nCOPY index.html /www/index.html\nCMD [\"/bin/sh\", \"-c\", \
+             \"/bin/busybox httpd -f -p 8080 -h /www & /bin/busybox sleep 3; exit 3\"]\n",
+            setup.base
+        ),
+    )
+    .unwrap();
+    commit(&repo, "crashes");
+    let crashing = setup.deploy(&service, json!({})).await;
+    let crashing_id = crashing["id"].as_str().unwrap().to_string();
+    let crashing = setup.finished(&crashing_id).await;
+    assert_eq!(crashing["status"], "running", "{crashing}");
+    let crashed = wait_for("the crash in the deployment's log", Duration::from_secs(30), || async {
+        let logs = setup.logs(&crashing_id).await;
+        logs.iter()
+            .any(|l| {
+                let m = l["message"].as_str().unwrap_or("");
+                m.contains("exited with code 3") && m.contains("restarts it") && l["level"] == "warn"
+            })
+            .then_some(())
+    })
+    .await;
+    if let Err(e) = crashed {
+        panic!("{e:#}\n{:#?}", setup.logs(&crashing_id).await);
+    }
 
     // The listing: newest first.
     let list_url = format!("{}/api/v1/projects/{}/services/{service}/deployments", setup.url(), setup.project_id);
     let (status, list) = setup.cluster.api.get(&list_url).await.unwrap();
     assert_eq!(status, 200);
     let statuses: Vec<&str> = list.as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["running", "failed", "failed", "failed", "superseded"]);
+    assert_eq!(statuses, ["running", "superseded", "failed", "failed", "failed", "superseded"]);
 }
 
 /// A `.tar.gz` with the symlinks `links` (path, target) first, then the files `entries`.

@@ -245,6 +245,11 @@ async fn run_session(
                     return Ok(());
                 }
             }
+            AgentBody::InstanceEvent(event) => {
+                if reports.send(SessionReport::Instance(event)).await.is_err() {
+                    return Ok(());
+                }
+            }
             AgentBody::FetchUpload(fetch) => {
                 if reports.send(SessionReport::FetchUpload(fetch)).await.is_err() {
                     return Ok(());

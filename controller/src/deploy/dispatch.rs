@@ -6,8 +6,8 @@ use std::time::Duration;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
 use deployer_proto::agent::run_deployment::Source as RunSource;
 use deployer_proto::agent::{
-    ControllerMessage, DeploymentUpdate, EnvVar, FetchUpload, GitSource, RunDeployment, Security, StopService,
-    UpdateAck, UploadChunk, UploadSource,
+    ControllerMessage, DeploymentUpdate, EnvVar, FetchUpload, GitSource, InstanceEvent, RunDeployment, Security,
+    StopService, UpdateAck, UploadChunk, UploadSource,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -22,6 +22,8 @@ use crate::util::now_ms;
 
 /// How often the dispatcher looks at the queue when nothing wakes it.
 const TICK: Duration = Duration::from_millis(500);
+/// How often the leader drops the uploads of old deployments.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// Chunks of an upload sent per request of the agent.
 const UPLOAD_WINDOW: u32 = 8;
 
@@ -30,6 +32,7 @@ pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading_since: Option<tokio::time::Instant> = None;
+    let mut last_cleanup = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -49,6 +52,25 @@ pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent
         if let Err(e) = dispatch_once(&c, since).await {
             tracing::warn!(error = %e, "deployment dispatcher: will retry");
         }
+        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+            last_cleanup = tokio::time::Instant::now();
+            drop_stale_uploads(&c).await;
+        }
+    }
+}
+
+/// Uploaded tarballs of deployments older than the newest `keep` of their service are dropped
+/// from the state (the agents keep their own copies of the newest sources).
+async fn drop_stale_uploads(c: &SharedController) {
+    match c.state.stale_uploads(c.deploys.settings.keep).await {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(uploads = ids.len(), "dropping the uploads of old deployments");
+            if let Err(e) = c.propose(Command::DropUploads { ids }).await {
+                tracing::warn!(error = %e, "cannot drop old uploads yet");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot look for old uploads"),
     }
 }
 
@@ -356,6 +378,7 @@ async fn run_message(c: &SharedController, d: &DeploymentRow) -> anyhow::Result<
 /// What an agent session hands to [`session_worker`].
 pub enum SessionReport {
     Update(DeploymentUpdate),
+    Instance(InstanceEvent),
     FetchUpload(FetchUpload),
 }
 
@@ -372,6 +395,11 @@ pub async fn session_worker(
             SessionReport::Update(update) => {
                 if let Err(e) = on_update(&c, &agent_id, serial, update).await {
                     tracing::warn!(agent = %agent_id, error = %e, "cannot record a deployment report; the agent will send it again");
+                }
+            }
+            SessionReport::Instance(event) => {
+                if let Err(e) = on_instance_event(&c, event).await {
+                    tracing::warn!(agent = %agent_id, error = %e, "cannot record an instance event");
                 }
             }
             SessionReport::FetchUpload(fetch) => {
@@ -454,6 +482,23 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     if status_command.is_some() {
         c.deploys.wake();
     }
+    Ok(())
+}
+
+/// A running instance crashed (and Docker restarted it): a line in its deployment's log.
+async fn on_instance_event(c: &SharedController, event: InstanceEvent) -> anyhow::Result<()> {
+    let Some(d) = c.state.deployment(&event.deployment_id).await? else { return Ok(()) };
+    let level =
+        if matches!(event.level.as_str(), "debug" | "info" | "warn" | "error") { event.level } else { "warn".into() };
+    let line = LogLine {
+        agent_seq: None,
+        level,
+        message: event.message.chars().take(4096).collect(),
+        at: event.at_ms,
+        phase: "run".into(),
+        step: None,
+    };
+    c.propose(Command::AppendDeploymentLogs { id: d.id, attempt: d.attempt as u32, lines: vec![line] }).await?;
     Ok(())
 }
 
