@@ -274,8 +274,16 @@ async fn roles_scopes_sessions_and_the_audit_log() {
     ));
     assert!(has("user:owner@example.com", "project.delete", "shop"), "{log}");
     assert!(entries.iter().all(|e| e["source"] == "127.0.0.1"), "{log}");
-    // Refused calls wrote nothing.
-    assert!(!entries.iter().any(|e| e["actor"] == "user:dev@example.com"), "{log}");
+    // Logins and logouts are recorded by session id (never its secret).
+    let by =
+        |actor: &str, action: &str| entries.iter().filter(|e| e["actor"] == actor && e["action"] == action).count();
+    assert!(by("user:owner@example.com", "auth.login") >= 1, "{log}");
+    assert_eq!(by("user:owner@example.com", "auth.logout"), 1, "{log}");
+    // Refused calls wrote nothing: the developer only logged in.
+    assert!(
+        entries.iter().filter(|e| e["actor"] == "user:dev@example.com").all(|e| e["action"] == "auth.login"),
+        "{log}"
+    );
     let seqs: Vec<i64> = entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] > w[1]), "newest first: {seqs:?}");
 }

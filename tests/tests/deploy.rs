@@ -708,3 +708,41 @@ async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
     assert!(total >= 3, "{logs:#?}");
     assert_eq!(page(done["url"].as_str().unwrap()).await, "slow but sure\n");
 }
+
+#[tokio::test]
+async fn the_queue_runs_in_order_within_its_limit_and_one_release_per_service_at_a_time() {
+    let setup = Setup::start(1, 1, &["--max-concurrent-deployments", "1"]).await;
+    let mut services = Vec::new();
+    for name in ["first", "second"] {
+        let repo = setup.cluster.root.join("repos").join(name);
+        make_repo(&repo, &setup.base, "x");
+        slow_app(&repo, &setup.base, 3);
+        commit(&repo, "slow");
+        let url = format!("file://{}", repo.display());
+        services.push(setup.create_service(json!({"name": name, "source": {"git": {"url": url}}, "port": 8080})).await);
+    }
+    let a = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
+    let b = setup.deploy(&services[1], json!({})).await["id"].as_str().unwrap().to_string();
+    // Two more of the first service: the newer replaces the older while both wait.
+    let a2 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
+    let a3 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
+    assert_eq!(setup.deployment(&a2).await.unwrap()["status"], "superseded");
+    // While the first builds, the other waits: the limit is one at a time.
+    wait_for("the first deployment to build", Duration::from_secs(30), || async {
+        (setup.deployment(&a).await?["status"] == "building").then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(setup.deployment(&b).await.unwrap()["status"], "queued");
+    let done_a = setup.finished(&a).await;
+    let done_b = setup.finished(&b).await;
+    let done_a3 = setup.finished(&a3).await;
+    for d in [&done_a, &done_b, &done_a3] {
+        assert_eq!(d["status"], "running", "{d}\n{}", setup.diagnostics());
+    }
+    // In order: each started after the one before it ended.
+    let at = |d: &Value, key: &str| d[key].as_str().unwrap().to_string();
+    assert!(at(&done_b, "started_at") >= at(&done_a, "finished_at"), "{done_a}\n{done_b}");
+    assert!(at(&done_a3, "started_at") >= at(&done_b, "finished_at"), "{done_b}\n{done_a3}");
+    assert_eq!(setup.deployment(&a).await.unwrap()["status"], "superseded");
+}

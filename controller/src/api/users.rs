@@ -308,14 +308,25 @@ async fn login(
     let value = random_hex(32);
     let now = now_ms();
     let expires_at = now + SESSION_TTL_MS;
+    let session_id = new_id();
     let command = Command::CreateSession {
-        id: new_id(),
+        id: session_id.clone(),
         user_id: user.id.clone(),
         token_hash: hash_secret(&value),
         created_at: now,
         expires_at,
     };
-    applied(c.propose(command).await?)?;
+    // The session id, never its secret, is the audit entry's target.
+    let entry = crate::command::AuditEntry {
+        id: new_id(),
+        at: now,
+        actor: format!("user:{}", user.email),
+        action: "auth.login".into(),
+        target: session_id,
+        project_id: None,
+        source,
+    };
+    applied(c.propose(Command::Audited { entry, command: Box::new(command) }).await?)?;
     let cookie = session_cookie(&value, SESSION_TTL_MS / 1000, over_tls(&headers));
     Ok((AppendHeaders([(SET_COOKIE, cookie)]), Json(LoggedIn { user: user.into(), expires_at: rfc3339(expires_at) })))
 }
@@ -348,7 +359,12 @@ async fn logout(State(c): State<AppState>, caller: Caller, headers: HeaderMap) -
             "logout ends a dashboard session; revoke an API token with DELETE /api/v1/tokens/{id}",
         ));
     };
-    applied(c.propose(Command::RevokeSession { token_hash: token_hash.clone(), at: now_ms() }).await?)?;
+    let command = Command::RevokeSession { token_hash: token_hash.clone(), at: now_ms() };
+    let target = match &caller.credential {
+        Credential::Session { id, .. } => id.clone(),
+        Credential::Token { .. } => String::new(),
+    };
+    applied(c.propose(caller.audited("auth.logout", &target, None, command)).await?)?;
     Ok((StatusCode::NO_CONTENT, AppendHeaders([(SET_COOKIE, session_cookie("", 0, over_tls(&headers)))])))
 }
 

@@ -80,8 +80,12 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
     let agents: HashMap<String, AgentRow> = c.state.agents().await?.into_iter().map(|a| (a.id.clone(), a)).collect();
     c.deploys.forget(|(id, attempt)| active.iter().any(|d| &d.id == id && d.attempt == i64::from(*attempt)));
     let mut in_progress = 0usize;
+    // One release of a service at a time: a newer one waits for the one in progress, so an
+    // older build can never finish last and replace it.
+    let mut busy_services: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for d in active.iter().filter(|d| d.status().in_progress()) {
         in_progress += 1;
+        busy_services.insert(&d.service_id);
         let agent_id = d.agent_id.clone().unwrap_or_default();
         let ready = agents.get(&agent_id).is_some_and(|a| a.status == "ready");
         if !ready {
@@ -100,7 +104,7 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
         if in_progress >= c.deploys.settings.max_concurrent {
             break;
         }
-        if d.not_before > now {
+        if d.not_before > now || busy_services.contains(d.service_id.as_str()) {
             continue;
         }
         let reserved = match &mut reserved {
@@ -122,6 +126,7 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
                 };
                 if first_applied(c.propose(batch).await?) {
                     in_progress += 1;
+                    busy_services.insert(&d.service_id);
                     let entry = reserved.entry(agent_id.clone()).or_default();
                     entry.0.cpu_millis += resources.cpu_millis;
                     entry.0.memory_bytes += resources.memory_bytes;
@@ -398,7 +403,7 @@ pub async fn session_worker(
                 }
             }
             SessionReport::Instance(event) => {
-                if let Err(e) = on_instance_event(&c, event).await {
+                if let Err(e) = on_instance_event(&c, &agent_id, event).await {
                     tracing::warn!(agent = %agent_id, error = %e, "cannot record an instance event");
                 }
             }
@@ -416,6 +421,16 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
         ack(c, agent_id, serial, &u, u64::MAX, true);
         return Ok(());
     };
+    // An agent reports only on what it was given; anything else is dropped (and acknowledged,
+    // so it stops sending it).
+    let assigned = d.agent_id.as_deref() == Some(agent_id) && i64::from(u.attempt) == d.attempt;
+    // An agent the deployment was moved off may still send what its attempt did.
+    let moved_off = i64::from(u.attempt) < d.attempt && d.excluded().iter().any(|a| a == agent_id);
+    if !assigned && !moved_off {
+        tracing::warn!(agent = %agent_id, deployment = %d.id, "a report about another agent's deployment was ignored");
+        ack(c, agent_id, serial, &u, u64::MAX, true);
+        return Ok(());
+    }
     let mut commands = Vec::new();
     let last_seq = u.logs.iter().map(|l| l.seq).max();
     if !u.logs.is_empty() {
@@ -486,8 +501,11 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
 }
 
 /// A running instance crashed (and Docker restarted it): a line in its deployment's log.
-async fn on_instance_event(c: &SharedController, event: InstanceEvent) -> anyhow::Result<()> {
+async fn on_instance_event(c: &SharedController, agent_id: &str, event: InstanceEvent) -> anyhow::Result<()> {
     let Some(d) = c.state.deployment(&event.deployment_id).await? else { return Ok(()) };
+    if d.agent_id.as_deref() != Some(agent_id) {
+        return Ok(());
+    }
     let level =
         if matches!(event.level.as_str(), "debug" | "info" | "warn" | "error") { event.level } else { "warn".into() };
     let line = LogLine {
@@ -525,6 +543,18 @@ fn stop_elsewhere(c: &SharedController, agent_id: &str, project_id: &str, servic
 /// Sends a window of an uploaded tarball's chunks to the agent that asked.
 async fn send_upload(c: SharedController, agent_id: String, serial: u64, fetch: FetchUpload) {
     let Some((_, tx)) = c.agents.session_of(&agent_id).filter(|(s, _)| *s == serial) else { return };
+    // Only the agent the deployment is assigned to may read its upload.
+    match c.state.deployment(&fetch.deployment_id).await {
+        Ok(Some(d)) if d.agent_id.as_deref() == Some(agent_id.as_str()) => {}
+        Ok(_) => {
+            tracing::warn!(agent = %agent_id, deployment = %fetch.deployment_id, "refused an upload to an agent it is not for");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a deployment");
+            return;
+        }
+    }
     let chunks = match c.state.upload_chunks(&fetch.deployment_id, fetch.chunk, UPLOAD_WINDOW).await {
         Ok(chunks) if !chunks.is_empty() => chunks,
         Ok(_) => {

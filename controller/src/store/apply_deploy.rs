@@ -231,3 +231,177 @@ fn status_rank(status: DeploymentStatus) -> u8 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::sqlite::SqliteSynchronous;
+
+    use super::super::apply::apply;
+    use super::super::state_machine::StateEvent;
+    use crate::command::{Command, CommandResponse, DeploymentStatus, LogLine};
+
+    async fn state() -> (tempfile::TempDir, sqlx::SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = super::super::open_pool(
+            &dir.path().join("state.db"),
+            SqliteSynchronous::Normal,
+            1,
+            Some(&super::super::state_machine::MIGRATOR),
+        )
+        .await
+        .unwrap();
+        (dir, pool)
+    }
+
+    async fn run(pool: &sqlx::SqlitePool, command: Command) -> (CommandResponse, Vec<StateEvent>) {
+        let mut tx = pool.begin().await.unwrap();
+        let mut events = Vec::new();
+        let response = apply(&mut tx, command, &mut events).await.unwrap();
+        tx.commit().await.unwrap();
+        (response, events)
+    }
+
+    async fn applied(pool: &sqlx::SqlitePool, command: Command) {
+        let (response, _) = run(pool, command).await;
+        assert!(matches!(response, CommandResponse::Applied), "{response:?}");
+    }
+
+    async fn status(pool: &sqlx::SqlitePool, id: &str) -> (String, i64) {
+        sqlx::query_as("SELECT status, attempt FROM deployments WHERE id = ?").bind(id).fetch_one(pool).await.unwrap()
+    }
+
+    fn create(id: &str, at: i64) -> Command {
+        Command::CreateDeployment {
+            id: id.into(),
+            project_id: "p".into(),
+            service_id: "s".into(),
+            source: serde_json::json!({"image": "x"}),
+            reference: None,
+            created_by: "test".into(),
+            at,
+        }
+    }
+
+    fn update(id: &str, attempt: u32, status: DeploymentStatus) -> Command {
+        Command::UpdateDeployment {
+            id: id.into(),
+            attempt,
+            status,
+            image: None,
+            commit: None,
+            url: None,
+            error: None,
+            not_before: None,
+            exclude_agent: None,
+            at: 10,
+        }
+    }
+
+    fn assign(id: &str, attempt: u32) -> Command {
+        Command::AssignDeployment { id: id.into(), attempt, agent_id: "a1".into(), at: 5 }
+    }
+
+    async fn with_service(pool: &sqlx::SqlitePool) {
+        applied(pool, Command::CreateProject { id: "p".into(), name: "p".into(), created_at: 1, owner: None }).await;
+        sqlx::query(
+            "INSERT INTO services (id, project_id, name, spec, created_at, updated_at) VALUES ('s', 'p', 'web', '{}', 1, 1)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_newer_deployment_supersedes_a_queued_one_and_a_running_one_once_it_runs() {
+        let (_dir, pool) = state().await;
+        with_service(&pool).await;
+        applied(&pool, create("d1", 1)).await;
+        applied(&pool, assign("d1", 1)).await;
+        applied(&pool, update("d1", 1, DeploymentStatus::Running)).await;
+        applied(&pool, create("d2", 2)).await;
+        let (_, events) = run(&pool, create("d3", 3)).await;
+        assert_eq!(status(&pool, "d2").await.0, "superseded");
+        assert!(events.contains(&StateEvent::DeploymentChanged { id: "d2".into(), project_id: "p".into() }));
+        assert_eq!(status(&pool, "d1").await.0, "running", "a running release stays until the next one runs");
+        applied(&pool, assign("d3", 1)).await;
+        applied(&pool, update("d3", 1, DeploymentStatus::Running)).await;
+        assert_eq!(status(&pool, "d1").await.0, "superseded");
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM deployments ORDER BY id").fetch_all(&pool).await.unwrap();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn late_or_out_of_order_reports_change_nothing() {
+        let (_dir, pool) = state().await;
+        with_service(&pool).await;
+        applied(&pool, create("d", 1)).await;
+        // An attempt must follow the last one, from the queue.
+        assert!(matches!(run(&pool, assign("d", 2)).await.0, CommandResponse::Rejected { .. }));
+        applied(&pool, assign("d", 1)).await;
+        assert!(matches!(run(&pool, assign("d", 2)).await.0, CommandResponse::Rejected { .. }));
+        applied(&pool, update("d", 1, DeploymentStatus::Deploying)).await;
+        // Never back from deploying to building.
+        assert!(matches!(
+            run(&pool, update("d", 1, DeploymentStatus::Building)).await.0,
+            CommandResponse::Rejected { .. }
+        ));
+        // Requeued after its agent went down: attempt 1's late report is refused.
+        let mut requeue = update("d", 1, DeploymentStatus::Queued);
+        if let Command::UpdateDeployment { exclude_agent, .. } = &mut requeue {
+            *exclude_agent = Some("a1".into());
+        }
+        applied(&pool, requeue).await;
+        assert!(matches!(
+            run(&pool, update("d", 1, DeploymentStatus::Running)).await.0,
+            CommandResponse::Rejected { .. }
+        ));
+        let (excluded, requeues): (String, i64) =
+            sqlx::query_as("SELECT excluded, requeues FROM deployments WHERE id = 'd'").fetch_one(&pool).await.unwrap();
+        assert_eq!((excluded.as_str(), requeues), ("[\"a1\"]", 1));
+        applied(&pool, assign("d", 2)).await;
+        applied(&pool, update("d", 2, DeploymentStatus::Failed)).await;
+        // An ended deployment stays ended.
+        assert!(matches!(
+            run(&pool, update("d", 2, DeploymentStatus::Running)).await.0,
+            CommandResponse::Rejected { .. }
+        ));
+        assert_eq!(status(&pool, "d").await, ("failed".into(), 2));
+        // A queued one fails when nothing can take it.
+        applied(&pool, create("e", 9)).await;
+        applied(&pool, update("e", 0, DeploymentStatus::Failed)).await;
+    }
+
+    #[tokio::test]
+    async fn log_lines_sent_again_are_kept_once_and_numbered_in_order() {
+        let (_dir, pool) = state().await;
+        with_service(&pool).await;
+        applied(&pool, create("d", 1)).await;
+        let line = |seq: Option<u64>, message: &str| LogLine {
+            agent_seq: seq,
+            level: "info".into(),
+            message: message.into(),
+            at: 1,
+            phase: "build".into(),
+            step: None,
+        };
+        let append = |lines| Command::AppendDeploymentLogs { id: "d".into(), attempt: 1, lines };
+        applied(&pool, append(vec![line(Some(1), "one"), line(Some(2), "two")])).await;
+        // The agent reconnected and sent them again, with one more; the controller adds its own.
+        let (_, events) =
+            run(&pool, append(vec![line(Some(1), "one"), line(Some(2), "two"), line(Some(3), "three")])).await;
+        assert_eq!(events, [StateEvent::DeploymentLogs { id: "d".into(), upto: 3 }]);
+        applied(&pool, append(vec![line(None, "controller")])).await;
+        let (_, events) = run(&pool, append(vec![line(Some(3), "three")])).await;
+        assert!(events.is_empty(), "nothing new: no event");
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT n, message FROM deployment_logs ORDER BY n").fetch_all(&pool).await.unwrap();
+        let expected: Vec<(i64, String)> =
+            [(1, "one"), (2, "two"), (3, "three"), (4, "controller")].map(|(n, m)| (n, m.to_string())).into();
+        assert_eq!(rows, expected);
+        assert!(matches!(
+            run(&pool, Command::AppendDeploymentLogs { id: "nope".into(), attempt: 1, lines: vec![] }).await.0,
+            CommandResponse::Rejected { .. }
+        ));
+    }
+}
