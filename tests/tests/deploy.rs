@@ -692,7 +692,16 @@ async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
     .await
     .unwrap();
     let leader = setup.cluster.leader().await.unwrap();
+    // A follower that stays up streams the log too, from its own copy of the state.
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let follower_ws = format!(
+        "{}/api/v1/ws/deployments/{id}/logs",
+        setup.cluster.nodes[follower].url().replacen("http://", "ws://", 1)
+    );
+    let mut socket = ws_connect(&follower_ws, &setup.cluster.api.token).await;
     setup.cluster.nodes[leader].kill9();
+    let (streamed, close) = ws_read_all(&mut socket, DEPLOY_TIMEOUT, |_| false).await;
+    assert_eq!(close, Some(1000), "the stream ends with the deployment");
 
     let done = setup.finished(&id).await;
     assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
@@ -706,6 +715,9 @@ async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
     steps.dedup();
     assert_eq!(steps.len(), total, "{logs:#?}");
     assert!(total >= 3, "{logs:#?}");
+    let streamed: Vec<&str> = streamed.iter().map(|l| l["message"].as_str().unwrap()).collect();
+    let stored: Vec<&str> = logs.iter().map(|l| l["message"].as_str().unwrap()).collect();
+    assert_eq!(streamed, stored, "the follower streamed every line once, in order");
     assert_eq!(page(done["url"].as_str().unwrap()).await, "slow but sure\n");
 }
 
@@ -745,4 +757,113 @@ async fn the_queue_runs_in_order_within_its_limit_and_one_release_per_service_at
     assert!(at(&done_b, "started_at") >= at(&done_a, "finished_at"), "{done_a}\n{done_b}");
     assert!(at(&done_a3, "started_at") >= at(&done_b, "finished_at"), "{done_b}\n{done_a3}");
     assert_eq!(setup.deployment(&a).await.unwrap()["status"], "superseded");
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_with_backoff_then_fail() {
+    let setup = Setup::start(1, 1, &["--deploy-retry-base-s", "1"]).await;
+    // Nothing listens on port 1: the clone fails the way a network outage does.
+    let service =
+        setup.create_service(json!({"name": "flaky", "source": {"git": {"url": "git://127.0.0.1:1/app.git"}}})).await;
+    let d = setup.deploy(&service, json!({})).await;
+    let id = d["id"].as_str().unwrap().to_string();
+    let done = setup.finished(&id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["attempt"], 4, "the first attempt and 3 retries: {done}");
+    let messages: Vec<String> =
+        setup.logs(&id).await.iter().map(|l| l["message"].as_str().unwrap().to_string()).collect();
+    for wait in [1, 2, 4] {
+        assert!(messages.iter().any(|m| m.contains(&format!("retrying in {wait} s"))), "{messages:#?}");
+    }
+}
+
+/// The README's first command and the example: `deployer-controller dev`, then one CLI command.
+#[tokio::test]
+async fn dev_mode_deploys_the_example_with_one_command() {
+    busybox_image().expect("busybox-static");
+    let dir = tempfile::Builder::new().prefix("deployer-dev-").tempdir().unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
+    let mut dev = Command::new(deployer_tests::binary("deployer-controller"))
+        .args(["dev", "--data-dir"])
+        .arg(dir.path().join("state"))
+        .args(["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let token_path = dir.path().join("state").join("admin-token");
+    let token = wait_for("dev mode's admin token", Duration::from_secs(30), || {
+        let t = std::fs::read_to_string(&token_path).ok();
+        async move { t }
+    })
+    .await
+    .unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    // Its own project name, so that nothing here meets a developer's own dev mode on this engine.
+    let project = format!("t{}", &uuid_like()[..12]);
+    let project_arg = project.clone();
+    let up = tokio::task::spawn_blocking(move || {
+        Command::new(deployer_tests::binary("deployer"))
+            .arg("up")
+            .arg(example)
+            .args(["--project", &project_arg])
+            .env("DEPLOYER_URL", format!("http://127.0.0.1:{http}"))
+            .env("DEPLOYER_TOKEN", token.trim())
+            .env_remove("DEPLOYER_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&up.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&up.stderr).to_string();
+    let agent: Value = std::fs::read(dir.path().join("state/agent/agent.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let cleanup = |agent: &Value| {
+        if let Some(id) = agent["agent_id"].as_str() {
+            for c in docker(&["ps", "-aq", "--filter", &format!("label=deployer.agent={id}")]).split_whitespace() {
+                docker(&["rm", "-f", c]);
+            }
+            for n in
+                docker(&["network", "ls", "-q", "--filter", &format!("label=deployer.agent={id}")]).split_whitespace()
+            {
+                docker(&["network", "rm", n]);
+            }
+        }
+        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+        for image in images.lines().filter(|i| i.starts_with(&format!("deployer/{project}/"))) {
+            docker(&["rmi", "-f", image]);
+        }
+    };
+    let _ = dev.kill();
+    let _ = dev.wait();
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            up.status.success(),
+            "deployer up failed:\n{stdout}\n{stderr}\n{}",
+            std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
+        );
+        assert!(stdout.contains("Step 1/"), "the build streams: {stdout}");
+        let url = stdout
+            .lines()
+            .find_map(|l| l.split("is running at ").nth(1))
+            .unwrap_or_else(|| panic!("where it answers: {stdout}"))
+            .trim()
+            .to_string();
+        url
+    });
+    let url = match result {
+        Ok(url) => url,
+        Err(panic) => {
+            cleanup(&agent);
+            std::panic::resume_unwind(panic);
+        }
+    };
+    // The agent process is gone with dev mode; its container still serves.
+    let body = page(&url).await;
+    cleanup(&agent);
+    assert!(body.contains("Hello from Deployer"), "{body}");
 }
