@@ -294,8 +294,13 @@ async fn place(
             Ok(Placed::On(agent, resources))
         }
         Err(none) => {
-            // Right after a leader change, agents are still redialing: give them their TTL.
-            if leading_since.elapsed() < c.agents.settings.ttl && c.agents.sessions() == 0 {
+            let ttl = c.agents.settings.ttl;
+            // Right after a leader change, agents are still redialing; an agent that is not
+            // ready may be joining or coming back. Wait for them (an agent TTL) before failing:
+            // only a cluster whose agents are all there and none fits fails at once.
+            let agents_may_come = agents.is_empty() || agents.values().any(|a| a.status != "ready");
+            let queued_for = Duration::from_millis(now_ms().saturating_sub(d.updated_at).max(0) as u64);
+            if (leading_since.elapsed() < ttl && c.agents.sessions() == 0) || (agents_may_come && queued_for < ttl) {
                 return Ok(Placed::Wait);
             }
             Ok(Placed::Nowhere(none.to_string()))
