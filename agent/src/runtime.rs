@@ -445,7 +445,8 @@ fn pack_context(root: &Path, writer: impl Write) -> Result<Vec<PathBuf>, (PathBu
 pub async fn ensure_image(docker: &Docker, reference: &str, log: LogSink<'_>) -> Result<String, RuntimeError> {
     let local = local_image_id(docker, reference).await?;
     if let Some(id) = &local {
-        if is_pinned(reference) {
+        // An image this agent built (a rollback's) is in no registry: never pulled.
+        if is_pinned(reference) || reference.starts_with("deployer/") {
             return Ok(id.clone());
         }
     }

@@ -414,6 +414,35 @@ pub async fn deploy(args: DeployArgs, client: &Client, format: Format) -> Result
             client.post(&["projects", &project_id, "services", &service_id, "deploy"], &body).await?
         }
     };
+    follow_new(answer, detach, client, format).await
+}
+
+/// `deployer rollback`'s arguments.
+#[derive(Args)]
+pub struct RollbackArgs {
+    project_id: String,
+    service_id: String,
+    /// The deployment whose image to run again [default: the newest one before the current
+    /// release that ran healthy].
+    #[arg(long, value_name = "DEPLOYMENT_ID")]
+    to: Option<String>,
+    /// Return once the deployment is queued instead of following its log to the end.
+    #[arg(long)]
+    detach: bool,
+}
+
+pub async fn rollback(args: RollbackArgs, client: &Client, format: Format) -> Result<(), CliError> {
+    let RollbackArgs { project_id, service_id, to, detach } = args;
+    let body = match to {
+        Some(id) => json!({ "deployment_id": id }),
+        None => json!({}),
+    };
+    let answer = client.post(&["projects", &project_id, "services", &service_id, "rollback"], &body).await?;
+    follow_new(answer, detach, client, format).await
+}
+
+/// Prints a new deployment, or follows it to its end.
+async fn follow_new(answer: Answer, detach: bool, client: &Client, format: Format) -> Result<(), CliError> {
     let deployment: DeploymentView = answer.decode()?;
     if detach {
         if format == Format::Json {

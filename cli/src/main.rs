@@ -101,6 +101,9 @@ enum Command {
     ///
     /// For example, with `deployer-controller dev` running: `deployer up examples/hello`.
     Up(up::UpArgs),
+    /// Run an earlier release of a service again, without a build: the one before the current
+    /// release that ran healthy, or `--to` a given deployment. Follows it like `deploy`.
+    Rollback(deployments::RollbackArgs),
     /// A service's deployments: list and show.
     Deployments {
         #[command(subcommand)]
@@ -221,6 +224,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secrets { command } => secrets::run(command, &client()?, format).await,
         Command::Deploy(args) => deployments::deploy(args, &client()?, format).await,
         Command::Up(args) => up::up(args, &client()?, format).await,
+        Command::Rollback(args) => deployments::rollback(args, &client()?, format).await,
         Command::Deployments { command } => deployments::run(command, &client()?, format).await,
         Command::Logs(args) => deployments::logs(args, &client()?, format).await,
         Command::Agents { command } => agents::run(command, &client()?, format).await,

@@ -438,6 +438,30 @@ async fn a_git_service_deploys_hardened_and_failures_leave_it_serving() {
     .await
     .unwrap();
 
+    // Rollback: v1's image runs again, without a build, on the agent that built it.
+    let rollback_url = format!("{}/api/v1/projects/{}/services/{service}/rollback", setup.url(), setup.project_id);
+    let (status, back) = setup.cluster.api.post(&rollback_url, &json!({})).await.unwrap();
+    assert_eq!(status, 201, "{back}");
+    assert_eq!(back["source"], "rollback");
+    assert_eq!(back["ref"], id.as_str(), "the default target is the release before the current one");
+    let back = setup.finished(back["id"].as_str().unwrap()).await;
+    assert_eq!(back["status"], "running", "{back}\n{}", setup.diagnostics());
+    assert_eq!(back["image"], done["image"]);
+    assert_eq!(page(back["url"].as_str().unwrap()).await, "hello from v1\n");
+    let rollback_logs = setup.logs(back["id"].as_str().unwrap()).await;
+    assert!(!rollback_logs.iter().any(|l| l["phase"] == "build"), "no build: {rollback_logs:#?}");
+    // Forward again, naming the release; and targets that cannot be run again.
+    let second_id = second["id"].as_str().unwrap();
+    let (status, forward) = setup.cluster.api.post(&rollback_url, &json!({"deployment_id": second_id})).await.unwrap();
+    assert_eq!(status, 201, "{forward}");
+    let forward = setup.finished(forward["id"].as_str().unwrap()).await;
+    assert_eq!(page(forward["url"].as_str().unwrap()).await, "hello from v2\n");
+    let (status, body) = setup.cluster.api.post(&rollback_url, &json!({"deployment_id": silent_id})).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("never ran healthy"), "{body}");
+    let (status, body) = setup.cluster.api.post(&rollback_url, &json!({"deployment_id": "nope"})).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+
     // An app that crashes once it runs: Docker restarts it, and the crash is in its log.
     std::fs::write(
         repo.join("Dockerfile"),
@@ -472,7 +496,10 @@ async fn a_git_service_deploys_hardened_and_failures_leave_it_serving() {
     let (status, list) = setup.cluster.api.get(&list_url).await.unwrap();
     assert_eq!(status, 200);
     let statuses: Vec<&str> = list.as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["running", "superseded", "failed", "failed", "failed", "superseded"]);
+    assert_eq!(
+        statuses,
+        ["running", "superseded", "superseded", "superseded", "failed", "failed", "failed", "superseded"]
+    );
 }
 
 /// A `.tar.gz` with the symlinks `links` (path, target) first, then the files `entries`.

@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Caller, Role};
 use super::error::{
-    ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
+    ApiError, BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
     UnsupportedMediaType,
 };
 use super::json::ApiJson;
@@ -40,6 +40,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/api/v1/projects/{project_id}/services/{service_id}/upload",
             post(upload).layer(DefaultBodyLimit::max(upload_limit)),
         )
+        .route("/api/v1/projects/{project_id}/services/{service_id}/rollback", post(rollback))
         .route("/api/v1/projects/{project_id}/services/{service_id}/deployments", get(list))
         .route("/api/v1/deployments/{deployment_id}", get(show))
         .route("/api/v1/deployments/{deployment_id}/logs", get(logs))
@@ -81,6 +82,7 @@ impl From<DeploymentRow> for DeploymentView {
             Ok(DeploySource::Git { .. }) => "git",
             Ok(DeploySource::Image(_)) => "image",
             Ok(DeploySource::Upload { .. }) => "upload",
+            Ok(DeploySource::Rollback { .. }) => "rollback",
             Err(_) => "unknown",
         };
         DeploymentView {
@@ -194,7 +196,11 @@ async fn create(
     source: DeploySource,
     reference: Option<String>,
 ) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
-    let action = if matches!(source, DeploySource::Upload { .. }) { "deployment.upload" } else { "deployment.create" };
+    let action = match source {
+        DeploySource::Upload { .. } => "deployment.upload",
+        DeploySource::Rollback { .. } => "deployment.rollback",
+        _ => "deployment.create",
+    };
     let command = Command::CreateDeployment {
         id: id.clone(),
         project_id: target.project_id.clone(),
@@ -354,6 +360,86 @@ async fn upload(
         let _ = c.propose(Command::DropUploads { ids: vec![id] }).await;
     }
     created
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackInput {
+    /// The deployment whose image to run again (default: the newest one before the current
+    /// release that ran healthy).
+    deployment_id: Option<String>,
+}
+
+/// Runs the image of an earlier deployment again, without a build (project developers): the
+/// named one, or the newest that ran healthy before the current release. It is a new
+/// deployment, placed on the agent that built the image.
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project_id}/services/{service_id}/rollback",
+    tag = "deployments",
+    operation_id = "rollback_service",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("project_id" = String, Path, description = "The project's id"),
+        ("service_id" = String, Path, description = "The service's id"),
+    ),
+    request_body(content = RollbackInput, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The queued deployment", body = DeploymentView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
+async fn rollback(
+    State(c): State<AppState>,
+    caller: Caller,
+    Path((project_id, service_id)): Path<(String, String)>,
+    body: Option<ApiJson<RollbackInput>>,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    c.read_barrier().await?;
+    let (name, _) = service_of(&c, &caller, &project_id, &service_id, "deploy", Role::Developer).await?;
+    let history = c.state.deployments_of_service(&service_id, 1000, None).await?;
+    let target = match &body.deployment_id {
+        Some(id) => {
+            let d = history.iter().find(|d| &d.id == id).ok_or_else(|| {
+                ApiError::validation(format!("deployment_id: {id} is not a deployment of service {name}"))
+            })?;
+            if d.healthy_at.is_none() {
+                return Err(ApiError::validation(format!(
+                    "deployment_id: deployment {id} never ran healthy ({}); roll back to one that did",
+                    d.status
+                )));
+            }
+            d
+        }
+        None => {
+            // The newest healthy one that is not the release running now.
+            let current = history.iter().find(|d| d.status() == DeploymentStatus::Running).map(|d| d.seq);
+            history
+                .iter()
+                .filter(|d| d.healthy_at.is_some() && Some(d.seq) != current)
+                .find(|d| current.is_none_or(|seq| d.seq < seq))
+                .ok_or_else(|| {
+                    ApiError::conflict(format!(
+                        "service {name} has no earlier deployment that ran healthy to roll back to"
+                    ))
+                })?
+        }
+    };
+    let (Some(image), Some(agent)) = (target.image.clone(), target.agent_id.clone()) else {
+        return Err(ApiError::conflict(format!("deployment {} has no image to run again", target.id)));
+    };
+    let source = DeploySource::Rollback { image, of: target.id.clone(), agent };
+    let reference = Some(target.id.clone());
+    create(&c, &caller, Target { project_id, service_id, name }, new_id(), source, reference).await
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -61,6 +61,7 @@ use crate::api::auth::SESSION_COOKIE;
         services::remove,
         deployments::deploy,
         deployments::upload,
+        deployments::rollback,
         deployments::list,
         deployments::show,
         deployments::logs,

@@ -254,8 +254,14 @@ async fn place(
     };
     let spec: ServiceSpec = serde_json::from_value(service.spec)?;
     let replicas = spec.replicas.max(1);
+    // A rollback runs where its image is.
+    let pinned = match serde_json::from_str::<DeploySource>(&d.source) {
+        Ok(DeploySource::Rollback { agent, .. }) => Some(agent),
+        _ => None,
+    };
     let snapshots: Vec<AgentSnapshot> = agents
         .values()
+        .filter(|a| pinned.as_ref().is_none_or(|p| *p == a.id))
         .map(|a| {
             let (res, instances) = reserved.get(&a.id).cloned().unwrap_or_default();
             AgentSnapshot {
@@ -355,7 +361,7 @@ async fn run_message(c: &SharedController, d: &DeploymentRow) -> anyhow::Result<
             username: git_user,
             password: git_password,
         }),
-        DeploySource::Image(reference) => RunSource::Image(reference),
+        DeploySource::Image(reference) | DeploySource::Rollback { image: reference, .. } => RunSource::Image(reference),
         DeploySource::Upload { size, sha256, chunks, dockerfile } => {
             RunSource::Upload(UploadSource { size, sha256, dockerfile, chunks })
         }

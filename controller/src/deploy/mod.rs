@@ -20,9 +20,26 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploySource {
-    Git { url: String, branch: String, commit: Option<String>, dockerfile: String },
+    Git {
+        url: String,
+        branch: String,
+        commit: Option<String>,
+        dockerfile: String,
+    },
     Image(String),
-    Upload { size: u64, sha256: String, chunks: u32, dockerfile: String },
+    Upload {
+        size: u64,
+        sha256: String,
+        chunks: u32,
+        dockerfile: String,
+    },
+    /// The image of an earlier deployment (`of`), run again without a build on the agent that
+    /// built it (`agent`), the only one that has it.
+    Rollback {
+        image: String,
+        of: String,
+        agent: String,
+    },
 }
 
 #[derive(Clone, Debug)]
