@@ -142,6 +142,24 @@ async fn roles_scopes_sessions_and_the_audit_log() {
     let add_extra = json!({"email": "extra@example.com", "role": "viewer"});
     let remove_extra = format!("{collaborators}/{}", ids["extra"]);
     let audit = format!("/api/v1/audit?project_id={pid}");
+    // A service and one deployment of it (no agent runs here: it waits in the queue).
+    let (status, service) = c
+        .call(
+            &who["owner"],
+            Method::POST,
+            &format!("{project_path}/services"),
+            Some(json!({"name": "web", "source": {"image": "registry.example.com/web:1"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{service}");
+    let service_path = format!("{project_path}/services/{}", service["id"].as_str().unwrap());
+    let deploy = format!("{service_path}/deploy");
+    let (status, first) = c.call(&who["owner"], Method::POST, &deploy, Some(json!({}))).await;
+    assert_eq!(status, 201, "{first}");
+    let deployment = format!("/api/v1/deployments/{}", first["id"].as_str().unwrap());
+    let deployment_logs = format!("{deployment}/logs");
+    let (upload, rollback, deployments) =
+        (format!("{service_path}/upload"), format!("{service_path}/rollback"), format!("{service_path}/deployments"));
     //                       root owner admin dev viewer outsider
     let matrix: Vec<Case> = vec![
         ("show project", Method::GET, &project_path, None, [200, 200, 200, 200, 200, 404]),
@@ -149,6 +167,14 @@ async fn roles_scopes_sessions_and_the_audit_log() {
         ("add collaborator", Method::POST, &collaborators, Some(add_extra.clone()), [201, 201, 201, 403, 403, 404]),
         ("project audit", Method::GET, &audit, None, [200, 200, 200, 403, 403, 404]),
         ("whole audit", Method::GET, "/api/v1/audit", None, [200, 403, 403, 403, 403, 403]),
+        ("deploy", Method::POST, &deploy, Some(json!({})), [201, 201, 201, 201, 403, 404]),
+        // Allowed callers get past the role check to the body's own error: not a tarball.
+        ("upload", Method::POST, &upload, Some(json!({})), [400, 400, 400, 400, 403, 404]),
+        // Allowed callers learn there is nothing to roll back to yet.
+        ("rollback", Method::POST, &rollback, Some(json!({})), [409, 409, 409, 409, 403, 404]),
+        ("list deployments", Method::GET, &deployments, None, [200, 200, 200, 200, 200, 404]),
+        ("show deployment", Method::GET, &deployment, None, [200, 200, 200, 200, 200, 404]),
+        ("deployment logs", Method::GET, &deployment_logs, None, [200, 200, 200, 200, 200, 404]),
         ("list users", Method::GET, "/api/v1/users", None, [200, 403, 403, 403, 403, 403]),
         (
             "join token",
