@@ -804,14 +804,83 @@ async fn transient_failures_are_retried_with_backoff_then_fail() {
     }
 }
 
-/// The README's first command and the example: `deployer-controller dev`, then one CLI command.
+/// Dev mode and everything it runs, stopped and removed when dropped.
+struct DevMode {
+    dev: Child,
+    dir: tempfile::TempDir,
+    project: String,
+    url: String,
+    token: String,
+}
+
+impl DevMode {
+    /// Runs `deployer ARGS` against dev mode, from the repository root: (success, stdout, stderr).
+    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let (url, token) = (self.url.clone(), self.token.clone());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(deployer_tests::binary("deployer"))
+                .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .args(&args)
+                .env("DEPLOYER_URL", url)
+                .env("DEPLOYER_TOKEN", token)
+                .env("DEPLOYER_CONFIG", "/nonexistent/deployer-config.json")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DevMode {
+    fn drop(&mut self) {
+        let _ = self.dev.kill();
+        let _ = self.dev.wait();
+        let agent: Value = std::fs::read(self.dir.path().join("state/agent/agent.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        if let Some(id) = agent["agent_id"].as_str() {
+            let filter = format!("label=deployer.agent={id}");
+            for c in docker(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
+                docker(&["rm", "-f", c]);
+            }
+            for n in docker(&["network", "ls", "-q", "--filter", &filter]).split_whitespace() {
+                docker(&["network", "rm", n]);
+            }
+        }
+        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+        for image in images.lines().filter(|i| i.starts_with(&format!("deployer/{}/", self.project))) {
+            docker(&["rmi", "-f", image]);
+        }
+    }
+}
+
+/// Where `deployer` said a deployment runs.
+fn running_at(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.split("is running at ").nth(1))
+        .unwrap_or_else(|| panic!("where it answers: {stdout}"))
+        .trim()
+        .to_string()
+}
+
+/// The README's first command, the example, and the CLI's deploy commands as people run them.
 #[tokio::test]
-async fn dev_mode_deploys_the_example_with_one_command() {
+async fn dev_mode_deploys_the_example_with_one_command_and_the_cli_follows() {
     busybox_image().expect("busybox-static");
     let dir = tempfile::Builder::new().prefix("deployer-dev-").tempdir().unwrap();
     let (http, grpc) = (free_port(), free_port());
     let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
-    let mut dev = Command::new(deployer_tests::binary("deployer-controller"))
+    let dev = Command::new(deployer_tests::binary("deployer-controller"))
         .args(["dev", "--data-dir"])
         .arg(dir.path().join("state"))
         .args(["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
@@ -819,78 +888,59 @@ async fn dev_mode_deploys_the_example_with_one_command() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let token_path = dir.path().join("state").join("admin-token");
-    let token = wait_for("dev mode's admin token", Duration::from_secs(30), || {
+    // Its own project name, so that nothing here meets a developer's own dev mode on this engine.
+    let mut mode = DevMode {
+        dev,
+        dir,
+        project: format!("t{}", &uuid_like()[..12]),
+        url: format!("http://127.0.0.1:{http}"),
+        token: String::new(),
+    };
+    let token_path = mode.dir.path().join("state").join("admin-token");
+    mode.token = wait_for("dev mode's admin token", Duration::from_secs(30), || {
         let t = std::fs::read_to_string(&token_path).ok();
         async move { t }
     })
     .await
-    .unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
-    // Its own project name, so that nothing here meets a developer's own dev mode on this engine.
-    let project = format!("t{}", &uuid_like()[..12]);
-    let project_arg = project.clone();
-    let up = tokio::task::spawn_blocking(move || {
-        Command::new(deployer_tests::binary("deployer"))
-            .arg("up")
-            .arg(example)
-            .args(["--project", &project_arg])
-            .env("DEPLOYER_URL", format!("http://127.0.0.1:{http}"))
-            .env("DEPLOYER_TOKEN", token.trim())
-            .env_remove("DEPLOYER_CONFIG")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&up.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&up.stderr).to_string();
-    let agent: Value = std::fs::read(dir.path().join("state/agent/agent.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    let cleanup = |agent: &Value| {
-        if let Some(id) = agent["agent_id"].as_str() {
-            for c in docker(&["ps", "-aq", "--filter", &format!("label=deployer.agent={id}")]).split_whitespace() {
-                docker(&["rm", "-f", c]);
-            }
-            for n in
-                docker(&["network", "ls", "-q", "--filter", &format!("label=deployer.agent={id}")]).split_whitespace()
-            {
-                docker(&["network", "rm", n]);
-            }
-        }
-        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
-        for image in images.lines().filter(|i| i.starts_with(&format!("deployer/{project}/"))) {
-            docker(&["rmi", "-f", image]);
-        }
-    };
-    let _ = dev.kill();
-    let _ = dev.wait();
-    let result = std::panic::catch_unwind(|| {
-        assert!(
-            up.status.success(),
-            "deployer up failed:\n{stdout}\n{stderr}\n{}",
-            std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
-        );
-        assert!(stdout.contains("Step 1/"), "the build streams: {stdout}");
-        let url = stdout
-            .lines()
-            .find_map(|l| l.split("is running at ").nth(1))
-            .unwrap_or_else(|| panic!("where it answers: {stdout}"))
-            .trim()
-            .to_string();
-        url
-    });
-    let url = match result {
-        Ok(url) => url,
-        Err(panic) => {
-            cleanup(&agent);
-            std::panic::resume_unwind(panic);
-        }
-    };
-    // The agent process is gone with dev mode; its container still serves.
-    let body = page(&url).await;
-    cleanup(&agent);
-    assert!(body.contains("Hello from Deployer"), "{body}");
+    .unwrap()
+    .trim()
+    .to_string();
+    let project = mode.project.clone();
+
+    // One command: project, service, upload, build, run; it prints where the page answers.
+    let (ok, stdout, stderr) = mode.cli(&["up", "examples/hello", "--project", &project]).await;
+    assert!(ok, "deployer up failed:\n{stdout}\n{stderr}\n{}", mode.log());
+    assert!(stdout.contains("Step 1/"), "the build streams: {stdout}");
+    assert!(page(&running_at(&stdout)).await.contains("Hello from Deployer"));
+
+    let (_, projects, _) = mode.cli(&["-o", "json", "projects", "list"]).await;
+    let projects: Value = serde_json::from_str(&projects).unwrap();
+    let pid = projects.as_array().unwrap().iter().find(|p| p["name"] == project.as_str()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, services, _) = mode.cli(&["-o", "json", "services", "list", &pid]).await;
+    let services: Value = serde_json::from_str(&services).unwrap();
+    let sid = services[0]["id"].as_str().unwrap().to_string();
+
+    // Nothing to roll back to yet: a clear error and a failing exit status.
+    let (ok, _, stderr) = mode.cli(&["rollback", &pid, &sid]).await;
+    assert!(!ok && stderr.contains("no earlier deployment"), "{stderr}");
+    // A second release, then back to the first: followed to the end, exit 0, where it answers.
+    let (ok, stdout, stderr) = mode.cli(&["deploy", &pid, &sid, "--upload", "examples/hello"]).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    running_at(&stdout);
+    let (ok, stdout, stderr) = mode.cli(&["rollback", &pid, &sid]).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(page(&running_at(&stdout)).await.contains("Hello from Deployer"));
+
+    let (ok, table, _) = mode.cli(&["deployments", "list", &pid, &sid]).await;
+    assert!(ok);
+    assert_eq!(table.lines().filter(|l| l.contains("running")).count(), 1, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains("superseded")).count(), 2, "{table}");
+    let (_, list, _) = mode.cli(&["-o", "json", "deployments", "list", &pid, &sid]).await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let first = list.as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_string();
+    let (ok, lines, _) = mode.cli(&["logs", &first]).await;
+    assert!(ok && lines.contains("Step 1/") && lines.contains("is healthy"), "{lines}");
 }
