@@ -37,6 +37,8 @@ const REDIRECTS_BEFORE_BACKOFF: u32 = 3;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats in a row without an ack after which the session counts as dead.
 const UNACKED_LIMIT: u64 = 3;
+/// How long deployment progress waits for more before it is sent.
+const FLUSH_DELAY: Duration = Duration::from_millis(30);
 /// Largest message the controller may send.
 const MESSAGE_MAX: usize = 4 * 1024 * 1024;
 
@@ -280,6 +282,8 @@ impl Session {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut acked = 0u64;
+        // When waiting deployment progress goes out.
+        let mut flush_at: Option<tokio::time::Instant> = None;
         // A key waiting for its certificate, and when it was asked for.
         let mut renewing: Option<(String, tokio::time::Instant)> = None;
         loop {
@@ -323,7 +327,13 @@ impl Session {
                         renewing = Some((key_pem, tokio::time::Instant::now()));
                     }
                 }
-                _ = self.tasks.ready.notified() => {
+                // Deployment progress goes out in batches: lines that arrive together (a build's
+                // output) share a message, and so one commit on the controller.
+                _ = self.tasks.ready.notified(), if flush_at.is_none() => {
+                    flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
+                }
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
+                    flush_at = None;
                     for message in self.tasks.drain() {
                         if tx.send(message).await.is_err() {
                             return Ok(Ended::Dropped("the outgoing stream closed".into()));
