@@ -171,52 +171,47 @@ async fn agent_lost(c: &SharedController, d: &DeploymentRow, agent_id: &str) -> 
     let message =
         format!("agent {agent_id} went down during attempt {attempt}: moving the deployment to another agent");
     tracing::warn!(deployment = %d.id, agent = %agent_id, "agent lost mid-deployment: requeued");
-    let commands = vec![
-        Command::AppendDeploymentLogs {
-            id: d.id.clone(),
-            attempt,
-            lines: vec![controller_line("warn", "schedule", message.clone())],
-        },
-        Command::UpdateDeployment {
-            id: d.id.clone(),
-            attempt,
-            status: DeploymentStatus::Queued,
-            image: None,
-            commit: None,
-            url: None,
-            error: Some(message),
-            not_before: None,
-            exclude_agent: Some(agent_id.to_string()),
-            at: now_ms(),
-        },
-    ];
-    c.propose(Command::Batch { commands }).await?;
+    let requeue =
+        Outcome { status: DeploymentStatus::Queued, level: "warn", exclude_agent: Some(agent_id.to_string()) };
+    c.propose(requeue.commands(d, attempt, message)).await?;
     Ok(())
 }
 
 async fn fail(c: &SharedController, d: &DeploymentRow, attempt: u32, error: String) -> anyhow::Result<()> {
     tracing::info!(deployment = %d.id, error = %error, "deployment failed");
-    let commands = vec![
-        Command::AppendDeploymentLogs {
-            id: d.id.clone(),
-            attempt,
-            lines: vec![controller_line("error", "schedule", error.clone())],
-        },
-        Command::UpdateDeployment {
-            id: d.id.clone(),
-            attempt,
-            status: DeploymentStatus::Failed,
-            image: None,
-            commit: None,
-            url: None,
-            error: Some(error),
-            not_before: None,
-            exclude_agent: None,
-            at: now_ms(),
-        },
-    ];
-    c.propose(Command::Batch { commands }).await?;
+    let failed = Outcome { status: DeploymentStatus::Failed, level: "error", exclude_agent: None };
+    c.propose(failed.commands(d, attempt, error)).await?;
     Ok(())
+}
+
+/// How the controller ends an attempt on its own: the reason in the log, then the status.
+struct Outcome {
+    status: DeploymentStatus,
+    level: &'static str,
+    exclude_agent: Option<String>,
+}
+
+impl Outcome {
+    fn commands(self, d: &DeploymentRow, attempt: u32, reason: String) -> Command {
+        let line = controller_line(self.level, "schedule", reason.clone());
+        Command::Batch {
+            commands: vec![
+                Command::AppendDeploymentLogs { id: d.id.clone(), attempt, lines: vec![line] },
+                Command::UpdateDeployment {
+                    id: d.id.clone(),
+                    attempt,
+                    status: self.status,
+                    image: None,
+                    commit: None,
+                    url: None,
+                    error: Some(reason),
+                    not_before: None,
+                    exclude_agent: self.exclude_agent,
+                    at: now_ms(),
+                },
+            ],
+        }
+    }
 }
 
 type Reserved = HashMap<String, (Resources, HashMap<String, u32>)>;

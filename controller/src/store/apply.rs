@@ -627,8 +627,6 @@ async fn write_service(
 
 #[cfg(test)]
 mod tests {
-    use sqlx::sqlite::SqliteSynchronous;
-
     use super::apply;
     use crate::command::{Command, CommandResponse, Rejection};
 
@@ -642,15 +640,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_answers_each_write_on_its_own_and_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = super::super::open_pool(
-            &dir.path().join("state.db"),
-            SqliteSynchronous::Normal,
-            1,
-            Some(&super::super::state_machine::MIGRATOR),
-        )
-        .await
-        .unwrap();
+        let (_dir, pool) = super::super::test_state().await;
         let mut tx = pool.begin().await.unwrap();
         assert!(matches!(
             apply(&mut tx, create("p0", "old"), &mut Vec::new()).await.unwrap(),

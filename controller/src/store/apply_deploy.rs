@@ -234,24 +234,11 @@ fn status_rank(status: DeploymentStatus) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::sqlite::SqliteSynchronous;
-
     use super::super::apply::apply;
     use super::super::state_machine::StateEvent;
     use crate::command::{Command, CommandResponse, DeploymentStatus, LogLine};
 
-    async fn state() -> (tempfile::TempDir, sqlx::SqlitePool) {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = super::super::open_pool(
-            &dir.path().join("state.db"),
-            SqliteSynchronous::Normal,
-            1,
-            Some(&super::super::state_machine::MIGRATOR),
-        )
-        .await
-        .unwrap();
-        (dir, pool)
-    }
+    use super::super::test_state as state;
 
     async fn run(pool: &sqlx::SqlitePool, command: Command) -> (CommandResponse, Vec<StateEvent>) {
         let mut tx = pool.begin().await.unwrap();

@@ -97,3 +97,13 @@ pub(crate) fn write_err(subject: ErrorSubject<u64>, e: impl std::error::Error + 
 
 #[cfg(test)]
 mod suite_test;
+
+/// A fresh state database with every migration applied, for tests of the state machine's rules.
+#[cfg(test)]
+pub(crate) async fn test_state() -> (tempfile::TempDir, SqlitePool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open_pool(&dir.path().join("state.db"), SqliteSynchronous::Normal, 1, Some(&state_machine::MIGRATOR))
+        .await
+        .expect("state database");
+    (dir, pool)
+}
