@@ -66,6 +66,8 @@ struct Task {
     report: Option<(Report, u64)>,
     report_sent: bool,
     finished: bool,
+    /// Stops the attempt's work (when the controller moved it to another agent).
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 #[derive(Default)]
@@ -191,6 +193,20 @@ impl Tasks {
     pub fn acked(&self, ack: UpdateAck) {
         let mut inner = self.lock();
         let key = (ack.deployment_id, ack.attempt);
+        if ack.abandon {
+            // The deployment went on elsewhere: stop this attempt and remove what it started.
+            if let Some(abort) = inner.tasks.remove(&key).and_then(|t| t.abort) {
+                abort.abort();
+            }
+            let (docker, agent, deployment) = (self.ctx.docker.clone(), self.ctx.agent_id.clone(), key.0.clone());
+            tracing::warn!(deployment = %deployment, attempt = key.1, "the attempt moved to another agent: abandoned");
+            tokio::spawn(async move {
+                if let Err(e) = runtime::remove_deployment(&docker, &agent, &deployment).await {
+                    tracing::warn!(deployment = %deployment, error = %e, "cannot remove an abandoned attempt's containers");
+                }
+            });
+            return;
+        }
         let Some(task) = inner.tasks.get_mut(&key) else { return };
         while task.lines.front().is_some_and(|l| l.seq <= ack.seq) {
             task.lines.pop_front();
@@ -257,6 +273,7 @@ impl Tasks {
             report: None,
             report_sent: false,
             finished: false,
+            abort: None,
         };
         // It ended before (this agent may have restarted since): say how, again.
         if let Some(report) = std::fs::read(&result_file).ok().and_then(|b| serde_json::from_slice::<Report>(&b).ok()) {
@@ -271,7 +288,8 @@ impl Tasks {
         inner.tasks.insert(key.clone(), task);
         drop(inner);
         let tasks = self.clone();
-        tokio::spawn(async move {
+        let abort_key = key.clone();
+        let work = tokio::spawn(async move {
             tracing::info!(deployment = %key.0, attempt = key.1, "deployment attempt started");
             let report = match tasks.execute(&key, &run).await {
                 Ok(report) => report,
@@ -309,6 +327,9 @@ impl Tasks {
                 task.finished = true;
             }
         });
+        if let Some(task) = self.lock().tasks.get_mut(&abort_key) {
+            task.abort = Some(work.abort_handle());
+        }
     }
 
     /// Watches the engine for this agent's instances that die. Docker restarts a crashed one

@@ -944,3 +944,62 @@ async fn dev_mode_deploys_the_example_with_one_command_and_the_cli_follows() {
     let (ok, lines, _) = mode.cli(&["logs", &first]).await;
     assert!(ok && lines.contains("Step 1/") && lines.contains("is healthy"), "{lines}");
 }
+
+#[tokio::test]
+async fn an_agent_only_cut_off_mid_build_abandons_its_attempt_when_it_returns() {
+    let mut setup = Setup::start(1, 2, FAST).await;
+    let repo = setup.cluster.root.join("repos").join("slow");
+    make_repo(&repo, &setup.base, "x");
+    slow_app(&repo, &setup.base, 8);
+    commit(&repo, "slow");
+    let url = format!("file://{}", repo.display());
+    let service = setup.create_service(json!({"name": "slow", "source": {"git": {"url": url}}, "port": 8080})).await;
+    let id = setup.deploy(&service, json!({})).await["id"].as_str().unwrap().to_string();
+    let building = wait_for("the build to start", Duration::from_secs(30), || async {
+        let d = setup.deployment(&id).await?;
+        let logs = setup.logs(&id).await;
+        (d["status"] == "building" && logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")))
+            .then_some(d)
+    })
+    .await
+    .unwrap();
+    let first = building["agent_id"].as_str().unwrap().to_string();
+    let index = setup
+        .agents
+        .iter()
+        .position(|a| std::fs::read_to_string(a.dir.join("agent.json")).unwrap().contains(&first))
+        .unwrap();
+    // Frozen, not dead: the cluster sees it go down and moves the deployment.
+    let pid = setup.agents[index].pid().unwrap().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    wait_for("the deployment to move", Duration::from_secs(30), || async {
+        (setup.deployment(&id).await?["attempt"] == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+
+    let done = setup.finished(&id).await;
+    assert_eq!(done["status"], "running", "{done}\n{}", setup.diagnostics());
+    let second = done["agent_id"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    // The returning agent is told its attempt went elsewhere: it removes what it started, and
+    // one instance of the deployment runs, on the agent that finished it.
+    let owners = wait_for("one instance of the deployment", Duration::from_secs(40), || async {
+        let out = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=deployer.deployment={id}"),
+            "--format",
+            "{{.Label \"deployer.agent\"}}",
+        ]);
+        let owners: Vec<String> = out.lines().map(str::to_string).collect();
+        (owners.len() == 1).then_some(owners)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", setup.diagnostics()));
+    assert_eq!(owners, [second]);
+    let log = setup.agents[index].log_text();
+    assert!(log.contains("moved to another agent: abandoned"), "{log}");
+}

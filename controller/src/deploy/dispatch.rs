@@ -496,6 +496,12 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
         (CommandResponse::Batch { responses }, Some(i)) => matches!(responses.get(i), Some(CommandResponse::Applied)),
         _ => true,
     };
+    if moved_off {
+        // It went on while the deployment moved elsewhere: whatever it started must go.
+        tracing::warn!(agent = %agent_id, deployment = %d.id, attempt = u.attempt, "abandoning an attempt moved off this agent");
+        abandon(c, agent_id, serial, &u, last_seq.unwrap_or(0));
+        return Ok(());
+    }
     ack(c, agent_id, serial, &u, last_seq.unwrap_or(0), final_status || !status_applied);
     if running && status_applied {
         stop_elsewhere(c, agent_id, &d.project_id, &d.service_id, &d.id);
@@ -527,7 +533,14 @@ async fn on_instance_event(c: &SharedController, agent_id: &str, event: Instance
 }
 
 fn ack(c: &SharedController, agent_id: &str, serial: u64, u: &DeploymentUpdate, seq: u64, final_: bool) {
-    let ack = UpdateAck { deployment_id: u.deployment_id.clone(), attempt: u.attempt, seq, r#final: final_ };
+    let ack =
+        UpdateAck { deployment_id: u.deployment_id.clone(), attempt: u.attempt, seq, r#final: final_, abandon: false };
+    c.agents.send(agent_id, serial, ControllerMessage { body: Some(ControllerBody::UpdateAck(ack)) });
+}
+
+fn abandon(c: &SharedController, agent_id: &str, serial: u64, u: &DeploymentUpdate, seq: u64) {
+    let ack =
+        UpdateAck { deployment_id: u.deployment_id.clone(), attempt: u.attempt, seq, r#final: true, abandon: true };
     c.agents.send(agent_id, serial, ControllerMessage { body: Some(ControllerBody::UpdateAck(ack)) });
 }
 
