@@ -947,7 +947,7 @@ async fn dev_mode_deploys_the_example_with_one_command_and_the_cli_follows() {
 
 #[tokio::test]
 async fn an_agent_only_cut_off_mid_build_abandons_its_attempt_when_it_returns() {
-    let mut setup = Setup::start(1, 2, FAST).await;
+    let setup = Setup::start(1, 2, FAST).await;
     let repo = setup.cluster.root.join("repos").join("slow");
     make_repo(&repo, &setup.base, "x");
     slow_app(&repo, &setup.base, 8);
