@@ -4,6 +4,7 @@
 pub mod devimage;
 pub mod docker;
 pub mod identity;
+pub mod ingress;
 pub mod metrics;
 pub mod runtime;
 pub mod session;

@@ -1,0 +1,1944 @@
+//! The agent's HTTP reverse proxy: it routes each request by host name to one instance of a
+//! service, round-robin, streams bodies both ways, and tunnels WebSocket (HTTP/1.1 upgrade)
+//! connections.
+//!
+//! HTTP/1.1 only, to clients and to backends; TLS (and with it HTTP/2) comes later. The route
+//! table is immutable and replaced whole by [`Proxy::set_routes`], so a request keeps the route it
+//! was given while new requests see the new table at once.
+//!
+//! Every client connection is bounded: a semaphore caps their number, hyper caps the size of and
+//! the time to send a request head, and one watchdog per connection closes it when an exchange
+//! stalls for `idle_timeout` (a client that stops sending its body or reading its response, a
+//! backend that stops sending its body, an idle tunnel).
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1 as backend_http1;
+use hyper::server::conn::http1;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// One route: a host name and the backends (instances) it balances across.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Lower case, no port.
+    pub host: String,
+    pub backends: Vec<SocketAddr>,
+    /// The service's name, for logs and error pages.
+    pub service: String,
+}
+
+/// The whole route table, replaced atomically. Cloning shares the round-robin counters.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    routes: HashMap<String, Arc<RouteEntry>>,
+}
+
+impl RouteTable {
+    /// Host names are normalized as requests' are (lower case, no port, no trailing dot); a route
+    /// whose host is not a host name is left out, and of two routes for one host the later wins.
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let mut table = RouteTable::default();
+        for mut route in routes {
+            let Some(host) = normalize_host(&route.host).map(Cow::into_owned) else {
+                tracing::warn!(host = %route.host, service = %route.service, "ignoring a route whose host is not a host name");
+                continue;
+            };
+            route.host = host.clone();
+            let backends = route.backends.iter().map(|&addr| Backend::new(addr)).collect();
+            table.routes.insert(host, Arc::new(RouteEntry { route, backends, next: AtomicUsize::new(0) }));
+        }
+        table
+    }
+
+    /// The route for `host`, which may carry a port or upper case as a `Host` header does.
+    pub fn get(&self, host: &str) -> Option<&Route> {
+        let host = normalize_host(host)?;
+        self.routes.get(host.as_ref()).map(|entry| &entry.route)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Every route, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values().map(|entry| &entry.route)
+    }
+}
+
+#[derive(Debug)]
+struct RouteEntry {
+    route: Route,
+    backends: Vec<Backend>,
+    next: AtomicUsize,
+}
+
+impl RouteEntry {
+    /// The backends in the order to try them: round-robin from the next one, those that failed
+    /// lately last.
+    fn order(&self, now: u64) -> impl Iterator<Item = &Backend> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        let ring = (0..n).map(move |i| &self.backends[(start + i) % n]);
+        ring.clone().filter(move |b| b.is_up(now)).chain(ring.filter(move |b| !b.is_up(now)))
+    }
+}
+
+#[derive(Debug)]
+struct Backend {
+    addr: SocketAddr,
+    /// Until when (in [`now_ms`] units) this backend goes to the back of the line; 0: never failed.
+    backoff_until: AtomicU64,
+    /// Its idle connections, shared with the same address in other tables (see `set_routes`).
+    pool: OnceLock<Arc<Pool>>,
+}
+
+impl Backend {
+    fn new(addr: SocketAddr) -> Backend {
+        Backend { addr, backoff_until: AtomicU64::new(0), pool: OnceLock::new() }
+    }
+
+    fn is_up(&self, now: u64) -> bool {
+        self.backoff_until.load(Relaxed) <= now
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        self.pool.get_or_init(Arc::default)
+    }
+}
+
+/// Idle keep-alive connections to one backend, the most recently used last, in one list per
+/// thread: a connection's task runs where it was opened, so a thread reusing its own connections
+/// wakes no other (and with a runtime per thread, nothing crosses threads).
+struct Pool {
+    shards: [Shard; POOL_SHARDS],
+}
+
+/// A connection to a backend, as requests are sent on it.
+type Sender = backend_http1::SendRequest<RequestBody>;
+
+/// Idle connections, with when each was last used.
+type Shard = Mutex<VecDeque<(Sender, u64)>>;
+
+const POOL_SHARDS: usize = 8;
+
+/// Idle keep-alive connections kept per backend and shard.
+const MAX_IDLE_PER_BACKEND: usize = 128;
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool { shards: std::array::from_fn(|_| Mutex::default()) }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+impl Pool {
+    /// The most recently used connection that is still open, if any; those idle for longer than
+    /// `max_idle_ms` are closed.
+    fn take(&self, now: u64, max_idle_ms: u64) -> Option<Sender> {
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        while idle.front().is_some_and(|(_, since)| now.saturating_sub(*since) >= max_idle_ms) {
+            idle.pop_front();
+        }
+        while let Some((sender, _)) = idle.pop_back() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: Sender) {
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= MAX_IDLE_PER_BACKEND {
+            idle.pop_front();
+        }
+        idle.push_back((sender, now_ms()));
+    }
+
+    fn shard(&self) -> &Shard {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
+        }
+        &self.shards[SHARD.with(|shard| *shard)]
+    }
+}
+
+/// A connection lent to one exchange; back to its pool once the exchange ended cleanly.
+struct Pooled {
+    sender: Sender,
+    pool: Arc<Pool>,
+}
+
+/// Limits and timeouts of the proxy.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// To open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// The backend must start answering within this, counted from the last byte of the request
+    /// body it took (or from the request, without a body).
+    pub response_header_timeout: Duration,
+    /// A client must send a whole request head within this (the slowloris guard); hyper also
+    /// arms it as soon as a keep-alive connection goes idle, so it bounds idle connections too.
+    pub request_header_timeout: Duration,
+    /// Larger request bodies get 413, also chunked ones (counted as they stream).
+    pub max_request_body: u64,
+    /// Larger request heads get 431.
+    pub max_header_bytes: usize,
+    /// The longest an exchange may stall: a client that stops sending its body or reading its
+    /// response, a backend that stops sending its body, a tunnel with no traffic. Also how long an
+    /// unused pooled connection to a backend is kept.
+    pub idle_timeout: Duration,
+    /// Concurrent client connections (tunnels included); one more is closed at once.
+    pub max_connections: usize,
+    /// After shutdown, how long in-flight requests and tunnels may take before they are cut.
+    pub shutdown_grace: Duration,
+    /// A backend that refused or timed out a connection is tried after the others for this long.
+    pub backend_backoff: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> ProxySettings {
+        ProxySettings {
+            connect_timeout: Duration::from_secs(5),
+            response_header_timeout: Duration::from_secs(60),
+            request_header_timeout: Duration::from_secs(10),
+            max_request_body: 64 << 20,
+            max_header_bytes: 64 << 10,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(30),
+            backend_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The reverse proxy. Cheap to share: [`Proxy::new`] hands out an `Arc`.
+pub struct Proxy {
+    settings: ProxySettings,
+    table: RwLock<Arc<RouteTable>>,
+    /// Every backend's pool, by address, so that a new table keeps the connections of the old.
+    pools: Mutex<HashMap<SocketAddr, std::sync::Weak<Pool>>>,
+    http: http1::Builder,
+    connections: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings) -> Arc<Proxy> {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(settings.request_header_timeout)
+            .max_header_size(settings.max_header_bytes);
+        Arc::new(Proxy {
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            table: RwLock::new(Arc::new(RouteTable::default())),
+            pools: Mutex::new(HashMap::new()),
+            http,
+        })
+    }
+
+    /// Replaces the table atomically: requests already routed finish on their backend; new ones
+    /// see the new table.
+    pub fn set_routes(&self, table: RouteTable) {
+        {
+            // A backend's idle connections outlive the tables that name it, and go with the last.
+            let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+            pools.retain(|_, pool| pool.strong_count() > 0);
+            for backend in table.routes.values().flat_map(|entry| &entry.backends) {
+                backend.pool.get_or_init(|| {
+                    let known = pools.get(&backend.addr).and_then(std::sync::Weak::upgrade);
+                    known.unwrap_or_else(|| {
+                        let pool = Arc::default();
+                        pools.insert(backend.addr, Arc::downgrade(&pool));
+                        pool
+                    })
+                });
+            }
+        }
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+    }
+
+    /// The table requests are routed by now.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// A new connection to a backend. Its task ends when the backend closes it or when its
+    /// sender is dropped (by the pool, or with an exchange that did not end cleanly).
+    async fn connect(&self, addr: SocketAddr) -> Result<Sender, Failure> {
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(Failure::Connect(e.into())),
+            Err(_) => return Err(Failure::Connect("timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) =
+            backend_http1::handshake(TokioIo::new(stream)).await.map_err(|e| Failure::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(backend = %addr, error = %e, "backend connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Serves plain HTTP on `listener` until `shutdown` resolves, then stops accepting and lets
+    /// in-flight requests and tunnels finish for up to `shutdown_grace`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
+        self.serve_as(listener, "http", shutdown).await
+    }
+
+    /// Like [`Proxy::serve`], on `threads` threads of its own, each with a single-threaded
+    /// runtime accepting from the same listener (nginx's worker model): a request and its backend
+    /// connection stay on one thread, without the cross-thread wake-ups of a work-stealing
+    /// runtime (worth about a fifth more requests per second in `benches/ingress.rs`). Returns
+    /// when every thread has stopped after `shutdown`.
+    pub async fn serve_threads(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: usize,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let listener = listener.into_std()?;
+        let (stop, stopped) = watch::channel(false);
+        let mut running = Vec::new();
+        let mut started = Ok(());
+        for n in 0..threads.max(1) {
+            let spawned = listener.try_clone().and_then(|listener| {
+                let proxy = self.clone();
+                let mut stopped = stopped.clone();
+                let (done, finished) = tokio::sync::oneshot::channel::<()>();
+                std::thread::Builder::new().name(format!("ingress-{n}")).spawn(move || {
+                    let _done = done;
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => return tracing::error!(error = %e, "ingress thread has no runtime"),
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                let shutdown = async move {
+                                    let _ = stopped.wait_for(|stopped| *stopped).await;
+                                };
+                                proxy.serve(listener, shutdown).await
+                            }
+                            Err(e) => tracing::error!(error = %e, "ingress thread cannot listen"),
+                        }
+                    });
+                })?;
+                Ok(finished)
+            });
+            match spawned {
+                Ok(finished) => running.push(finished),
+                Err(e) => {
+                    started = Err(e);
+                    break;
+                }
+            }
+        }
+        if started.is_ok() {
+            let all_stopped = futures::future::join_all(running.iter_mut());
+            tokio::select! {
+                () = shutdown => {}
+                _ = all_stopped => tracing::error!("every ingress thread stopped"),
+            }
+        }
+        let _ = stop.send(true);
+        futures::future::join_all(running).await;
+        started
+    }
+
+    /// `proto` is what `X-Forwarded-Proto` says (`https` once TLS terminates here).
+    async fn serve_as(
+        self: Arc<Self>,
+        listener: TcpListener,
+        proto: &'static str,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(addr = %local, proto, "ingress listening");
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "connection limit reached: closing a new connection");
+                            continue;
+                        };
+                        let proxy = self.clone();
+                        connections.spawn(proxy.serve_connection(stream, peer, proto, permit, drain_rx.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait for some to free up.
+                        tracing::warn!(error = %e, "ingress cannot accept connections");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        let _ = drain_tx.send(true);
+        let in_flight = connections.len();
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(left = connections.len(), "ingress grace period over: cutting the remaining connections");
+            connections.shutdown().await;
+        }
+        tracing::info!(addr = %local, drained = in_flight, "ingress stopped");
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        proto: &'static str,
+        _permit: OwnedSemaphorePermit,
+        mut draining: watch::Receiver<bool>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let idle_timeout = self.settings.idle_timeout;
+        let state = Arc::new(ConnState {
+            proxy: self.clone(),
+            client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
+                .expect("an IP address is a valid header value"),
+            proto: HeaderValue::from_static(proto),
+            write_blocked_since: AtomicU64::new(0),
+            request_waiting_since: AtomicU64::new(0),
+            response_waiting_since: AtomicU64::new(0),
+            body_progress: AtomicU64::new(0),
+            request_body_open: AtomicBool::new(false),
+            tunnelling: AtomicBool::new(false),
+            last_io: AtomicU64::new(0),
+            tunnel: Mutex::new(None),
+            unread_body: AtomicBool::new(false),
+        });
+        let io = TokioIo::new(ClientIo { stream, state: state.clone() });
+        let service = {
+            let state = state.clone();
+            hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(state.handle(req).await) }
+            })
+        };
+        let mut conn = self.http.serve_connection(io, service).with_upgrades();
+        let watchdog = state.watchdog(idle_timeout);
+        tokio::pin!(watchdog);
+        let mut drain_started = false;
+        loop {
+            tokio::select! {
+                result = &mut conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "client connection ended");
+                    }
+                    break;
+                }
+                _ = draining.wait_for(|draining| *draining), if !drain_started => {
+                    drain_started = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+                why = &mut watchdog => {
+                    tracing::debug!(%peer, why, "closing a stalled client connection");
+                    return;
+                }
+            }
+        }
+        if state.unread_body.load(Relaxed) {
+            if let Some(parts) = conn.into_parts() {
+                linger(parts.io.into_inner().stream).await;
+            }
+            return;
+        }
+        let tunnel = state.tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(tunnel) = tunnel {
+            state.last_io.store(now_ms(), Relaxed);
+            state.tunnelling.store(true, Relaxed);
+            tokio::select! {
+                result = tunnel.run() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "tunnel ended");
+                    }
+                }
+                why = &mut watchdog => tracing::debug!(%peer, why, "closing an idle tunnel"),
+            }
+        }
+    }
+}
+
+/// What one client connection shares with the requests it carries and with its watchdog.
+/// HTTP/1.1 serves one request at a time, so the per-request fields need no more than this.
+struct ConnState {
+    proxy: Arc<Proxy>,
+    /// The client's IP address, for `X-Forwarded-For`.
+    client_ip: HeaderValue,
+    proto: HeaderValue,
+    /// Since when ([`now_ms`]) a write to the client has been blocked; 0: not blocked.
+    write_blocked_since: AtomicU64,
+    /// Since when the request body has been waiting for the client; 0: not waiting.
+    request_waiting_since: AtomicU64,
+    /// Since when the response body has been waiting for the backend; 0: not waiting.
+    response_waiting_since: AtomicU64,
+    /// When the request body last moved towards the backend (or the request started).
+    body_progress: AtomicU64,
+    /// The request body is still on its way to the backend (its connection is not reusable yet).
+    request_body_open: AtomicBool,
+    tunnelling: AtomicBool,
+    /// When a byte last moved on the client socket; kept only while tunnelling.
+    last_io: AtomicU64,
+    /// An upgrade agreed by the backend, run by the connection once hyper lets go of it.
+    tunnel: Mutex<Option<Tunnel>>,
+    /// A request was answered before its body was read: hyper will close the connection, and
+    /// the client may still be sending.
+    unread_body: AtomicBool,
+}
+
+impl ConnState {
+    /// Resolves, with the reason, when the connection has stalled for `idle`.
+    async fn watchdog(&self, idle: Duration) -> &'static str {
+        let idle_ms = idle.as_millis() as u64;
+        let tick = (idle / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = now_ms();
+            let stalled = |since: &AtomicU64| {
+                let since = since.load(Relaxed);
+                since != 0 && now.saturating_sub(since) >= idle_ms
+            };
+            if stalled(&self.write_blocked_since) {
+                return "the client stopped reading";
+            }
+            if stalled(&self.request_waiting_since) {
+                return "the client stopped sending its request body";
+            }
+            if stalled(&self.response_waiting_since) {
+                return "the backend stopped sending its response body";
+            }
+            if self.tunnelling.load(Relaxed) && now.saturating_sub(self.last_io.load(Relaxed)) >= idle_ms {
+                return "no traffic in the tunnel";
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        match self.route(&mut req) {
+            Ok(entry) => self.forward(entry, req).await,
+            Err(page) => {
+                if !req.body().is_end_stream() {
+                    self.unread_body.store(true, Relaxed);
+                }
+                page
+            }
+        }
+    }
+
+    /// The route a request takes, or the page that answers it.
+    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<RouteEntry>, Response<ResponseBody>> {
+        let settings = &self.proxy.settings;
+        let entry = {
+            let host = request_host(req).map_err(|message| page(StatusCode::BAD_REQUEST, message.to_string()))?;
+            let table = self.proxy.routes();
+            match table.routes.get(host.as_ref()) {
+                Some(entry) => entry.clone(),
+                None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
+            }
+        };
+        if entry.backends.is_empty() {
+            let text = format!("{} has no instance running\n", entry.route.service);
+            return Err(page(StatusCode::SERVICE_UNAVAILABLE, text));
+        }
+        if req.body().size_hint().lower() > settings.max_request_body {
+            return Err(too_large(settings.max_request_body));
+        }
+        if let Some(authority) = req.uri().authority() {
+            // Absolute-form: the URI's authority overrides Host (RFC 9112, section 3.2.2).
+            let host = match authority.port() {
+                Some(port) => format!("{}:{port}", authority.host()),
+                None => authority.host().to_string(),
+            };
+            if let Ok(host) = HeaderValue::try_from(host) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
+        Ok(entry)
+    }
+
+    async fn forward(self: Arc<Self>, entry: Arc<RouteEntry>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        let settings = &self.proxy.settings;
+        let route = &entry.route;
+        let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let protocol = client_upgrade.as_ref().and_then(|_| parts.headers.get(UPGRADE).cloned());
+        forwarded_headers(&mut parts.headers, &self.client_ip, &self.proto, protocol);
+        let mut path = parts.uri.into_parts().path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from);
+        let has_body = !body.is_end_stream();
+        // Only a request that cannot have reached an application is sent again: the connection
+        // failed, so nothing was sent; with a body, it is gone with the first attempt.
+        let attempts = if !has_body && parts.method.is_idempotent() { entry.backends.len() } else { 1 };
+        let mut body = Some(if has_body {
+            RequestBody::streaming(body, settings.max_request_body, self.clone())
+        } else {
+            RequestBody::empty()
+        });
+        let now = now_ms();
+        self.body_progress.store(now, Relaxed);
+        self.request_body_open.store(has_body, Relaxed);
+
+        let mut outcome = Err(Failure::NoBackend);
+        let mut used = None;
+        for (attempt, backend) in entry.order(now).take(attempts).enumerate() {
+            let last = attempt + 1 == attempts;
+            let mut forward =
+                Request::new(if last { body.take().unwrap_or_else(RequestBody::empty) } else { RequestBody::empty() });
+            *forward.method_mut() = parts.method.clone();
+            *forward.uri_mut() = if last { std::mem::take(&mut path) } else { path.clone() };
+            *forward.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+            used = Some(backend);
+            outcome = self.exchange(backend, forward, now).await;
+            match &outcome {
+                Err(Failure::Connect(_)) => {
+                    let until = now_ms() + settings.backend_backoff.as_millis() as u64;
+                    backend.backoff_until.store(until, Relaxed);
+                }
+                Ok(_) => {
+                    if backend.backoff_until.load(Relaxed) != 0 {
+                        backend.backoff_until.store(0, Relaxed);
+                    }
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let backend = used.map(|b| b.addr);
+        let response = match outcome {
+            Ok((mut response, _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
+                Some(client) => {
+                    let backend = hyper::upgrade::on(&mut response);
+                    *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(Tunnel { client, backend });
+                    let protocol = response.headers().get(UPGRADE).cloned();
+                    strip_hop_by_hop(response.headers_mut());
+                    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    if let Some(protocol) = protocol {
+                        response.headers_mut().insert(UPGRADE, protocol);
+                    }
+                    response.map(|_| ResponseBody::empty())
+                }
+                None => page(StatusCode::BAD_GATEWAY, format!("{} switched protocols unasked\n", route.service)),
+            },
+            Ok((mut response, pooled)) => {
+                strip_hop_by_hop(response.headers_mut());
+                *response.version_mut() = Version::HTTP_11;
+                response.map(|body| ResponseBody::backend(body, self.clone(), pooled))
+            }
+            Err(failure) => {
+                tracing::debug!(host = %route.host, service = %route.service, ?backend, error = %failure, "proxying failed");
+                return failure.page(&route.service, settings);
+            }
+        };
+        tracing::debug!(host = %route.host, service = %route.service, ?backend, method = %parts.method, status = response.status().as_u16(), "proxied");
+        response
+    }
+
+    /// One request to one backend, on an idle connection or a new one: the head of the answer,
+    /// and the connection to give back once the body has been read.
+    async fn exchange(
+        &self,
+        backend: &Backend,
+        mut req: Request<RequestBody>,
+        started: u64,
+    ) -> Result<(Response<Incoming>, Pooled), Failure> {
+        let pool = backend.pool();
+        let max_idle_ms = self.proxy.settings.idle_timeout.as_millis() as u64;
+        loop {
+            let (mut sender, reused) = match pool.take(started, max_idle_ms) {
+                Some(sender) => (sender, true),
+                None => (self.proxy.connect(backend.addr).await?, false),
+            };
+            // Its last exchange ended; hyper may not have noticed yet.
+            if !sender.is_ready() && sender.ready().await.is_err() {
+                continue;
+            }
+            match self.response_head(sender.try_send_request(req), started).await {
+                Ok(response) => return Ok((response, Pooled { sender, pool: pool.clone() })),
+                // The backend had closed that idle connection: nothing was sent, try another.
+                Err(Unsent::Request(request)) if reused => req = *request,
+                Err(Unsent::Request(_)) => return Err(Failure::Connect("closed at once".into())),
+                Err(Unsent::Failed(failure)) => return Err(failure),
+            }
+        }
+    }
+
+    /// Waits for the head of the answer: at most `response_header_timeout` after the request
+    /// body last moved (time the client takes to send it does not count).
+    async fn response_head(
+        &self,
+        response: impl Future<Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>>,
+        started: u64,
+    ) -> Result<Response<Incoming>, Unsent> {
+        let timeout = self.proxy.settings.response_header_timeout;
+        tokio::pin!(response);
+        let mut since = started;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut response => return result.map_err(|mut e| match e.take_message() {
+                    Some(request) => Unsent::Request(Box::new(request)),
+                    None => Unsent::Failed(Failure::from(e.into_error())),
+                }),
+                () = tokio::time::sleep_until(instant_at(since) + timeout) => {
+                    let progress = self.body_progress.load(Relaxed);
+                    if self.request_waiting_since.load(Relaxed) != 0 {
+                        // The client's turn: the watchdog deals with a client that stalls.
+                        since = now_ms();
+                    } else if progress > since {
+                        since = progress;
+                    } else {
+                        return Err(Unsent::Failed(Failure::Timeout));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why no response came back from a connection.
+enum Unsent {
+    /// The connection closed before the request was sent: here it is back.
+    Request(Box<Request<RequestBody>>),
+    Failed(Failure),
+}
+
+/// An HTTP/1.1 upgrade both sides agreed to: the bytes are copied both ways until one closes.
+struct Tunnel {
+    client: OnUpgrade,
+    backend: OnUpgrade,
+}
+
+impl Tunnel {
+    async fn run(self) -> io::Result<(u64, u64)> {
+        let (client, backend) = tokio::try_join!(self.client, self.backend).map_err(io::Error::other)?;
+        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(backend)).await
+    }
+}
+
+/// Why a request got no answer from a backend.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("the route has no backend")]
+    NoBackend,
+    /// Nothing was sent.
+    #[error("connecting: {0}")]
+    Connect(#[source] Box<dyn StdError + Send + Sync>),
+    #[error("no response head in time")]
+    Timeout,
+    #[error("the request body is too large")]
+    TooLarge(u64),
+    #[error("the client's request body failed")]
+    ClientBody,
+    #[error("{0}")]
+    Backend(#[source] hyper::Error),
+}
+
+impl From<hyper::Error> for Failure {
+    fn from(error: hyper::Error) -> Failure {
+        let mut source: Option<&(dyn StdError + 'static)> = Some(&error);
+        while let Some(e) = source {
+            match e.downcast_ref::<BodyError>() {
+                Some(BodyError::TooLarge(limit)) => return Failure::TooLarge(*limit),
+                Some(BodyError::Client(_)) => return Failure::ClientBody,
+                _ => source = e.source(),
+            }
+        }
+        Failure::Backend(error)
+    }
+}
+
+impl Failure {
+    fn page(&self, service: &str, settings: &ProxySettings) -> Response<ResponseBody> {
+        match self {
+            Failure::NoBackend => page(StatusCode::SERVICE_UNAVAILABLE, format!("{service} has no instance running\n")),
+            Failure::Connect(_) => page(StatusCode::BAD_GATEWAY, format!("{service} is not answering\n")),
+            Failure::Timeout => page(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("{service} did not answer within {} s\n", settings.response_header_timeout.as_secs_f64()),
+            ),
+            Failure::TooLarge(limit) => too_large(*limit),
+            Failure::ClientBody => page(StatusCode::BAD_REQUEST, "the request body could not be read\n".into()),
+            Failure::Backend(_) => page(StatusCode::BAD_GATEWAY, format!("{service} failed to answer\n")),
+        }
+    }
+}
+
+fn too_large(limit: u64) -> Response<ResponseBody> {
+    page(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than the limit of {limit} bytes\n"))
+}
+
+/// A plain-text page of the proxy's own.
+fn page(status: StatusCode, text: String) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody(ResponseKind::Page(Some(Bytes::from(text)))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(http::header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The host a request is for: the URI's authority (absolute-form) or its one `Host` header,
+/// normalized.
+fn request_host<B>(req: &Request<B>) -> Result<Cow<'_, str>, &'static str> {
+    if let Some(authority) = req.uri().authority() {
+        return normalize_host(authority.host()).ok_or("the request URI does not name a valid host\n");
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next().ok_or("the request has no Host header\n")?;
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header\n");
+    }
+    let host = host.to_str().map_err(|_| "the Host header is not a valid host name\n")?;
+    normalize_host(host).ok_or("the Host header is not a valid host name\n")
+}
+
+/// `App.Example.COM:8080` -> `app.example.com`, `example.com.` -> `example.com`,
+/// `[::1]:80` -> `[::1]`; `None` for what is not a host name.
+fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
+    let valid_port = |port: &str| port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    let host = if raw.starts_with('[') {
+        let end = raw.find(']')?;
+        let (literal, rest) = raw.split_at(end + 1);
+        let valid = literal[1..end].bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !valid || end < 2 || !(rest.is_empty() || rest.strip_prefix(':').is_some_and(valid_port)) {
+            return None;
+        }
+        literal
+    } else {
+        let host = match raw.rsplit_once(':') {
+            Some((host, port)) if valid_port(port) => host,
+            Some(_) => return None,
+            None => raw,
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+            return None;
+        }
+        host
+    };
+    if host.is_empty() {
+        None
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one connection, not the message (RFC 9110, section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE];
+
+/// Removes the hop-by-hop headers and those the `Connection` header names (but never `Host`).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the few headers beats seven lookups.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .filter(|name| *name != HOST)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// The request headers as the backend gets them: no hop-by-hop headers (but the upgrade, when
+/// asked), the original `Host`, and `X-Forwarded-For`, `-Proto` and `-Host`.
+///
+/// `client_ip` is the client's address as a header value, made once per connection.
+fn forwarded_headers(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    proto: &HeaderValue,
+    upgrade: Option<HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+    }
+    let chain = if headers.contains_key(X_FORWARDED_FOR) {
+        let mut chain = Vec::new();
+        for value in headers.get_all(X_FORWARDED_FOR).iter() {
+            let value = value.as_bytes().trim_ascii();
+            if !value.is_empty() {
+                chain.extend_from_slice(value);
+                chain.extend_from_slice(b", ");
+            }
+        }
+        chain.extend_from_slice(client_ip.as_bytes());
+        HeaderValue::from_bytes(&chain).unwrap_or_else(|_| client_ip.clone())
+    } else {
+        client_ip.clone()
+    };
+    headers.insert(X_FORWARDED_FOR, chain);
+    headers.insert(X_FORWARDED_PROTO, proto.clone());
+    match headers.get(HOST).cloned() {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+}
+
+/// Milliseconds since the first call, never 0 (0 means "not set" in the state above).
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+fn instant_at(ms: u64) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(*epoch() + Duration::from_millis(ms.saturating_sub(1)))
+}
+
+fn epoch() -> &'static Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now)
+}
+
+/// Why a body stopped.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+    #[error("reading the response body: {0}")]
+    Backend(#[source] hyper::Error),
+}
+
+/// The client's request body on its way to the backend: counted against the limit as it streams,
+/// and telling the connection when it waits for the client and when it moves.
+struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+    conn: Option<Arc<ConnState>>,
+}
+
+impl RequestBody {
+    fn empty() -> RequestBody {
+        RequestBody { inner: None, limit: 0, seen: 0, conn: None }
+    }
+
+    fn streaming(body: Incoming, limit: u64, conn: Arc<ConnState>) -> RequestBody {
+        RequestBody { inner: Some(body), limit, seen: 0, conn: Some(conn) }
+    }
+
+    fn finished(&mut self) {
+        self.moved();
+        self.inner = None;
+        if let Some(conn) = &self.conn {
+            conn.request_body_open.store(false, Relaxed);
+        }
+    }
+
+    fn moved(&self) {
+        if let Some(conn) = &self.conn {
+            conn.body_progress.store(now_ms(), Relaxed);
+            if conn.request_waiting_since.load(Relaxed) != 0 {
+                conn.request_waiting_since.store(0, Relaxed);
+            }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.seen > self.limit {
+            return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
+        }
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
+        match polled {
+            Poll::Pending => {
+                if let Some(conn) = &self.conn {
+                    if conn.request_waiting_since.load(Relaxed) == 0 {
+                        conn.request_waiting_since.store(now_ms(), Relaxed);
+                    }
+                }
+                Poll::Pending
+            }
+            Poll::Ready(None) => {
+                self.finished();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.moved();
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                self.moved();
+                if let Some(data) = frame.data_ref() {
+                    self.seen += data.len() as u64;
+                    if self.seen > self.limit {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
+                    }
+                }
+                // hyper stops polling a body of known length at its last byte.
+                if self.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    self.finished();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(conn) = &self.conn {
+            conn.request_waiting_since.store(0, Relaxed);
+            if self.inner.as_ref().is_some_and(|body| !body.is_end_stream()) {
+                conn.unread_body.store(true, Relaxed);
+            }
+        }
+    }
+}
+
+/// What the proxy answers with: a page of its own or the backend's body, streamed.
+struct ResponseBody(ResponseKind);
+
+enum ResponseKind {
+    Page(Option<Bytes>),
+    Backend { body: Incoming, conn: Arc<ConnState>, pooled: Option<Pooled> },
+}
+
+impl ResponseBody {
+    fn empty() -> ResponseBody {
+        ResponseBody(ResponseKind::Page(None))
+    }
+
+    fn backend(body: Incoming, conn: Arc<ConnState>, pooled: Pooled) -> ResponseBody {
+        ResponseBody(ResponseKind::Backend { body, conn, pooled: Some(pooled) })
+    }
+
+    /// Gives the backend connection back to its pool if the exchange ended cleanly: the whole
+    /// response read, the whole request sent.
+    fn release(&mut self) {
+        if let ResponseKind::Backend { body, conn, pooled } = &mut self.0 {
+            if body.is_end_stream() && !conn.request_body_open.load(Relaxed) {
+                if let Some(Pooled { sender, pool }) = pooled.take() {
+                    pool.put(sender);
+                }
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.0 {
+            ResponseKind::Page(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
+            ResponseKind::Backend { body, conn, pooled } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                let waiting = &conn.response_waiting_since;
+                if polled.is_pending() {
+                    if waiting.load(Relaxed) == 0 {
+                        waiting.store(now_ms(), Relaxed);
+                    }
+                    return Poll::Pending;
+                }
+                if waiting.load(Relaxed) != 0 {
+                    waiting.store(0, Relaxed);
+                }
+                let frame = ready!(polled);
+                if frame.is_none() && !conn.request_body_open.load(Relaxed) {
+                    if let Some(Pooled { sender, pool }) = pooled.take() {
+                        pool.put(sender);
+                    }
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Backend)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            ResponseKind::Page(text) => text.is_none(),
+            ResponseKind::Backend { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            ResponseKind::Page(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+            ResponseKind::Backend { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies known to be empty or complete are not always polled to their end.
+        self.release();
+        if let ResponseKind::Backend { conn, .. } = &self.0 {
+            conn.response_waiting_since.store(0, Relaxed);
+        }
+    }
+}
+
+/// The client's socket, telling the connection's watchdog when writes block and, in a tunnel,
+/// when bytes move.
+struct ClientIo {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl ClientIo {
+    fn read_or_wrote(&self) {
+        if self.state.tunnelling.load(Relaxed) {
+            self.state.last_io.store(now_ms(), Relaxed);
+        }
+    }
+
+    fn write_polled<T>(&self, polled: &Poll<io::Result<T>>) {
+        let blocked = &self.state.write_blocked_since;
+        match polled {
+            Poll::Pending => {
+                if blocked.load(Relaxed) == 0 {
+                    blocked.store(now_ms(), Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if blocked.load(Relaxed) != 0 {
+                    blocked.store(0, Relaxed);
+                }
+                self.read_or_wrote();
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.read_or_wrote();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.write_polled(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.write_polled(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// How long a connection closed before its request body was read keeps reading, so that the
+/// client sees the answer (a 413, say) rather than a reset for the bytes it was still sending.
+const LINGER: Duration = Duration::from_secs(2);
+
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0; 16 << 10];
+    let _ = tokio::time::timeout(LINGER, async { while let Ok(1..) = stream.read(&mut sink).await {} }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::{mpsc, oneshot, Notify};
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// What a test backend saw; shared with the test.
+    #[derive(Default)]
+    struct Seen {
+        connections: AtomicUsize,
+        requests: AtomicUsize,
+        body_bytes: AtomicU64,
+        /// Notified at the first byte of a request body.
+        body_started: Notify,
+        /// Lets `/drip` send its second part.
+        release: Notify,
+    }
+
+    /// A hyper backend that answers with its name and what it got (`key=value` lines, headers as
+    /// `header:<name>=<value>`); `/slow` waits 500 ms first, `/bytes/<n>` streams n bytes of
+    /// [`pattern`], `/drip` sends `first` and then `second` once released.
+    struct TestBackend {
+        addr: SocketAddr,
+        seen: Arc<Seen>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TestBackend {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    type TestBody = BoxBody<Bytes, Infallible>;
+
+    async fn backend(name: &'static str) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let shared = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                shared.connections.fetch_add(1, Relaxed);
+                let seen = shared.clone();
+                let service = hyper::service::service_fn(move |req| answer(name, seen.clone(), req));
+                connections
+                    .spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades());
+            }
+        });
+        TestBackend { addr, seen, task }
+    }
+
+    async fn answer(name: &str, seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+        seen.requests.fetch_add(1, Relaxed);
+        let path = req.uri().path().to_string();
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            let total: usize = n.parse().unwrap();
+            let chunks = (0..total)
+                .step_by(64 << 10)
+                .map(move |at| Ok::<_, Infallible>(Frame::data(Bytes::from(pattern(at, (64 << 10).min(total - at))))));
+            return Ok(Response::new(BodyExt::boxed(StreamBody::new(futures::stream::iter(chunks)))));
+        }
+        if path == "/drip" {
+            let parts = futures::stream::unfold(0, move |step| {
+                let seen = seen.clone();
+                async move {
+                    match step {
+                        0 => Some((Ok::<_, Infallible>(Frame::data(Bytes::from("first\n"))), 1)),
+                        1 => {
+                            seen.release.notified().await;
+                            Some((Ok(Frame::data(Bytes::from("second\n"))), 2))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            return Ok(Response::new(BodyExt::boxed(StreamBody::new(parts))));
+        }
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut text = format!("backend={name}\nmethod={}\nuri={}\n", req.method(), req.uri());
+        for (header, value) in req.headers() {
+            text.push_str(&format!("header:{header}={}\n", value.to_str().unwrap_or("?")));
+        }
+        let mut body = req.into_body();
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut length = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Ok(Response::new(Full::new(Bytes::from("body broke\n")).boxed()));
+            };
+            if let Some(data) = frame.data_ref() {
+                if length == 0 {
+                    seen.body_started.notify_one();
+                }
+                length += data.len() as u64;
+                seen.body_bytes.fetch_add(data.len() as u64, Relaxed);
+                digest.update(data);
+            }
+        }
+        text.push_str(&format!("body-len={length}\nbody-sha256={}\n", hex::encode(digest.finish())));
+        Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
+    }
+
+    /// Deterministic bytes, so both ends can check a large body.
+    fn pattern(at: usize, len: usize) -> Vec<u8> {
+        (at..at + len).map(|i| (i.wrapping_mul(31) % 251) as u8).collect()
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+    }
+
+    fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+        text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    struct RunningProxy {
+        addr: SocketAddr,
+        proxy: Arc<Proxy>,
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Drop for RunningProxy {
+        fn drop(&mut self) {
+            if let Some(task) = &self.task {
+                task.abort();
+            }
+        }
+    }
+
+    fn route(host: &str, service: &str, backends: &[SocketAddr]) -> Route {
+        Route { host: host.into(), service: service.into(), backends: backends.to_vec() }
+    }
+
+    async fn start(settings: ProxySettings, routes: Vec<Route>) -> RunningProxy {
+        let proxy = Proxy::new(settings);
+        proxy.set_routes(RouteTable::new(routes));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.clone().serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        RunningProxy { addr, proxy, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Sends one request on a new connection.
+    async fn send<B>(addr: SocketAddr, req: Request<B>) -> Response<Incoming>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender.send_request(req).await.unwrap()
+    }
+
+    fn get(host: &str, path: &str) -> Request<Empty<Bytes>> {
+        Request::builder().uri(path).header(HOST, host).body(Empty::new()).unwrap()
+    }
+
+    async fn text(response: Response<Incoming>) -> String {
+        String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    async fn get_text(addr: SocketAddr, host: &str, path: &str) -> (StatusCode, String) {
+        let response = send(addr, get(host, path)).await;
+        (response.status(), text(response).await)
+    }
+
+    /// Writes `request` on a new connection and reads until the proxy closes it.
+    async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A port nothing listens on.
+    async fn closed_port() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+    }
+
+    #[test]
+    fn host_names_are_normalized() {
+        assert_eq!(normalize_host("App.Example.COM:8080").as_deref(), Some("app.example.com"));
+        assert_eq!(normalize_host("example.com.").as_deref(), Some("example.com"));
+        assert_eq!(normalize_host("example.com.:80").as_deref(), Some("example.com"));
+        assert_eq!(normalize_host("[::1]:80").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_host("a-b_c.localhost").as_deref(), Some("a-b_c.localhost"));
+        for bad in ["", ":80", "a b", "a:b:80", "a:port", "[::1", "[zz]", "a/b", "."] {
+            assert_eq!(normalize_host(bad), None, "{bad:?}");
+        }
+        let table = RouteTable::new(vec![route("Web-Demo.Localhost.", "web", &[])]);
+        assert_eq!(table.get("web-demo.localhost:80").map(|r| r.service.as_str()), Some("web"));
+        assert_eq!(table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn routes_by_host_and_answers_plain_pages() {
+        let (a, b) = (backend("a").await, backend("b").await);
+        let routes = vec![
+            route("a.test", "svc-a", &[a.addr]),
+            route("b.test", "svc-b", &[b.addr]),
+            route("c.test", "svc-c", &[]),
+        ];
+        let proxy = start(ProxySettings::default(), routes).await;
+
+        let (status, body) = get_text(proxy.addr, "a.test", "/x?y=1").await;
+        assert_eq!((status, field(&body, "backend"), field(&body, "uri")), (StatusCode::OK, Some("a"), Some("/x?y=1")));
+        let (status, body) = get_text(proxy.addr, "B.Test:8080", "/").await;
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("b")));
+        let (_, body) = get_text(proxy.addr, "a.test.", "/").await;
+        assert_eq!(field(&body, "backend"), Some("a"));
+
+        let response = send(proxy.addr, get("nowhere.test", "/")).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(text(response).await, "no service answers at nowhere.test\n");
+
+        let (status, body) = get_text(proxy.addr, "c.test", "/").await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "svc-c has no instance running\n"));
+
+        let answer = raw(proxy.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.ends_with("the request has no Host header\n"), "{answer}");
+        let answer = raw(proxy.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let answer =
+            raw(proxy.addr, b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        // Absolute-form: the URI names the host.
+        let answer =
+            raw(proxy.addr, b"GET http://b.test/abs HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(
+            (field(&answer, "backend"), field(&answer, "uri"), field(&answer, "header:host")),
+            (Some("b"), Some("/abs"), Some("b.test"))
+        );
+        assert_eq!((a.seen.requests.load(Relaxed), b.seen.requests.load(Relaxed)), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn balances_round_robin() {
+        let (a, b) = (backend("a").await, backend("b").await);
+        let proxy = start(ProxySettings::default(), vec![route("rr.test", "rr", &[a.addr, b.addr])]).await;
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            let (_, body) = get_text(proxy.addr, "rr.test", "/").await;
+            answers.push(field(&body, "backend").unwrap().to_string());
+        }
+        assert_eq!(answers.iter().filter(|name| *name == "a").count(), 5, "{answers:?}");
+        assert_eq!(answers.iter().filter(|name| *name == "b").count(), 5, "{answers:?}");
+        assert_eq!((a.seen.requests.load(Relaxed), b.seen.requests.load(Relaxed)), (5, 5));
+    }
+
+    #[tokio::test]
+    async fn keeps_backend_connections_alive() {
+        let echo = backend("echo").await;
+        let proxy = start(ProxySettings::default(), vec![route("pool.test", "pool", &[echo.addr])]).await;
+        for _ in 0..10 {
+            assert_eq!(get_text(proxy.addr, "pool.test", "/").await.0, StatusCode::OK);
+        }
+        let upload = Request::post("/").header(HOST, "pool.test").body(Full::new(Bytes::from("x"))).unwrap();
+        assert_eq!(send(proxy.addr, upload).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(proxy.addr, get("pool.test", "/bytes/100000"))
+                .await
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .len(),
+            100000
+        );
+        assert_eq!(get_text(proxy.addr, "pool.test", "/").await.0, StatusCode::OK);
+        assert_eq!((echo.seen.requests.load(Relaxed), echo.seen.connections.load(Relaxed)), (13, 1));
+        // A new table naming the same backend keeps its connections.
+        proxy.proxy.set_routes(RouteTable::new(vec![route("pool.test", "pool", &[echo.addr])]));
+        assert_eq!(get_text(proxy.addr, "pool.test", "/").await.0, StatusCode::OK);
+        assert_eq!(echo.seen.connections.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_the_backend_closed_is_replaced() {
+        // Answers one request per connection, as if keep-alive, then closes it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let rude = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, Relaxed) + 1;
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = format!("connection {n}");
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let proxy = start(ProxySettings::default(), vec![route("rude.test", "rude", &[addr])]).await;
+        for n in 1..=3 {
+            let (status, body) = get_text(proxy.addr, "rude.test", "/").await;
+            assert_eq!((status, body), (StatusCode::OK, format!("connection {n}")));
+        }
+        rude.abort();
+    }
+
+    #[tokio::test]
+    async fn a_dead_backend_is_skipped_for_requests_that_can_be_retried() {
+        let live = backend("live").await;
+        let dead = closed_port().await;
+        let routes = vec![route("get.test", "svc", &[dead, live.addr]), route("post.test", "svc", &[dead, live.addr])];
+        let proxy = start(ProxySettings::default(), routes).await;
+        for _ in 0..4 {
+            let (status, body) = get_text(proxy.addr, "get.test", "/").await;
+            assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("live")));
+        }
+        // A request with a body is sent once: the first in turn is the dead one.
+        let post = || Request::post("/").header(HOST, "post.test").body(Full::new(Bytes::from("data"))).unwrap();
+        let response = send(proxy.addr, post()).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(text(response).await, "svc is not answering\n");
+        // Now known dead, it goes to the back of the line.
+        let response = send(proxy.addr, post()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(field(&text(response).await, "body-len"), Some("4"));
+    }
+
+    /// A listener whose accept queue is full, so the kernel drops new SYNs: connecting times out.
+    /// The connections that fill the queue are returned to keep it full.
+    async fn black_hole() -> (SocketAddr, tokio::net::TcpListener, Vec<TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                Ok(stream) => fillers.push(stream.unwrap()),
+                Err(_) => return (addr, listener, fillers),
+            }
+            assert!(fillers.len() < 64, "the accept queue never filled up");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_live_backend_answers_502_within_the_connect_timeout() {
+        let settings = ProxySettings { connect_timeout: Duration::from_millis(300), ..ProxySettings::default() };
+        let (silent, _listener, _fillers) = black_hole().await;
+        let proxy = start(settings, vec![route("dead.test", "gone", &[closed_port().await, silent])]).await;
+        let started = Instant::now();
+        let (status, body) = get_text(proxy.addr, "dead.test", "/").await;
+        let took = started.elapsed();
+        assert_eq!((status, body.as_str()), (StatusCode::BAD_GATEWAY, "gone is not answering\n"));
+        // Refused at once, then timed out after 300 ms.
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_millis(1000), "took {took:?}");
+        // Both are now at the back of the line; still tried, still 502.
+        let (status, _) = get_text(proxy.addr, "dead.test", "/").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop_ones() {
+        let echo = backend("echo").await;
+        let proxy = start(ProxySettings::default(), vec![route("echo.test", "echo", &[echo.addr])]).await;
+        let request = Request::builder()
+            .uri("/h")
+            .header(HOST, "Echo.Test:8080")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-proto", "https")
+            .header(CONNECTION, "keep-alive, X-Secret-Hop")
+            .header("x-secret-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header(TE, "trailers")
+            .header("authorization", "Bearer t")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let body = text(send(proxy.addr, request).await).await;
+        assert_eq!(field(&body, "header:x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+        assert_eq!(field(&body, "header:x-forwarded-proto"), Some("http"));
+        assert_eq!(field(&body, "header:x-forwarded-host"), Some("Echo.Test:8080"));
+        assert_eq!(field(&body, "header:host"), Some("Echo.Test:8080"));
+        assert_eq!(field(&body, "header:authorization"), Some("Bearer t"));
+        for gone in
+            ["connection", "x-secret-hop", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"]
+        {
+            assert_eq!(field(&body, &format!("header:{gone}")), None, "{gone} was forwarded:\n{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_request_bodies() {
+        let echo = backend("echo").await;
+        let proxy = start(ProxySettings::default(), vec![route("up.test", "up", &[echo.addr])]).await;
+        let data = Bytes::from(pattern(0, 20 << 20));
+        let request = Request::put("/big").header(HOST, "up.test").body(Full::new(data.clone())).unwrap();
+        let body = text(send(proxy.addr, request).await).await;
+        assert_eq!(field(&body, "body-len"), Some("20971520"));
+        assert_eq!(field(&body, "body-sha256"), Some(sha256(&data).as_str()));
+
+        // Chunked, and the backend sees the first chunk before the client sends the rest.
+        let (chunks, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let request = Request::post("/chunked").header(HOST, "up.test").body(body).unwrap();
+        let started = echo.seen.body_started.notified();
+        let response = tokio::spawn(send(proxy.addr, request));
+        chunks.send(Ok(Frame::data(Bytes::from("hello ")))).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), started).await.expect("the first chunk was held back");
+        chunks.send(Ok(Frame::data(Bytes::from("world")))).await.unwrap();
+        drop(chunks);
+        let body = text(response.await.unwrap()).await;
+        assert_eq!(field(&body, "body-len"), Some("11"));
+        assert_eq!(field(&body, "body-sha256"), Some(sha256(b"hello world").as_str()));
+    }
+
+    #[tokio::test]
+    async fn streams_response_bodies() {
+        let echo = backend("echo").await;
+        let proxy = start(ProxySettings::default(), vec![route("down.test", "down", &[echo.addr])]).await;
+        let response = send(proxy.addr, get("down.test", "/bytes/20971520")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 20 << 20);
+        assert_eq!(sha256(&body), sha256(&pattern(0, 20 << 20)));
+
+        // The first part arrives while the backend still holds the second.
+        let mut body = send(proxy.addr, get("down.test", "/drip")).await.into_body();
+        let first =
+            tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("the first part was held back");
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "first\n");
+        echo.seen.release.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "second\n");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_over_the_limit_gets_413() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { max_request_body: 1 << 20, ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("limit.test", "limit", &[echo.addr])]).await;
+
+        // Declared too large: refused before any backend hears of it.
+        let request =
+            Request::post("/").header(HOST, "limit.test").body(Full::new(Bytes::from(vec![7; 2 << 20]))).unwrap();
+        let response = send(proxy.addr, request).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(text(response).await, "the request body is larger than the limit of 1048576 bytes\n");
+        assert_eq!(echo.seen.requests.load(Relaxed), 0);
+
+        // Chunked: counted as it streams, cut at the limit; the client still gets the answer.
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            let head = "POST /up HTTP/1.1\r\nHost: limit.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = [format!("{:x}\r\n", 64 << 10).into_bytes(), vec![b'x'; 64 << 10], b"\r\n".to_vec()].concat();
+            for _ in 0..64 {
+                writer.write_all(&chunk).await?;
+            }
+            writer.write_all(b"0\r\n\r\n").await
+        });
+        // Even a client that sends it all before reading gets the answer, not a reset.
+        let _ = tokio::time::timeout(Duration::from_secs(10), sender).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0; 4096];
+            while !answer.ends_with(b"bytes\n") {
+                let n = reader.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert_eq!(echo.seen.requests.load(Relaxed), 1);
+        assert!(
+            echo.seen.body_bytes.load(Relaxed) <= 1 << 20,
+            "the backend got {} bytes",
+            echo.seen.body_bytes.load(Relaxed)
+        );
+    }
+
+    #[tokio::test]
+    async fn tunnels_websockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ws_backend = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            while let Some(Ok(message)) = ws.next().await {
+                if message.is_text() || message.is_binary() {
+                    ws.send(message).await.unwrap();
+                }
+            }
+        });
+        let proxy = start(ProxySettings::default(), vec![route("ws.test", "ws", &[addr])]).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut ws, response) = tokio_tungstenite::client_async("ws://ws.test/chat", stream).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        let big = Message::binary(pattern(0, 200 << 10));
+        ws.send(big.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), big);
+        ws.close(None).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), ws_backend).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn set_routes_lets_routed_requests_finish_on_the_old_backend() {
+        let (old, new) = (backend("old").await, backend("new").await);
+        let proxy = start(ProxySettings::default(), vec![route("swap.test", "swap", &[old.addr])]).await;
+        let addr = proxy.addr;
+        let in_flight = tokio::spawn(async move { get_text(addr, "swap.test", "/slow").await });
+        wait_until("the old backend has the request", || old.seen.requests.load(Relaxed) == 1).await;
+        proxy.proxy.set_routes(RouteTable::new(vec![route("swap.test", "swap", &[new.addr])]));
+        let (_, body) = get_text(proxy.addr, "swap.test", "/").await;
+        assert_eq!(field(&body, "backend"), Some("new"));
+        assert!(!in_flight.is_finished(), "the slow request should still be in flight");
+        let (status, body) = in_flight.await.unwrap();
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("old")));
+        assert_eq!(proxy.proxy.routes().get("swap.test").unwrap().backends, vec![new.addr]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_cut_off_while_others_are_served() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { request_header_timeout: Duration::from_millis(500), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("slow.test", "slow", &[echo.addr])]).await;
+        let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: slo").await.unwrap();
+        let started = Instant::now();
+        let (status, _) = get_text(proxy.addr, "slow.test", "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(400), "the other client waited {:?}", started.elapsed());
+        let mut buf = [0; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.expect("never cut off");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(2), "cut off after {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { request_header_timeout: Duration::from_millis(300), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("idle.test", "idle", &[echo.addr])]).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let response = sender.send_request(get("idle.test", "/")).await.unwrap();
+        assert_eq!(text(response).await.lines().next(), Some("backend=echo"));
+        let idle_since = Instant::now();
+        // hyper arms its header timer as soon as the connection goes idle.
+        tokio::time::timeout(Duration::from_secs(5), conn).await.expect("never closed").unwrap().unwrap();
+        let idle = idle_since.elapsed();
+        assert!(idle >= Duration::from_millis(250) && idle < Duration::from_secs(2), "closed after {idle:?}");
+    }
+
+    #[tokio::test]
+    async fn oversized_request_heads_get_431() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { max_header_bytes: 16 << 10, ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("big.test", "big", &[echo.addr])]).await;
+        let request = format!("GET / HTTP/1.1\r\nHost: big.test\r\nX-Big: {}\r\n\r\n", "a".repeat(20 << 10));
+        let answer = raw(proxy.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert_eq!(echo.seen.requests.load(Relaxed), 0);
+        // Just under the limit is fine.
+        let request = Request::get("/")
+            .header(HOST, "big.test")
+            .header("x-big", "a".repeat(15 << 10))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(send(proxy.addr, request).await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { max_connections: 1, ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("one.test", "one", &[echo.addr])]).await;
+        let held = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(held)).await.unwrap();
+        let held = tokio::spawn(conn);
+        assert_eq!(sender.send_request(get("one.test", "/")).await.unwrap().status(), StatusCode::OK);
+
+        let mut refused = TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = refused.write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n").await;
+        let mut buf = [0; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf)).await.unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        drop(sender);
+        let _ = held.await;
+        let answer = raw(proxy.addr, b"GET / HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_stalls_mid_body_is_cut_off() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { idle_timeout: Duration::from_millis(300), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("stall.test", "stall", &[echo.addr])]).await;
+        let mut body = send(proxy.addr, get("stall.test", "/drip")).await.into_body();
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "first\n");
+        let started = Instant::now();
+        let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.expect("never cut off");
+        assert!(rest.is_err(), "the body should end in an error, not look complete");
+        assert!(started.elapsed() >= Duration::from_millis(250), "cut off after {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_never_answers_gets_504() {
+        // Accepts and reads, never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mute = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+        });
+        let settings =
+            ProxySettings { response_header_timeout: Duration::from_millis(300), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("mute.test", "mute", &[addr])]).await;
+        let (status, body) = get_text(proxy.addr, "mute.test", "/").await;
+        assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "mute did not answer within 0.3 s\n"));
+        mute.abort();
+    }
+
+    #[tokio::test]
+    async fn serves_on_threads_of_its_own() {
+        let (a, b) = (backend("a").await, backend("b").await);
+        let proxy = Proxy::new(ProxySettings::default());
+        proxy.set_routes(RouteTable::new(vec![route("t.test", "t", &[a.addr])]));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = tokio::spawn(proxy.clone().serve_threads(listener, 2, async move {
+            let _ = stopped.await;
+        }));
+        for _ in 0..8 {
+            let (status, body) = get_text(addr, "t.test", "/").await;
+            assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("a")));
+        }
+        proxy.set_routes(RouteTable::new(vec![route("t.test", "t", &[b.addr])]));
+        for _ in 0..4 {
+            assert_eq!(field(&get_text(addr, "t.test", "/").await.1, "backend"), Some("b"));
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), serving).await.unwrap().unwrap().unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_in_flight_requests_finish() {
+        let echo = backend("echo").await;
+        let mut proxy = start(ProxySettings::default(), vec![route("bye.test", "bye", &[echo.addr])]).await;
+        let addr = proxy.addr;
+        let in_flight = tokio::spawn(async move { get_text(addr, "bye.test", "/slow").await });
+        wait_until("the backend has the request", || echo.seen.requests.load(Relaxed) == 1).await;
+        proxy.stop.take().unwrap().send(()).unwrap();
+        let (status, body) = in_flight.await.unwrap();
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+        tokio::time::timeout(Duration::from_secs(5), proxy.task.take().unwrap()).await.unwrap().unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    }
+}
