@@ -156,8 +156,9 @@ impl Tasks {
         let mut out: Vec<AgentMessage> = std::mem::take(&mut inner.extra);
         for ((id, attempt), task) in inner.tasks.iter_mut() {
             loop {
-                let lines: Vec<LogLine> =
-                    task.lines.iter().filter(|l| l.seq > task.sent_upto).take(LINES_PER_UPDATE).cloned().collect();
+                // Lines are in seq order: the unsent ones start where the sent ones end.
+                let first_unsent = task.lines.partition_point(|l| l.seq <= task.sent_upto);
+                let lines: Vec<LogLine> = task.lines.range(first_unsent..).take(LINES_PER_UPDATE).cloned().collect();
                 let report_due = !task.report_sent
                     && task.report.as_ref().is_some_and(|(_, seq)| lines.last().is_none_or(|l| l.seq >= *seq));
                 if lines.is_empty() && !report_due {

@@ -202,6 +202,36 @@ impl Setup {
         format!("{}{path}", self.url().replacen("http://", "ws://", 1))
     }
 
+    /// A service built from a local repository whose build takes `seconds` (a `RUN sleep`).
+    async fn slow_service(&self, name: &str, seconds: u32) -> String {
+        let repo = self.cluster.root.join("repos").join(name);
+        make_repo(&repo, &self.base, "x");
+        slow_app(&repo, &self.base, seconds);
+        commit(&repo, "slow");
+        let url = format!("file://{}", repo.display());
+        self.create_service(json!({"name": name, "source": {"git": {"url": url}}, "port": 8080})).await
+    }
+
+    /// Waits until deployment `id` is building past its first step; returns its agent's id and
+    /// that agent's index in `agents`.
+    async fn building(&self, id: &str) -> (String, usize) {
+        let d = wait_for("the build to start", Duration::from_secs(30), || async {
+            let d = self.deployment(id).await?;
+            let logs = self.logs(id).await;
+            (d["status"] == "building" && logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")))
+                .then_some(d)
+        })
+        .await
+        .unwrap();
+        let agent = d["agent_id"].as_str().unwrap().to_string();
+        let index = self
+            .agents
+            .iter()
+            .position(|a| std::fs::read_to_string(a.dir.join("agent.json")).unwrap().contains(&agent))
+            .unwrap();
+        (agent, index)
+    }
+
     /// The agent directory's project storage.
     fn storage(&self, agent: usize) -> PathBuf {
         self.agents[agent].dir.join("projects").join(&self.project_id)
@@ -658,33 +688,9 @@ fn slow_app(dir: &Path, base: &str, seconds: u32) {
 #[tokio::test]
 async fn an_agent_killed_mid_build_hands_the_deployment_to_another() {
     let mut setup = Setup::start(1, 2, FAST).await;
-    let repo = setup.cluster.root.join("repos").join("slow");
-    make_repo(&repo, &setup.base, "x");
-    slow_app(&repo, &setup.base, 8);
-    commit(&repo, "slow");
-    let service = setup
-        .create_service(json!({
-            "name": "slow",
-            "source": {"git": {"url": format!("file://{}", repo.display())}},
-            "port": 8080,
-        }))
-        .await;
-    let d = setup.deploy(&service, json!({})).await;
-    let id = d["id"].as_str().unwrap().to_string();
-    let building = wait_for("the build to start", Duration::from_secs(30), || async {
-        let d = setup.deployment(&id).await?;
-        let logs = setup.logs(&id).await;
-        (d["status"] == "building" && logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")))
-            .then_some(d)
-    })
-    .await
-    .unwrap();
-    let first_agent = building["agent_id"].as_str().unwrap().to_string();
-    let index = setup
-        .agents
-        .iter()
-        .position(|a| std::fs::read_to_string(a.dir.join("agent.json")).unwrap().contains(&first_agent))
-        .unwrap();
+    let service = setup.slow_service("slow", 8).await;
+    let id = setup.deploy(&service, json!({})).await["id"].as_str().unwrap().to_string();
+    let (first_agent, index) = setup.building(&id).await;
     setup.agents[index].kill9();
 
     let done = setup.finished(&id).await;
@@ -699,25 +705,9 @@ async fn an_agent_killed_mid_build_hands_the_deployment_to_another() {
 #[tokio::test]
 async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
     let mut setup = Setup::start(3, 1, &[]).await;
-    let repo = setup.cluster.root.join("repos").join("app");
-    make_repo(&repo, &setup.base, "x");
-    slow_app(&repo, &setup.base, 6);
-    commit(&repo, "slow");
-    let service = setup
-        .create_service(json!({
-            "name": "web",
-            "source": {"git": {"url": format!("file://{}", repo.display())}},
-            "port": 8080,
-        }))
-        .await;
-    let d = setup.deploy(&service, json!({})).await;
-    let id = d["id"].as_str().unwrap().to_string();
-    wait_for("the build to start", Duration::from_secs(30), || async {
-        let logs = setup.logs(&id).await;
-        logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")).then_some(())
-    })
-    .await
-    .unwrap();
+    let service = setup.slow_service("web", 6).await;
+    let id = setup.deploy(&service, json!({})).await["id"].as_str().unwrap().to_string();
+    setup.building(&id).await;
     let leader = setup.cluster.leader().await.unwrap();
     // A follower that stays up streams the log too, from its own copy of the state.
     let follower = (0..3).find(|i| *i != leader).unwrap();
@@ -751,15 +741,7 @@ async fn a_deployment_survives_its_leader_being_killed_and_runs_once() {
 #[tokio::test]
 async fn the_queue_runs_in_order_within_its_limit_and_one_release_per_service_at_a_time() {
     let setup = Setup::start(1, 1, &["--max-concurrent-deployments", "1"]).await;
-    let mut services = Vec::new();
-    for name in ["first", "second"] {
-        let repo = setup.cluster.root.join("repos").join(name);
-        make_repo(&repo, &setup.base, "x");
-        slow_app(&repo, &setup.base, 3);
-        commit(&repo, "slow");
-        let url = format!("file://{}", repo.display());
-        services.push(setup.create_service(json!({"name": name, "source": {"git": {"url": url}}, "port": 8080})).await);
-    }
+    let services = [setup.slow_service("first", 3).await, setup.slow_service("second", 3).await];
     let a = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
     let b = setup.deploy(&services[1], json!({})).await["id"].as_str().unwrap().to_string();
     // Two more of the first service: the newer replaces the older while both wait.
@@ -948,27 +930,9 @@ async fn dev_mode_deploys_the_example_with_one_command_and_the_cli_follows() {
 #[tokio::test]
 async fn an_agent_only_cut_off_mid_build_abandons_its_attempt_when_it_returns() {
     let setup = Setup::start(1, 2, FAST).await;
-    let repo = setup.cluster.root.join("repos").join("slow");
-    make_repo(&repo, &setup.base, "x");
-    slow_app(&repo, &setup.base, 8);
-    commit(&repo, "slow");
-    let url = format!("file://{}", repo.display());
-    let service = setup.create_service(json!({"name": "slow", "source": {"git": {"url": url}}, "port": 8080})).await;
+    let service = setup.slow_service("slow", 8).await;
     let id = setup.deploy(&service, json!({})).await["id"].as_str().unwrap().to_string();
-    let building = wait_for("the build to start", Duration::from_secs(30), || async {
-        let d = setup.deployment(&id).await?;
-        let logs = setup.logs(&id).await;
-        (d["status"] == "building" && logs.iter().any(|l| l["message"].as_str().unwrap_or("").contains("Step 2/")))
-            .then_some(d)
-    })
-    .await
-    .unwrap();
-    let first = building["agent_id"].as_str().unwrap().to_string();
-    let index = setup
-        .agents
-        .iter()
-        .position(|a| std::fs::read_to_string(a.dir.join("agent.json")).unwrap().contains(&first))
-        .unwrap();
+    let (first, index) = setup.building(&id).await;
     // Frozen, not dead: the cluster sees it go down and moves the deployment.
     let pid = setup.agents[index].pid().unwrap().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());

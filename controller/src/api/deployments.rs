@@ -610,7 +610,7 @@ async fn ws_logs(
     Path(id): Path<String>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| ApiError::bad_request(format!("this route speaks WebSocket only: {}", e.body_text())))?;
+    let ws = websocket(ws)?;
     c.read_barrier().await?;
     readable(&c, &caller, &id).await?;
     let events = c.events.subscribe();
@@ -661,6 +661,22 @@ async fn send_new_lines(c: &AppState, id: &str, last: &mut i64, socket: &mut Web
 /// Ping interval of the WebSockets, so proxies keep them open.
 const WS_PING: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The client's side of a stream: waits for what the client sends (ignored) or the next ping.
+/// False once the socket is closed or broken. Cancel-safe: a stream waits on it beside its events.
+async fn tend(socket: &mut WebSocket, ping: &mut tokio::time::Interval) -> bool {
+    tokio::select! {
+        incoming = socket.recv() => matches!(incoming, Some(Ok(message)) if !matches!(message, Message::Close(_))),
+        _ = ping.tick() => socket.send(Message::Ping(Bytes::new())).await.is_ok(),
+    }
+}
+
+/// The upgrade of a WebSocket route, or a 400 saying that only WebSockets are served there.
+fn websocket(
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, ApiError> {
+    ws.map_err(|e| ApiError::bad_request(format!("this route speaks WebSocket only: {}", e.body_text())))
+}
+
 async fn stream_logs(c: AppState, id: String, mut socket: WebSocket, mut events: broadcast::Receiver<StateEvent>) {
     let mut last = 0i64;
     let mut ping = tokio::time::interval(WS_PING);
@@ -687,15 +703,9 @@ async fn stream_logs(c: AppState, id: String, mut socket: WebSocket, mut events:
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-                incoming = socket.recv() => match incoming {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
+                alive = tend(&mut socket, &mut ping) => if !alive {
+                    return;
                 },
-                _ = ping.tick() => {
-                    if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                        return;
-                    }
-                }
             }
         }
     }
@@ -726,7 +736,7 @@ async fn ws_project(
     Path(project_id): Path<String>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| ApiError::bad_request(format!("this route speaks WebSocket only: {}", e.body_text())))?;
+    let ws = websocket(ws)?;
     c.read_barrier().await?;
     caller.require_project(&c, &project_id, "read", Role::Viewer).await?;
     let events = c.events.subscribe();
@@ -845,8 +855,11 @@ async fn stream_project(
         tokio::select! {
             event = events.recv() => {
                 let id = match event {
-                    Ok(StateEvent::DeploymentChanged { id, project_id: p }) if p == project_id => id,
-                    Ok(StateEvent::DeploymentLogs { id, .. }) => id,
+                    // Only this project's: other projects' builds cost this stream nothing.
+                    Ok(
+                        StateEvent::DeploymentChanged { id, project_id: p }
+                        | StateEvent::DeploymentLogs { id, project_id: p, .. },
+                    ) if p == project_id => id,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Re-read every deployment this stream follows.
@@ -864,15 +877,9 @@ async fn stream_project(
                     return;
                 }
             }
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
+            alive = tend(&mut socket, &mut ping) => if !alive {
+                return;
             },
-            _ = ping.tick() => {
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return;
-                }
-            }
         }
     }
 }

@@ -182,11 +182,14 @@ pub(super) async fn apply(
             events.push(StateEvent::DeploymentChanged { id, project_id });
         }
         Command::AppendDeploymentLogs { id, attempt, lines } => {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT COALESCE((SELECT MAX(n) FROM deployment_logs WHERE deployment_id = ?1), 0) FROM deployments WHERE id = ?1")
-                .bind(&id)
-                .fetch_optional(&mut **tx)
-                .await?;
-            let Some(mut n) = exists else {
+            let exists: Option<(String, i64)> = sqlx::query_as(
+                "SELECT project_id, COALESCE((SELECT MAX(n) FROM deployment_logs WHERE deployment_id = ?1), 0) \
+                 FROM deployments WHERE id = ?1",
+            )
+            .bind(&id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some((project_id, mut n)) = exists else {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("deployment {id} does not exist")));
             };
             let before = n;
@@ -210,7 +213,7 @@ pub(super) async fn apply(
                 n += done.rows_affected() as i64;
             }
             if n > before {
-                events.push(StateEvent::DeploymentLogs { id, upto: n });
+                events.push(StateEvent::DeploymentLogs { id, project_id, upto: n });
             }
         }
         other => {
@@ -377,7 +380,7 @@ mod tests {
         // The agent reconnected and sent them again, with one more; the controller adds its own.
         let (_, events) =
             run(&pool, append(vec![line(Some(1), "one"), line(Some(2), "two"), line(Some(3), "three")])).await;
-        assert_eq!(events, [StateEvent::DeploymentLogs { id: "d".into(), upto: 3 }]);
+        assert_eq!(events, [StateEvent::DeploymentLogs { id: "d".into(), project_id: "p".into(), upto: 3 }]);
         applied(&pool, append(vec![line(None, "controller")])).await;
         let (_, events) = run(&pool, append(vec![line(Some(3), "three")])).await;
         assert!(events.is_empty(), "nothing new: no event");

@@ -48,7 +48,7 @@ pub enum StateEvent {
     /// A deployment was created or changed status.
     DeploymentChanged { id: String, project_id: String },
     /// Log lines up to number `upto` were added to a deployment.
-    DeploymentLogs { id: String, upto: i64 },
+    DeploymentLogs { id: String, project_id: String, upto: i64 },
 }
 
 impl StateMachine {
