@@ -2,9 +2,12 @@
 //! service, round-robin, streams bodies both ways, and tunnels WebSocket (HTTP/1.1 upgrade)
 //! connections.
 //!
-//! HTTP/1.1 only, to clients and to backends; TLS (and with it HTTP/2) comes later. The route
-//! table is immutable and replaced whole by [`Proxy::set_routes`], so a request keeps the route it
-//! was given while new requests see the new table at once.
+//! HTTP/1.1 only, to clients and to backends (HTTP/2 comes later). TLS terminates here
+//! ([`Proxy::serve_tls`]) with the certificate the client's SNI names; plain HTTP answers ACME
+//! HTTP-01 challenges and redirects hosts that have a certificate to HTTPS. The route table, the
+//! certificates and the challenges are each immutable and replaced whole ([`Proxy::set_routes`],
+//! [`Proxy::set_certificates`], [`Proxy::set_challenges`]), so a request keeps the route it was
+//! given while new requests see the new table at once.
 //!
 //! Every client connection is bounded: a semaphore caps their number, hyper caps the size of and
 //! the time to send a request head, and one watchdog per connection closes it when an exchange
@@ -24,17 +27,23 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1 as backend_http1;
 use hyper::server::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{InconsistentKeys, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 /// One route: a host name and the backends (instances) it balances across.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +144,8 @@ impl Backend {
 /// wakes no other (and with a runtime per thread, nothing crosses threads).
 struct Pool {
     shards: [Shard; POOL_SHARDS],
+    /// Requests to this backend in flight now (see [`InFlight`]).
+    in_flight: AtomicUsize,
 }
 
 /// A connection to a backend, as requests are sent on it.
@@ -150,7 +161,7 @@ const MAX_IDLE_PER_BACKEND: usize = 128;
 
 impl Default for Pool {
     fn default() -> Pool {
-        Pool { shards: std::array::from_fn(|_| Mutex::default()) }
+        Pool { shards: std::array::from_fn(|_| Mutex::default()), in_flight: AtomicUsize::new(0) }
     }
 }
 
@@ -193,10 +204,35 @@ impl Pool {
     }
 }
 
-/// A connection lent to one exchange; back to its pool once the exchange ended cleanly.
-struct Pooled {
+/// One request counted in flight to a backend, from when the backend is picked until the guard
+/// is dropped: with the response body once it is done, or with the tunnel once it closes.
+struct InFlight(Arc<Pool>);
+
+impl InFlight {
+    fn start(pool: &Arc<Pool>) -> InFlight {
+        pool.in_flight.fetch_add(1, Relaxed);
+        InFlight(pool.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A connection lent to one exchange, counted in flight until the exchange ends.
+struct Lent {
     sender: Sender,
-    pool: Arc<Pool>,
+    in_flight: InFlight,
+}
+
+impl Lent {
+    /// The exchange ended cleanly: the connection goes back to its pool (before the count drops,
+    /// so that a drained backend has its connections idle).
+    fn give_back(self) {
+        self.in_flight.0.put(self.sender);
+    }
 }
 
 /// Limits and timeouts of the proxy.
@@ -224,6 +260,9 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// A backend that refused or timed out a connection is tried after the others for this long.
     pub backend_backoff: Duration,
+    /// The port clients reach HTTPS on: a plain-HTTP request for a host that has a route and a
+    /// certificate is redirected there (308). `None`: no HTTPS listener, never redirect.
+    pub https_port: Option<u16>,
 }
 
 impl Default for ProxySettings {
@@ -238,9 +277,140 @@ impl Default for ProxySettings {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(30),
             backend_backoff: Duration::from_secs(10),
+            https_port: None,
         }
     }
 }
+
+/// A certificate and the host names it is served for, as PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertifiedHost {
+    /// Exact host names (`app.example.com`) or one-label wildcards (`*.example.com`, which covers
+    /// `a.example.com` but neither `example.com` nor `a.b.example.com`, as browsers match).
+    pub names: Vec<String>,
+    /// The leaf certificate first, then its intermediates.
+    pub cert_chain_pem: String,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: this ends up in logs.
+        f.debug_struct("CertifiedHost").field("names", &self.names).finish_non_exhaustive()
+    }
+}
+
+/// Why a [`CertifiedHost`] was left out.
+#[derive(Debug, thiserror::Error)]
+enum CertificateError {
+    #[error("it names no host")]
+    NoName,
+    #[error("{0:?} is neither a host name nor a one-label wildcard")]
+    BadName(String),
+    #[error("the certificate chain is not valid PEM: {0}")]
+    ChainPem(#[source] io::Error),
+    #[error("the certificate chain holds no certificate")]
+    NoCertificate,
+    #[error("the private key is not valid PEM: {0}")]
+    KeyPem(#[source] io::Error),
+    #[error("no private key found")]
+    NoKey,
+    #[error("the private key is not usable: {0}")]
+    Key(#[source] rustls::Error),
+    #[error("the private key does not match the certificate")]
+    KeyMismatch,
+    #[error("the certificate is not usable: {0}")]
+    Certificate(#[source] rustls::Error),
+}
+
+/// A name a certificate is served for, normalized as request hosts are.
+enum CertifiedName {
+    Exact(String),
+    /// `*.example.com`, by its parent `example.com`.
+    Wildcard(String),
+}
+
+impl CertifiedName {
+    fn parse(raw: &str) -> Result<CertifiedName, CertificateError> {
+        let bad = || CertificateError::BadName(raw.to_string());
+        let (wildcard, name) = match raw.strip_prefix("*.") {
+            Some(parent) => (true, parent),
+            None => (false, raw),
+        };
+        // No port, no IP literal, no other wildcard; every label non-empty.
+        if name.contains([':', '[', '*']) {
+            return Err(bad());
+        }
+        let name = normalize_host(name).ok_or_else(bad)?;
+        if name.split('.').any(str::is_empty) {
+            return Err(bad());
+        }
+        let name = name.into_owned();
+        Ok(if wildcard { CertifiedName::Wildcard(name) } else { CertifiedName::Exact(name) })
+    }
+}
+
+/// The certificates by the names they are served for.
+#[derive(Default)]
+struct CertificateSet {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Wildcard certificates by the parent of the names they cover.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertificateSet {
+    /// The certificate for a normalized host name: its own, else the wildcard one label up.
+    fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
+        self.exact.get(host).or_else(|| match host.split_once('.') {
+            Some((label, parent)) if !label.is_empty() => self.wildcard.get(parent),
+            _ => None,
+        })
+    }
+}
+
+/// The current certificates, replaced whole by [`Proxy::set_certificates`]; TLS handshakes pick
+/// one by SNI.
+#[derive(Default)]
+struct Certificates(RwLock<CertificateSet>);
+
+impl Certificates {
+    /// Whether a normalized host name has a certificate.
+    fn covers(&self, host: &str) -> bool {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).find(host).is_some()
+    }
+
+    /// The certificate for a name as a client sends it (any case, maybe a trailing dot).
+    fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = normalize_host(name)?;
+        self.0.read().unwrap_or_else(PoisonError::into_inner).find(&name).cloned()
+    }
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Certificates").field("exact", &set.exact.len()).field("wildcard", &set.wildcard.len()).finish()
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    /// No SNI, or no certificate for it: `None` fails the handshake.
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            tracing::debug!("TLS handshake without SNI: no certificate to offer");
+            return None;
+        };
+        let key = self.for_name(name);
+        if key.is_none() {
+            tracing::debug!(sni = name, "TLS handshake for a name without a certificate");
+        }
+        key
+    }
+}
+
+/// Where ACME HTTP-01 challenges are fetched (RFC 8555, section 8.3).
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
 /// The reverse proxy. Cheap to share: [`Proxy::new`] hands out an `Arc`.
 pub struct Proxy {
@@ -248,6 +418,12 @@ pub struct Proxy {
     table: RwLock<Arc<RouteTable>>,
     /// Every backend's pool, by address, so that a new table keeps the connections of the old.
     pools: Mutex<HashMap<SocketAddr, std::sync::Weak<Pool>>>,
+    certificates: Arc<Certificates>,
+    /// ACME HTTP-01 key authorizations, by token.
+    challenges: RwLock<HashMap<String, String>>,
+    crypto: Arc<CryptoProvider>,
+    /// Made on first use and shared by every TLS listener, and so is its session cache.
+    tls: OnceLock<Arc<ServerConfig>>,
     http: http1::Builder,
     connections: Arc<Semaphore>,
 }
@@ -264,6 +440,10 @@ impl Proxy {
             settings,
             table: RwLock::new(Arc::new(RouteTable::default())),
             pools: Mutex::new(HashMap::new()),
+            certificates: Arc::default(),
+            challenges: RwLock::default(),
+            crypto: Arc::new(rustls::crypto::ring::default_provider()),
+            tls: OnceLock::new(),
             http,
         })
     }
@@ -294,6 +474,129 @@ impl Proxy {
         self.table.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// How many requests are being proxied to any of `backends` now: each from when its backend
+    /// is picked until its response body is done (read or dropped), a WebSocket tunnel while it
+    /// is open. Counted across route tables, so it tells when an instance that is no longer
+    /// routed to has finished its last request.
+    pub fn in_flight(&self, backends: &[SocketAddr]) -> usize {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counted = Vec::with_capacity(backends.len());
+        let mut total = 0;
+        for addr in backends {
+            if counted.contains(addr) {
+                continue;
+            }
+            counted.push(*addr);
+            if let Some(pool) = pools.get(addr).and_then(std::sync::Weak::upgrade) {
+                total += pool.in_flight.load(Relaxed);
+            }
+        }
+        total
+    }
+
+    /// Replaces the certificates atomically (handshakes in progress keep the one they picked).
+    /// An entry that does not parse, or names a host badly, is left out: the answer has one
+    /// message per entry left out, naming its hosts.
+    ///
+    /// Of two entries for one name the later wins; an exact name wins over a wildcard.
+    pub fn set_certificates(&self, hosts: Vec<CertifiedHost>) -> Vec<String> {
+        let mut set = CertificateSet::default();
+        let mut errors = Vec::new();
+        for host in hosts {
+            match self.certified_key(&host) {
+                Ok((key, names)) => {
+                    for name in names {
+                        match name {
+                            CertifiedName::Exact(name) => set.exact.insert(name, key.clone()),
+                            CertifiedName::Wildcard(parent) => set.wildcard.insert(parent, key.clone()),
+                        };
+                    }
+                }
+                Err(error) => {
+                    let names = if host.names.is_empty() { "no host".to_string() } else { host.names.join(", ") };
+                    tracing::warn!(hosts = %names, %error, "leaving out a certificate");
+                    errors.push(format!("the certificate for {names}: {error}"));
+                }
+            }
+        }
+        *self.certificates.0.write().unwrap_or_else(PoisonError::into_inner) = set;
+        errors
+    }
+
+    fn certified_key(&self, host: &CertifiedHost) -> Result<(Arc<CertifiedKey>, Vec<CertifiedName>), CertificateError> {
+        if host.names.is_empty() {
+            return Err(CertificateError::NoName);
+        }
+        let names = host.names.iter().map(|name| CertifiedName::parse(name)).collect::<Result<Vec<_>, _>>()?;
+        let chain = rustls_pemfile::certs(&mut host.cert_chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CertificateError::ChainPem)?;
+        if chain.is_empty() {
+            return Err(CertificateError::NoCertificate);
+        }
+        let key = rustls_pemfile::private_key(&mut host.key_pem.as_bytes())
+            .map_err(CertificateError::KeyPem)?
+            .ok_or(CertificateError::NoKey)?;
+        let key = self.crypto.key_provider.load_private_key(key).map_err(CertificateError::Key)?;
+        let certified = CertifiedKey::new(chain, key);
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
+            Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+                return Err(CertificateError::KeyMismatch)
+            }
+            Err(e) => return Err(CertificateError::Certificate(e)),
+        }
+        Ok((Arc::new(certified), names))
+    }
+
+    /// Replaces the ACME HTTP-01 challenges atomically: token -> key authorization.
+    pub fn set_challenges(&self, challenges: HashMap<String, String>) {
+        *self.challenges.write().unwrap_or_else(PoisonError::into_inner) = challenges;
+    }
+
+    /// The answer to an ACME HTTP-01 challenge whose token is known, for any host.
+    fn challenge_answer<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
+        }
+        let token = req.uri().path().strip_prefix(ACME_CHALLENGE)?;
+        let key_authorization = self.challenges.read().unwrap_or_else(PoisonError::into_inner).get(token)?.clone();
+        tracing::debug!(token, "answering an ACME challenge");
+        Some(page(StatusCode::OK, key_authorization))
+    }
+
+    /// The redirect to HTTPS for a plain-HTTP request to `host` (normalized), if HTTPS is served
+    /// and the host has a certificate.
+    fn https_redirect(&self, host: &str, uri: &Uri) -> Option<Response<ResponseBody>> {
+        let port = self.settings.https_port?;
+        if !self.certificates.covers(host) {
+            return None;
+        }
+        let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let path = if path.starts_with('/') { path } else { "/" };
+        let location = match port {
+            443 => format!("https://{host}{path}"),
+            port => format!("https://{host}:{port}{path}"),
+        };
+        let value = HeaderValue::try_from(&location).ok()?;
+        let mut response = page(StatusCode::PERMANENT_REDIRECT, format!("moved to {location}\n"));
+        response.headers_mut().insert(LOCATION, value);
+        Some(response)
+    }
+
+    /// The TLS configuration every HTTPS listener shares: certificates by SNI, HTTP/1.1 by ALPN.
+    fn tls_config(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
+        if let Some(config) = self.tls.get() {
+            return Ok(config.clone());
+        }
+        let mut config = ServerConfig::builder_with_provider(self.crypto.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.certificates.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(self.tls.get_or_init(|| Arc::new(config)).clone())
+    }
+
     /// A new connection to a backend. Its task ends when the backend closes it or when its
     /// sender is dropped (by the pool, or with an exchange that did not end cleanly).
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, Failure> {
@@ -316,7 +619,19 @@ impl Proxy {
     /// Serves plain HTTP on `listener` until `shutdown` resolves, then stops accepting and lets
     /// in-flight requests and tunnels finish for up to `shutdown_grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
-        self.serve_as(listener, "http", shutdown).await
+        self.serve_as(listener, Scheme::Http, shutdown).await
+    }
+
+    /// Like [`Proxy::serve`], for HTTPS: each connection's TLS handshake comes first (within
+    /// `request_header_timeout`), with the certificate its SNI names (see
+    /// [`Proxy::set_certificates`]); then the `Host` header routes as on plain HTTP, and backends
+    /// see `X-Forwarded-Proto: https`.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.serve_as(listener, Scheme::Https, shutdown).await
     }
 
     /// Like [`Proxy::serve`], on `threads` threads of its own, each with a single-threaded
@@ -328,6 +643,26 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         threads: usize,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        self.serve_threads_as(listener, threads, Scheme::Http, shutdown).await
+    }
+
+    /// [`Proxy::serve_tls`] on threads of its own, as [`Proxy::serve_threads`] does.
+    pub async fn serve_tls_threads(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: usize,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        self.serve_threads_as(listener, threads, Scheme::Https, shutdown).await
+    }
+
+    async fn serve_threads_as(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: usize,
+        scheme: Scheme,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
         let listener = listener.into_std()?;
@@ -351,7 +686,7 @@ impl Proxy {
                                 let shutdown = async move {
                                     let _ = stopped.wait_for(|stopped| *stopped).await;
                                 };
-                                proxy.serve(listener, shutdown).await
+                                proxy.serve_as(listener, scheme, shutdown).await
                             }
                             Err(e) => tracing::error!(error = %e, "ingress thread cannot listen"),
                         }
@@ -379,15 +714,21 @@ impl Proxy {
         started
     }
 
-    /// `proto` is what `X-Forwarded-Proto` says (`https` once TLS terminates here).
     async fn serve_as(
         self: Arc<Self>,
         listener: TcpListener,
-        proto: &'static str,
+        scheme: Scheme,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(addr = %local, proto, "ingress listening");
+        let tls = match scheme {
+            Scheme::Http => None,
+            Scheme::Https => match self.tls_config() {
+                Ok(config) => Some(TlsAcceptor::from(config)),
+                Err(e) => return tracing::error!(addr = %local, error = %e, "ingress cannot set up TLS"),
+            },
+        };
+        tracing::info!(addr = %local, proto = scheme.as_str(), "ingress listening");
         let (drain_tx, drain_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -402,7 +743,7 @@ impl Proxy {
                             continue;
                         };
                         let proxy = self.clone();
-                        connections.spawn(proxy.serve_connection(stream, peer, proto, permit, drain_rx.clone()));
+                        connections.spawn(proxy.serve_connection(stream, peer, tls.clone(), permit, drain_rx.clone()));
                     }
                     Err(e) => {
                         // Out of file descriptors, most likely: wait for some to free up.
@@ -426,21 +767,45 @@ impl Proxy {
         tracing::info!(addr = %local, drained = in_flight, "ingress stopped");
     }
 
+    /// One client connection, holding its permit: the TLS handshake first on an HTTPS listener.
     async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        proto: &'static str,
+        tls: Option<TlsAcceptor>,
         _permit: OwnedSemaphorePermit,
-        mut draining: watch::Receiver<bool>,
+        draining: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
+        let Some(acceptor) = tls else {
+            return self.serve_client(stream, peer, Scheme::Http, draining).await;
+        };
+        // Bounded like a request head, so that a slow handshaker cannot hold a permit for ever.
+        match tokio::time::timeout(self.settings.request_header_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve_client(stream, peer, Scheme::Https, draining).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serves HTTP/1.1 on a client connection (TCP, or TLS over it), then the tunnel it may
+    /// have upgraded to.
+    async fn serve_client<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        scheme: Scheme,
+        mut draining: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let idle_timeout = self.settings.idle_timeout;
         let state = Arc::new(ConnState {
             proxy: self.clone(),
             client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
                 .expect("an IP address is a valid header value"),
-            proto: HeaderValue::from_static(proto),
+            tls: scheme == Scheme::Https,
+            proto: HeaderValue::from_static(scheme.as_str()),
             write_blocked_since: AtomicU64::new(0),
             request_waiting_since: AtomicU64::new(0),
             response_waiting_since: AtomicU64::new(0),
@@ -503,12 +868,32 @@ impl Proxy {
     }
 }
 
+/// What a listener speaks to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// As `X-Forwarded-Proto` says it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// What one client connection shares with the requests it carries and with its watchdog.
 /// HTTP/1.1 serves one request at a time, so the per-request fields need no more than this.
 struct ConnState {
     proxy: Arc<Proxy>,
     /// The client's IP address, for `X-Forwarded-For`.
     client_ip: HeaderValue,
+    /// TLS terminated here: no ACME challenges, no redirect.
+    tls: bool,
+    /// For `X-Forwarded-Proto`.
     proto: HeaderValue,
     /// Since when ([`now_ms`]) a write to the client has been blocked; 0: not blocked.
     write_blocked_since: AtomicU64,
@@ -569,16 +954,29 @@ impl ConnState {
         }
     }
 
-    /// The route a request takes, or the page that answers it.
+    /// The route a request takes, or the page that answers it. On plain HTTP, an ACME challenge
+    /// is answered for any host, and a host with a certificate is redirected to HTTPS.
     fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<RouteEntry>, Response<ResponseBody>> {
         let settings = &self.proxy.settings;
+        let challenge = !self.tls && req.uri().path().starts_with(ACME_CHALLENGE);
+        if challenge {
+            if let Some(answer) = self.proxy.challenge_answer(req) {
+                return Err(answer);
+            }
+        }
         let entry = {
             let host = request_host(req).map_err(|message| page(StatusCode::BAD_REQUEST, message.to_string()))?;
             let table = self.proxy.routes();
-            match table.routes.get(host.as_ref()) {
+            let entry = match table.routes.get(host.as_ref()) {
                 Some(entry) => entry.clone(),
                 None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
+            };
+            if !self.tls && !challenge {
+                if let Some(redirect) = self.proxy.https_redirect(&host, req.uri()) {
+                    return Err(redirect);
+                }
             }
+            entry
         };
         if entry.backends.is_empty() {
             let text = format!("{} has no instance running\n", entry.route.service);
@@ -648,10 +1046,11 @@ impl ConnState {
         }
         let backend = used.map(|b| b.addr);
         let response = match outcome {
-            Ok((mut response, _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
+            Ok((mut response, lent)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
                 Some(client) => {
                     let backend = hyper::upgrade::on(&mut response);
-                    *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(Tunnel { client, backend });
+                    let tunnel = Tunnel { client, backend, _in_flight: lent.in_flight };
+                    *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
                     let protocol = response.headers().get(UPGRADE).cloned();
                     strip_hop_by_hop(response.headers_mut());
                     response.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -662,10 +1061,10 @@ impl ConnState {
                 }
                 None => page(StatusCode::BAD_GATEWAY, format!("{} switched protocols unasked\n", route.service)),
             },
-            Ok((mut response, pooled)) => {
+            Ok((mut response, lent)) => {
                 strip_hop_by_hop(response.headers_mut());
                 *response.version_mut() = Version::HTTP_11;
-                response.map(|body| ResponseBody::backend(body, self.clone(), pooled))
+                response.map(|body| ResponseBody::backend(body, self.clone(), lent))
             }
             Err(failure) => {
                 tracing::debug!(host = %route.host, service = %route.service, ?backend, error = %failure, "proxying failed");
@@ -677,14 +1076,15 @@ impl ConnState {
     }
 
     /// One request to one backend, on an idle connection or a new one: the head of the answer,
-    /// and the connection to give back once the body has been read.
+    /// and the connection to give back once the body has been read. Counted in flight from here.
     async fn exchange(
         &self,
         backend: &Backend,
         mut req: Request<RequestBody>,
         started: u64,
-    ) -> Result<(Response<Incoming>, Pooled), Failure> {
+    ) -> Result<(Response<Incoming>, Lent), Failure> {
         let pool = backend.pool();
+        let in_flight = InFlight::start(pool);
         let max_idle_ms = self.proxy.settings.idle_timeout.as_millis() as u64;
         loop {
             let (mut sender, reused) = match pool.take(started, max_idle_ms) {
@@ -696,7 +1096,7 @@ impl ConnState {
                 continue;
             }
             match self.response_head(sender.try_send_request(req), started).await {
-                Ok(response) => return Ok((response, Pooled { sender, pool: pool.clone() })),
+                Ok(response) => return Ok((response, Lent { sender, in_flight })),
                 // The backend had closed that idle connection: nothing was sent, try another.
                 Err(Unsent::Request(request)) if reused => req = *request,
                 Err(Unsent::Request(_)) => return Err(Failure::Connect("closed at once".into())),
@@ -749,6 +1149,8 @@ enum Unsent {
 struct Tunnel {
     client: OnUpgrade,
     backend: OnUpgrade,
+    /// A tunnel counts as a request in flight to its backend until it closes.
+    _in_flight: InFlight,
 }
 
 impl Tunnel {
@@ -1079,7 +1481,7 @@ struct ResponseBody(ResponseKind);
 
 enum ResponseKind {
     Page(Option<Bytes>),
-    Backend { body: Incoming, conn: Arc<ConnState>, pooled: Option<Pooled> },
+    Backend { body: Incoming, conn: Arc<ConnState>, lent: Option<Lent> },
 }
 
 impl ResponseBody {
@@ -1087,17 +1489,17 @@ impl ResponseBody {
         ResponseBody(ResponseKind::Page(None))
     }
 
-    fn backend(body: Incoming, conn: Arc<ConnState>, pooled: Pooled) -> ResponseBody {
-        ResponseBody(ResponseKind::Backend { body, conn, pooled: Some(pooled) })
+    fn backend(body: Incoming, conn: Arc<ConnState>, lent: Lent) -> ResponseBody {
+        ResponseBody(ResponseKind::Backend { body, conn, lent: Some(lent) })
     }
 
-    /// Gives the backend connection back to its pool if the exchange ended cleanly: the whole
-    /// response read, the whole request sent.
+    /// Ends the exchange: the backend connection goes back to its pool if the exchange ended
+    /// cleanly (the whole response read, the whole request sent), and stops counting in flight.
     fn release(&mut self) {
-        if let ResponseKind::Backend { body, conn, pooled } = &mut self.0 {
-            if body.is_end_stream() && !conn.request_body_open.load(Relaxed) {
-                if let Some(Pooled { sender, pool }) = pooled.take() {
-                    pool.put(sender);
+        if let ResponseKind::Backend { body, conn, lent } = &mut self.0 {
+            if let Some(lent) = lent.take() {
+                if body.is_end_stream() && !conn.request_body_open.load(Relaxed) {
+                    lent.give_back();
                 }
             }
         }
@@ -1111,7 +1513,7 @@ impl Body for ResponseBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.0 {
             ResponseKind::Page(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
-            ResponseKind::Backend { body, conn, pooled } => {
+            ResponseKind::Backend { body, conn, lent } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 let waiting = &conn.response_waiting_since;
                 if polled.is_pending() {
@@ -1125,8 +1527,8 @@ impl Body for ResponseBody {
                 }
                 let frame = ready!(polled);
                 if frame.is_none() && !conn.request_body_open.load(Relaxed) {
-                    if let Some(Pooled { sender, pool }) = pooled.take() {
-                        pool.put(sender);
+                    if let Some(lent) = lent.take() {
+                        lent.give_back();
                     }
                 }
                 Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Backend)))
@@ -1159,14 +1561,14 @@ impl Drop for ResponseBody {
     }
 }
 
-/// The client's socket, telling the connection's watchdog when writes block and, in a tunnel,
-/// when bytes move.
-struct ClientIo {
-    stream: TcpStream,
+/// The client's socket (TCP, or TLS over it), telling the connection's watchdog when writes block
+/// and, in a tunnel, when bytes move.
+struct ClientIo<S> {
+    stream: S,
     state: Arc<ConnState>,
 }
 
-impl ClientIo {
+impl<S> ClientIo<S> {
     fn read_or_wrote(&self) {
         if self.state.tunnelling.load(Relaxed) {
             self.state.last_io.store(now_ms(), Relaxed);
@@ -1191,7 +1593,7 @@ impl ClientIo {
     }
 }
 
-impl AsyncRead for ClientIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if polled.is_ready() {
@@ -1201,7 +1603,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.write_polled(&polled);
@@ -1223,7 +1625,10 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        // TLS holds written bytes back until a flush gets them out: a flush blocks as a write does.
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.write_polled(&polled);
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1235,11 +1640,15 @@ impl AsyncWrite for ClientIo {
 /// client sees the answer (a 413, say) rather than a reset for the bytes it was still sending.
 const LINGER: Duration = Duration::from_secs(2);
 
-async fn linger(mut stream: TcpStream) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = stream.shutdown().await;
     let mut sink = vec![0; 16 << 10];
-    let _ = tokio::time::timeout(LINGER, async { while let Ok(1..) = stream.read(&mut sink).await {} }).await;
+    let _ = tokio::time::timeout(LINGER, async {
+        // Over TLS, a close_notify to flush first: it may block too.
+        let _ = stream.shutdown().await;
+        while let Ok(1..) = stream.read(&mut sink).await {}
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -1385,15 +1794,94 @@ mod tests {
     }
 
     async fn start(settings: ProxySettings, routes: Vec<Route>) -> RunningProxy {
+        start_as(Scheme::Http, settings, routes).await
+    }
+
+    /// An HTTPS proxy, with no certificate yet.
+    async fn start_tls(settings: ProxySettings, routes: Vec<Route>) -> RunningProxy {
+        start_as(Scheme::Https, settings, routes).await
+    }
+
+    async fn start_as(scheme: Scheme, settings: ProxySettings, routes: Vec<Route>) -> RunningProxy {
         let proxy = Proxy::new(settings);
         proxy.set_routes(RouteTable::new(routes));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(proxy.clone().serve(listener, async move {
+        let shutdown = async move {
             let _ = stopped.await;
-        }));
+        };
+        let task = match scheme {
+            Scheme::Http => tokio::spawn(proxy.clone().serve(listener, shutdown)),
+            Scheme::Https => tokio::spawn(proxy.clone().serve_tls(listener, shutdown)),
+        };
         RunningProxy { addr, proxy, stop: Some(stop), task: Some(task) }
+    }
+
+    /// A certificate authority of the tests' own, and clients that trust only it.
+    struct TestCa {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl TestCa {
+        fn new() -> TestCa {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+            params.distinguished_name.push(rcgen::DnType::CommonName, "Deployer test CA");
+            let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+            TestCa { issuer }
+        }
+
+        /// A leaf certificate for `names`, with its key.
+        fn certify(&self, names: &[&str]) -> CertifiedHost {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+            let cert = rcgen::CertificateParams::new(names.clone()).unwrap().signed_by(&key, &*self.issuer).unwrap();
+            CertifiedHost { names, cert_chain_pem: cert.pem(), key_pem: key.serialize_pem() }
+        }
+
+        fn connector(&self) -> tokio_rustls::TlsConnector {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.issuer.der().clone()).unwrap();
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        }
+    }
+
+    /// Sends one request over HTTPS on a new connection, `sni` naming the server; the error is
+    /// the handshake's.
+    async fn send_tls<B>(
+        addr: SocketAddr,
+        ca: &TestCa,
+        sni: &str,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, io::Error>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let tls = ca.connector().connect(name, stream).await?;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN should settle on HTTP/1.1");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender.send_request(req).await.unwrap())
+    }
+
+    async fn get_tls_text(addr: SocketAddr, ca: &TestCa, host: &str, path: &str) -> (StatusCode, String) {
+        let response = send_tls(addr, ca, host, get(host, path)).await.unwrap();
+        (response.status(), text(response).await)
     }
 
     /// Sends one request on a new connection.
@@ -1778,8 +2266,13 @@ mod tests {
         let big = Message::binary(pattern(0, 200 << 10));
         ws.send(big.clone()).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), big);
+        // An open tunnel is a request in flight to its backend.
+        assert_eq!(proxy.proxy.in_flight(&[addr]), 1);
         ws.close(None).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), ws_backend).await.unwrap().unwrap();
+        // The tunnel lasts until both sides have closed.
+        drop(ws);
+        wait_until("the closed tunnel is no longer counted", || proxy.proxy.in_flight(&[addr]) == 0).await;
     }
 
     #[tokio::test]
@@ -1940,5 +2433,300 @@ mod tests {
         assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
         tokio::time::timeout(Duration::from_secs(5), proxy.task.take().unwrap()).await.unwrap().unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    }
+
+    /// The leaf certificate of an entry, as a handshake presents it.
+    fn leaf(host: &CertifiedHost) -> rustls::pki_types::CertificateDer<'static> {
+        rustls_pemfile::certs(&mut host.cert_chain_pem.as_bytes()).next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn certificates_match_exact_names_first_then_one_label_wildcards() {
+        let ca = TestCa::new();
+        let proxy = Proxy::new(ProxySettings::default());
+        let wildcard = ca.certify(&["*.apps.test"]);
+        let exact = ca.certify(&["App.Test.", "special.apps.test"]);
+        assert_eq!(proxy.set_certificates(vec![wildcard.clone(), exact.clone()]), Vec::<String>::new());
+        let picked = |name: &str| proxy.certificates.for_name(name).map(|key| key.cert[0].clone());
+        assert_eq!(picked("app.test"), Some(leaf(&exact)));
+        assert_eq!(picked("APP.test."), Some(leaf(&exact)));
+        assert_eq!(picked("special.apps.test"), Some(leaf(&exact)));
+        assert_eq!(picked("x.apps.test"), Some(leaf(&wildcard)));
+        assert_eq!(picked("X.Apps.Test."), Some(leaf(&wildcard)));
+        for uncovered in ["apps.test", "a.b.apps.test", ".apps.test", "other.test", "test"] {
+            assert_eq!(picked(uncovered), None, "{uncovered}");
+        }
+
+        // Names that are not host names leave their entry out, and the set is replaced whole.
+        let named =
+            |names: &[&str]| CertifiedHost { names: names.iter().map(|n| n.to_string()).collect(), ..exact.clone() };
+        let errors = proxy.set_certificates(vec![
+            named(&[]),
+            named(&["*.*.test"]),
+            named(&["ok.test", "a.*.test"]),
+            named(&["app.test:443"]),
+            named(&["a..test"]),
+        ]);
+        assert_eq!(
+            errors,
+            [
+                "the certificate for no host: it names no host",
+                "the certificate for *.*.test: \"*.*.test\" is neither a host name nor a one-label wildcard",
+                "the certificate for ok.test, a.*.test: \"a.*.test\" is neither a host name nor a one-label wildcard",
+                "the certificate for app.test:443: \"app.test:443\" is neither a host name nor a one-label wildcard",
+                "the certificate for a..test: \"a..test\" is neither a host name nor a one-label wildcard",
+            ]
+        );
+        assert_eq!((picked("app.test"), picked("ok.test"), picked("x.apps.test")), (None, None, None));
+    }
+
+    #[tokio::test]
+    async fn terminates_tls_for_exact_and_wildcard_names() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let routes = vec![route("app.test", "app", &[echo.addr]), route("x.apps.test", "x", &[echo.addr])];
+        let proxy = start_tls(ProxySettings::default(), routes).await;
+        assert_eq!(proxy.proxy.set_certificates(vec![ca.certify(&["app.test", "*.apps.test"])]), Vec::<String>::new());
+        for host in ["app.test", "x.apps.test"] {
+            let (status, body) = get_tls_text(proxy.addr, &ca, host, "/path?q=1").await;
+            assert_eq!(
+                (status, field(&body, "backend"), field(&body, "uri")),
+                (StatusCode::OK, Some("echo"), Some("/path?q=1"))
+            );
+            assert_eq!(field(&body, "header:x-forwarded-proto"), Some("https"), "{body}");
+            assert_eq!(field(&body, "header:host"), Some(host));
+        }
+
+        // Bodies stream both ways through TLS.
+        let data = Bytes::from(pattern(0, 3 << 20));
+        let upload = Request::put("/up").header(HOST, "app.test").body(Full::new(data.clone())).unwrap();
+        let body = text(send_tls(proxy.addr, &ca, "app.test", upload).await.unwrap()).await;
+        assert_eq!(field(&body, "body-sha256"), Some(sha256(&data).as_str()));
+        let download = send_tls(proxy.addr, &ca, "app.test", get("app.test", "/bytes/3145728")).await.unwrap();
+        let body = download.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(sha256(&body), sha256(&pattern(0, 3 << 20)));
+
+        // The SNI picks the certificate, the Host header the route.
+        let response = send_tls(proxy.addr, &ca, "app.test", get("x.apps.test", "/")).await.unwrap();
+        assert_eq!(field(&text(response).await, "header:host"), Some("x.apps.test"));
+        let response = send_tls(proxy.addr, &ca, "y.apps.test", get("y.apps.test", "/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(text(response).await, "no service answers at y.apps.test\n");
+
+        // Neither ACME challenges nor redirects on HTTPS: the path goes to the backend.
+        proxy.proxy.set_challenges(HashMap::from([("tok".to_string(), "tok.key".to_string())]));
+        let (status, body) = get_tls_text(proxy.addr, &ca, "app.test", "/.well-known/acme-challenge/tok").await;
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+    }
+
+    #[tokio::test]
+    async fn a_name_without_a_certificate_fails_the_handshake() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let routes = vec![route("app.test", "app", &[echo.addr]), route("other.test", "other", &[echo.addr])];
+        let proxy = start_tls(ProxySettings::default(), routes).await;
+        assert_eq!(proxy.proxy.set_certificates(vec![ca.certify(&["app.test", "*.apps.test"])]), Vec::<String>::new());
+        // No certificate for the name; a wildcard covers one label only; an IP address sends no SNI.
+        for sni in ["other.test", "a.b.apps.test", "127.0.0.1"] {
+            let handshake = send_tls(proxy.addr, &ca, sni, get("other.test", "/")).await;
+            assert!(handshake.is_err(), "the handshake for {sni} succeeded");
+        }
+        assert_eq!(echo.seen.requests.load(Relaxed), 0);
+        assert_eq!(get_tls_text(proxy.addr, &ca, "app.test", "/").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_that_does_not_parse_is_reported_and_the_others_serve() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let proxy = start_tls(ProxySettings::default(), vec![route("app.test", "app", &[echo.addr])]).await;
+        let good = ca.certify(&["app.test"]);
+        let garbage = CertifiedHost {
+            names: vec!["bad.test".into(), "www.bad.test".into()],
+            cert_chain_pem: "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n".into(),
+            key_pem: good.key_pem.clone(),
+        };
+        let no_certificate =
+            CertifiedHost { names: vec!["empty.test".into()], cert_chain_pem: "hello".into(), ..good.clone() };
+        let mismatched = CertifiedHost {
+            key_pem: rcgen::KeyPair::generate().unwrap().serialize_pem(),
+            ..ca.certify(&["mismatch.test"])
+        };
+        let no_key = CertifiedHost { key_pem: String::new(), ..ca.certify(&["nokey.test"]) };
+        let errors = proxy.proxy.set_certificates(vec![garbage, good, no_certificate, mismatched, no_key]);
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(
+            errors[0].starts_with("the certificate for bad.test, www.bad.test: the certificate chain is not valid PEM"),
+            "{errors:?}"
+        );
+        assert_eq!(errors[1], "the certificate for empty.test: the certificate chain holds no certificate");
+        assert_eq!(errors[2], "the certificate for mismatch.test: the private key does not match the certificate");
+        assert_eq!(errors[3], "the certificate for nokey.test: no private key found");
+
+        let (status, body) = get_tls_text(proxy.addr, &ca, "app.test", "/").await;
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+        for sni in ["bad.test", "mismatch.test"] {
+            assert!(send_tls(proxy.addr, &ca, sni, get(sni, "/")).await.is_err(), "{sni} has a certificate");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_is_cut_off() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let settings = ProxySettings {
+            request_header_timeout: Duration::from_millis(300),
+            max_connections: 1,
+            ..ProxySettings::default()
+        };
+        let proxy = start_tls(settings, vec![route("app.test", "app", &[echo.addr])]).await;
+        proxy.proxy.set_certificates(vec![ca.certify(&["app.test"])]);
+        // Connects, holds the only permit, never says hello.
+        let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+        let started = Instant::now();
+        let mut buf = [0; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await.expect("never cut off");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "cut off after {waited:?}");
+        // Its permit is free again.
+        assert_eq!(get_tls_text(proxy.addr, &ca, "app.test", "/").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn serves_tls_on_threads_of_its_own() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let proxy = Proxy::new(ProxySettings::default());
+        proxy.set_routes(RouteTable::new(vec![route("app.test", "app", &[echo.addr])]));
+        proxy.set_certificates(vec![ca.certify(&["app.test"])]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = tokio::spawn(proxy.clone().serve_tls_threads(listener, 2, async move {
+            let _ = stopped.await;
+        }));
+        for _ in 0..4 {
+            let (status, body) = get_tls_text(addr, &ca, "app.test", "/").await;
+            assert_eq!((status, field(&body, "header:x-forwarded-proto")), (StatusCode::OK, Some("https")));
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), serving).await.unwrap().unwrap().unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    }
+
+    #[tokio::test]
+    async fn plain_http_redirects_hosts_with_a_certificate_to_https() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let routes = vec![
+            route("app.test", "app", &[echo.addr]),
+            route("x.apps.test", "x", &[echo.addr]),
+            route("plain.test", "plain", &[echo.addr]),
+        ];
+        for (port, suffix) in [(443, ""), (8443, ":8443")] {
+            let settings = ProxySettings { https_port: Some(port), ..ProxySettings::default() };
+            let proxy = start(settings, routes.clone()).await;
+            proxy.proxy.set_certificates(vec![ca.certify(&["app.test", "*.apps.test"])]);
+            for (host, path, location) in [
+                ("App.Test:80", "/path?q=1", format!("https://app.test{suffix}/path?q=1")),
+                ("x.apps.test", "/", format!("https://x.apps.test{suffix}/")),
+            ] {
+                let response = send(proxy.addr, get(host, path)).await;
+                assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+                assert_eq!(response.headers()[LOCATION], location.as_str());
+                assert_eq!(text(response).await, format!("moved to {location}\n"));
+            }
+            // A route without a certificate, and a certificate without a route: no redirect.
+            let (status, body) = get_text(proxy.addr, "plain.test", "/p").await;
+            assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+            assert_eq!(get_text(proxy.addr, "y.apps.test", "/").await.0, StatusCode::NOT_FOUND);
+            // An ACME challenge path is never redirected: an unknown token goes to the backend.
+            let (status, body) = get_text(proxy.addr, "app.test", "/.well-known/acme-challenge/nope").await;
+            assert_eq!((status, field(&body, "uri")), (StatusCode::OK, Some("/.well-known/acme-challenge/nope")));
+        }
+        // Without an HTTPS port, never.
+        let proxy = start(ProxySettings::default(), routes).await;
+        proxy.proxy.set_certificates(vec![ca.certify(&["app.test"])]);
+        let (status, body) = get_text(proxy.addr, "app.test", "/").await;
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+    }
+
+    #[tokio::test]
+    async fn answers_acme_challenges_for_any_host() {
+        let echo = backend("echo").await;
+        let settings = ProxySettings { https_port: Some(443), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("app.test", "app", &[echo.addr])]).await;
+        proxy.proxy.set_challenges(HashMap::from([("tok-1".to_string(), "tok-1.thumbprint".to_string())]));
+        for host in ["unknown.test", "app.test"] {
+            let response = send(proxy.addr, get(host, "/.well-known/acme-challenge/tok-1")).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert!(response.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+            assert_eq!(text(response).await, "tok-1.thumbprint");
+        }
+        assert_eq!(echo.seen.requests.load(Relaxed), 0);
+        // Other paths under the prefix are routed as usual.
+        for path in
+            ["/.well-known/acme-challenge/tok-2", "/.well-known/acme-challenge/", "/.well-known/acme-challenge/tok-1/x"]
+        {
+            let (status, body) = get_text(proxy.addr, "unknown.test", path).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::NOT_FOUND, "no service answers at unknown.test\n"),
+                "{path}"
+            );
+        }
+        let (status, body) = get_text(proxy.addr, "app.test", "/.well-known/acme-challenge/tok-2").await;
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+        // Replaced whole.
+        proxy.proxy.set_challenges(HashMap::from([("tok-2".to_string(), "tok-2.thumbprint".to_string())]));
+        assert_eq!(
+            get_text(proxy.addr, "unknown.test", "/.well-known/acme-challenge/tok-1").await.0,
+            StatusCode::NOT_FOUND
+        );
+        let (status, body) = get_text(proxy.addr, "unknown.test", "/.well-known/acme-challenge/tok-2").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "tok-2.thumbprint"));
+    }
+
+    #[tokio::test]
+    async fn in_flight_counts_requests_until_their_answer_is_done() {
+        let (old, new) = (backend("old").await, backend("new").await);
+        let proxy = start(ProxySettings::default(), vec![route("drain.test", "drain", &[old.addr])]).await;
+        let in_flight = |backends: &[SocketAddr]| proxy.proxy.in_flight(backends);
+        assert_eq!(in_flight(&[old.addr, new.addr]), 0);
+
+        let addr = proxy.addr;
+        let slow = tokio::spawn(async move { get_text(addr, "drain.test", "/slow").await });
+        wait_until("the slow request is counted", || in_flight(&[old.addr]) == 1).await;
+        // Still counted once the table no longer routes to it; the new backend has none.
+        proxy.proxy.set_routes(RouteTable::new(vec![route("drain.test", "drain", &[new.addr])]));
+        assert_eq!((in_flight(&[old.addr]), in_flight(&[new.addr]), in_flight(&[old.addr, old.addr])), (1, 0, 1));
+        let (status, body) = slow.await.unwrap();
+        assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("old")));
+        wait_until("the slow request is no longer counted", || in_flight(&[old.addr]) == 0).await;
+
+        // A streamed answer counts until its body is done.
+        let mut body = send(proxy.addr, get("drain.test", "/drip")).await.into_body();
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "first\n");
+        assert_eq!(in_flight(&[new.addr]), 1);
+        new.seen.release.notify_one();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "second\n");
+        wait_until("the streamed answer is no longer counted", || in_flight(&[new.addr]) == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_body_over_the_limit_gets_413_over_tls() {
+        let ca = TestCa::new();
+        let echo = backend("echo").await;
+        let settings = ProxySettings { max_request_body: 1 << 20, ..ProxySettings::default() };
+        let proxy = start_tls(settings, vec![route("app.test", "app", &[echo.addr])]).await;
+        proxy.proxy.set_certificates(vec![ca.certify(&["app.test"])]);
+        // The client is still sending when the answer comes: it gets the answer, not a reset.
+        let request =
+            Request::post("/").header(HOST, "app.test").body(Full::new(Bytes::from(vec![7; 4 << 20]))).unwrap();
+        let response = send_tls(proxy.addr, &ca, "app.test", request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(text(response).await, "the request body is larger than the limit of 1048576 bytes\n");
+        assert_eq!(echo.seen.requests.load(Relaxed), 0);
     }
 }

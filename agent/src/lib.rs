@@ -6,6 +6,7 @@ pub mod docker;
 pub mod identity;
 pub mod ingress;
 pub mod metrics;
+pub mod routing;
 pub mod runtime;
 pub mod session;
 pub mod source;
@@ -35,6 +36,8 @@ pub struct AgentConfig {
     pub storage: Option<PathBuf>,
     /// Whether `file://` git URLs may be cloned (dev mode; never on a shared host).
     pub allow_file_git: bool,
+    /// Where the ingress listens.
+    pub ingress: routing::IngressConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,11 +127,15 @@ pub async fn run(
         }
     };
     let storage = config.storage.clone().unwrap_or_else(|| config.data_dir.clone());
+    let (stop_ingress, ingress_stopped) = tokio::sync::watch::channel(false);
+    let ingress =
+        routing::Ingress::start(&config.ingress, docker.clone(), credentials.agent_id.clone(), ingress_stopped).await?;
     let tasks = tasks::Tasks::new(tasks::TaskContext {
         docker: docker.clone(),
         agent_id: credentials.agent_id.clone(),
         storage,
         allow_file_git: config.allow_file_git,
+        ingress: ingress.clone(),
     });
     let watcher = tokio::spawn(tasks.clone().watch_crashes());
     let result = session::run(
@@ -143,11 +150,13 @@ pub async fn run(
             docker,
             docker_version,
             tasks,
+            ingress,
         },
         shutdown,
     )
     .await;
     watcher.abort();
+    let _ = stop_ingress.send(true);
     if let Err(AgentError::Revoked(message)) = &result {
         return match paths.retire() {
             Ok(aside) => Err(AgentError::Revoked(format!(

@@ -53,6 +53,33 @@ struct RunArgs {
     /// could otherwise read any repository the agent can.
     #[arg(long, env = "DEPLOYER_ALLOW_LOCAL_GIT")]
     allow_local_git: bool,
+    /// Where the ingress serves plain HTTP, ADDR:PORT; `none` runs no ingress on this host.
+    #[arg(long, env = "DEPLOYER_INGRESS_HTTP", default_value = "0.0.0.0:80", value_parser = parse_listen)]
+    ingress_http: Listen,
+    /// Where the ingress serves HTTPS, ADDR:PORT; `none` serves no HTTPS.
+    #[arg(long, env = "DEPLOYER_INGRESS_HTTPS", default_value = "0.0.0.0:443", value_parser = parse_listen)]
+    ingress_https: Listen,
+    /// The host name or IP other agents reach this one's ingress at (default: the address the
+    /// controller sees this agent's session come from).
+    #[arg(long, env = "DEPLOYER_INGRESS_ADVERTISE")]
+    ingress_advertise: Option<String>,
+    /// Seconds a replaced instance may take to finish its requests in flight before it stops.
+    #[arg(long, env = "DEPLOYER_DRAIN_GRACE_S", default_value_t = 30)]
+    drain_grace_s: u64,
+    /// Threads serving ingress connections (default: one per core).
+    #[arg(long, env = "DEPLOYER_INGRESS_THREADS")]
+    ingress_threads: Option<usize>,
+}
+
+/// A listen address, or none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|_| format!("{s:?} is not ADDR:PORT (like 0.0.0.0:80) or `none`"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -90,6 +117,16 @@ fn main() -> ExitCode {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         storage: args.storage_path,
         allow_file_git: args.allow_local_git,
+        ingress: deployer_agent::routing::IngressConfig {
+            http: args.ingress_http.0,
+            https: args.ingress_https.0,
+            advertise_host: args.ingress_advertise,
+            drain_grace: Duration::from_secs(args.drain_grace_s),
+            threads: args
+                .ingress_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)),
+            fallback_to_free_port: false,
+        },
     };
     match runtime.block_on(deployer_agent::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,5 +166,12 @@ mod tests {
         assert_eq!(parse_label("gpu="), Ok(("gpu".into(), "".into())));
         assert!(parse_label("zone").is_err());
         assert!(parse_label("=x").is_err());
+    }
+
+    #[test]
+    fn ingress_listeners_are_addresses_or_none() {
+        assert_eq!(parse_listen("127.0.0.1:8080"), Ok(Listen(Some(([127, 0, 0, 1], 8080).into()))));
+        assert_eq!(parse_listen("none"), Ok(Listen(None)));
+        assert!(parse_listen("8080").is_err());
     }
 }

@@ -1034,6 +1034,46 @@ pub async fn remove_deployment(docker: &Docker, agent: &str, deployment: &str) -
     stop_and_remove(docker, doomed, DEFAULT_STOP_GRACE).await.map(drop)
 }
 
+/// A running instance as the ingress reaches it: its port published on loopback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalBackend {
+    pub deployment: String,
+    pub service: String,
+    pub addr: std::net::SocketAddr,
+}
+
+/// This agent's running instances and where each answers (its port published on 127.0.0.1).
+/// A container between two runs (Docker restarting it) has no published port and is left out.
+pub async fn running_backends(docker: &Docker, agent: &str) -> Result<Vec<LocalBackend>, RuntimeError> {
+    let labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_AGENT}={agent}")];
+    let filters = HashMap::from([("label", labels)]);
+    let options = ListContainersOptionsBuilder::new().all(false).filters(&filters).build();
+    let containers =
+        docker.api().list_containers(Some(options)).await.map_err(|e| docker_error("list running containers", e))?;
+    let mut backends = Vec::new();
+    for summary in containers {
+        if !owned_by(summary.labels.as_ref(), agent) {
+            continue;
+        }
+        let labels = summary.labels.unwrap_or_default();
+        let (Some(deployment), Some(service)) = (labels.get(LABEL_DEPLOYMENT), labels.get(LABEL_SERVICE)) else {
+            continue;
+        };
+        for port in summary.ports.unwrap_or_default() {
+            let loopback = port.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()).filter(IpAddr::is_loopback);
+            if let (Some(ip), Some(public)) = (loopback, port.public_port) {
+                backends.push(LocalBackend {
+                    deployment: deployment.clone(),
+                    service: service.clone(),
+                    addr: std::net::SocketAddr::new(ip, public),
+                });
+            }
+        }
+    }
+    backends.sort_by(|a, b| (&a.deployment, a.addr).cmp(&(&b.deployment, b.addr)));
+    Ok(backends)
+}
+
 struct ManagedContainer {
     id: String,
     name: String,

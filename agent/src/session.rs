@@ -16,7 +16,7 @@ use deployer_proto::agent::agent_client::AgentClient;
 use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
 use deployer_proto::agent::{
-    AgentMessage, Capacity, ContainerMetrics, Heartbeat, Hello, HostMetrics, RenewCertificate,
+    AgentMessage, Capacity, ContainerMetrics, Heartbeat, Hello, HostMetrics, RenewCertificate, RoutesApplied,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -54,6 +54,7 @@ pub struct Session {
     pub docker: Docker,
     pub docker_version: String,
     pub tasks: std::sync::Arc<crate::tasks::Tasks>,
+    pub ingress: Option<std::sync::Arc<crate::routing::Ingress>>,
 }
 
 /// How one attempt ended.
@@ -222,6 +223,9 @@ impl Session {
                 labels: self.labels.clone().into_iter().collect(),
                 capacity: Some(Capacity { cpu_millis: capacity.cpu_millis, memory_bytes: capacity.memory_bytes }),
                 docker_version: self.docker_version.clone(),
+                ingress_http_port: self.ingress.as_ref().map_or(0, |i| u32::from(i.http_port)),
+                ingress_https_port: self.ingress.as_ref().map_or(0, |i| u32::from(i.https_port)),
+                ingress_host: self.ingress.as_ref().and_then(|i| i.advertise_host.clone()).unwrap_or_default(),
             })),
         }
     }
@@ -355,6 +359,7 @@ impl Session {
                         Some(ControllerBody::UpdateAck(ack)) => self.tasks.acked(ack),
                         Some(ControllerBody::UploadChunk(chunk)) => self.tasks.upload_chunk(chunk),
                         Some(ControllerBody::StopService(stop)) => self.tasks.stop_service(stop),
+                        Some(ControllerBody::UpdateRoutes(update)) => self.apply_routes(update),
                         Some(ControllerBody::Welcome(_)) | None => {}
                     },
                     Ok(None) => return Ok(Ended::Dropped("the controller ended the session".into())),
@@ -367,6 +372,26 @@ impl Session {
                 _ = until_stopped(stop.clone()) => return Ok(Ended::Shutdown),
             }
         }
+    }
+
+    /// Applies a route table off the session loop (resolving instances asks Docker) and tells
+    /// the leader when it is in force.
+    fn apply_routes(&self, update: deployer_proto::agent::UpdateRoutes) {
+        let version = update.version;
+        let Some(ingress) = self.ingress.clone() else {
+            let error = "this agent runs no ingress (--ingress-http none)".to_string();
+            self.tasks.send(AgentMessage { body: Some(AgentBody::RoutesApplied(RoutesApplied { version, error })) });
+            return;
+        };
+        let tasks = self.tasks.clone();
+        tokio::spawn(async move {
+            let problems = ingress.apply(update).await;
+            for problem in &problems {
+                tracing::warn!(%problem, "ingress");
+            }
+            let error = problems.join("; ");
+            tasks.send(AgentMessage { body: Some(AgentBody::RoutesApplied(RoutesApplied { version, error })) });
+        });
     }
 
     /// A session refused or broken by `status`: revoked is final, the rest is retried.

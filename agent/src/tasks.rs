@@ -43,6 +43,8 @@ pub struct TaskContext {
     pub storage: PathBuf,
     /// Whether `file://` git URLs may be cloned (dev mode).
     pub allow_file_git: bool,
+    /// The ingress, which replaced instances wait for before they stop (None: no ingress).
+    pub ingress: Option<Arc<crate::routing::Ingress>>,
 }
 
 /// How an attempt ended (or where it stands), as reported to the controller.
@@ -340,7 +342,7 @@ impl Tasks {
     pub async fn watch_crashes(self: Arc<Self>) {
         let filters = std::collections::HashMap::from([
             ("type", vec!["container".to_string()]),
-            ("event", vec!["die".to_string()]),
+            ("event", vec!["die".to_string(), "start".to_string()]),
             ("label", vec!["deployer.managed=true".to_string(), format!("deployer.agent={}", self.ctx.agent_id)]),
         ]);
         loop {
@@ -349,6 +351,13 @@ impl Tasks {
             let mut events = std::pin::pin!(api.events(Some(options)));
             while let Some(Ok(event)) = events.next().await {
                 let Some(actor) = event.actor else { continue };
+                // An instance came or went: the ingress resolves its addresses again.
+                if let Some(ingress) = self.ctx.ingress.clone() {
+                    tokio::spawn(async move { ingress.refresh().await });
+                }
+                if event.action.as_deref() != Some("die") {
+                    continue;
+                }
                 let attributes = actor.attributes.unwrap_or_default();
                 let (Some(id), Some(deployment)) = (actor.id, attributes.get("deployer.deployment").cloned()) else {
                     continue;
@@ -388,11 +397,21 @@ impl Tasks {
         }
     }
 
-    /// A newer release of the service runs elsewhere: stop this agent's instances of it.
+    /// Sends `message` to the controller with the next batch.
+    pub fn send(&self, message: AgentMessage) {
+        self.lock().extra.push(message);
+        self.ready.notify_one();
+    }
+
+    /// A newer release of the service runs elsewhere: once no route points at this agent's
+    /// instances of it and their requests are done, stop them.
     pub fn stop_service(&self, stop: StopService) {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let keep = Some(stop.keep_deployment.as_str()).filter(|k| !k.is_empty());
+            if let Some(ingress) = &ctx.ingress {
+                ingress.release(&stop.service_id, keep).await;
+            }
             match runtime::stop_service_instances(
                 &ctx.docker,
                 &ctx.agent_id,
@@ -649,6 +668,11 @@ impl Tasks {
     async fn retire_previous(&self, run: &RunDeployment) {
         let ctx = &self.ctx;
         let keep = Some(run.deployment_id.as_str());
+        // Zero downtime: the old instances serve until the routes point at the new ones and
+        // what they are answering is done.
+        if let Some(ingress) = &ctx.ingress {
+            ingress.release(&run.service_id, keep).await;
+        }
         let stopped = runtime::stop_service_instances(
             &ctx.docker,
             &ctx.agent_id,

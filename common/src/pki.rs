@@ -151,10 +151,16 @@ impl fmt::Debug for ClusterCa {
 impl ClusterCa {
     /// A new self-signed ECDSA P-256 CA, valid for ten years, that may sign leaves only.
     pub fn generate() -> Result<ClusterCa, PkiError> {
+        ClusterCa::generate_named(CA_COMMON_NAME)
+    }
+
+    /// Like [`ClusterCa::generate`], with another common name (the ingress CA is a CA of its
+    /// own, so that no web certificate is ever signed by the CA cluster members trust).
+    pub fn generate_named(common_name: &str) -> Result<ClusterCa, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, CA_COMMON_NAME);
+        dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -246,6 +252,39 @@ impl ClusterCa {
 
         let cert = params.signed_by(&public_key, &self.issuer).map_err(PkiError::Sign)?;
         Ok(cert.pem())
+    }
+}
+
+impl ClusterCa {
+    /// A web server certificate for `dns_names` with a fresh ECDSA P-256 key: serverAuth only,
+    /// no identity URI (it can never pass as a cluster member). Returns (cert_pem, key_pem).
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        validity: std::time::Duration,
+    ) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
+        let mut sans = Vec::with_capacity(dns_names.len());
+        for name in dns_names {
+            let name = Ia5String::try_from(name.as_str()).map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
+            sans.push(SanType::DnsName(name));
+        }
+        let validity = time::Duration::try_from(validity).map_err(|_| PkiError::ValidityOutOfRange)?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns_names.first().map(String::as_str).unwrap_or("deployer"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - BACKDATE;
+        params.not_after = now.checked_add(validity).ok_or(PkiError::ValidityOutOfRange)?;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(PkiError::Sign)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 

@@ -128,6 +128,11 @@ pub enum Command {
         version: String,
         cpu_millis: u64,
         memory_bytes: u64,
+        /// Where its ingress answers plain HTTP (host:port; empty: it runs none).
+        #[serde(default)]
+        ingress: String,
+        #[serde(default)]
+        ingress_https_port: u32,
         at: UnixMillis,
     },
     /// Agents whose heartbeats stopped for the TTL: each is `down`, last seen at its time.
@@ -190,6 +195,35 @@ pub enum Command {
     DropUploads {
         ids: Vec<String>,
     },
+    /// The CA of the default host names' certificates. The first one stays: a later one (from a
+    /// leader that raced another) is rejected.
+    SetIngressCa {
+        cert_pem: String,
+        key_sealed_hex: String,
+        at: UnixMillis,
+    },
+    /// The ACME account the leader orders certificates with.
+    SetAcmeAccount {
+        directory_url: String,
+        credentials_sealed_hex: String,
+        at: UnixMillis,
+    },
+    /// A custom domain's certificate was issued (or renewed).
+    PutCertificate {
+        domain: String,
+        cert_chain_pem: String,
+        key_sealed_hex: String,
+        not_before: UnixMillis,
+        not_after: UnixMillis,
+        at: UnixMillis,
+    },
+    /// Ordering a custom domain's certificate failed; the last good one (if any) stays.
+    CertificateFailed {
+        domain: String,
+        error: String,
+        retry_at: UnixMillis,
+        at: UnixMillis,
+    },
     /// Writes that arrived together, committed as one entry; each is applied (or rejected) on
     /// its own, in order, and answers on its own.
     Batch {
@@ -226,6 +260,10 @@ impl Command {
             Command::UpdateDeployment { .. } => "update_deployment",
             Command::AppendDeploymentLogs { .. } => "append_deployment_logs",
             Command::DropUploads { .. } => "drop_uploads",
+            Command::SetIngressCa { .. } => "set_ingress_ca",
+            Command::SetAcmeAccount { .. } => "set_acme_account",
+            Command::PutCertificate { .. } => "put_certificate",
+            Command::CertificateFailed { .. } => "certificate_failed",
             Command::Batch { .. } => "batch",
         }
     }

@@ -44,6 +44,8 @@ pub struct Controller {
     pub events: tokio::sync::broadcast::Sender<crate::store::state_machine::StateEvent>,
     /// The leader's deployment dispatcher.
     pub deploys: Arc<crate::deploy::Dispatcher>,
+    /// The leader's view of the agents' route tables.
+    pub ingress: Arc<crate::ingress::Ingress>,
     /// Read barriers that arrive together share one leadership check.
     reads: ReadGate,
     /// Failed logins, to slow down password guessing.
@@ -104,6 +106,7 @@ impl Controller {
         tokens_generation: Arc<AtomicU64>,
         agent_settings: crate::agents::AgentSettings,
         deploy_settings: crate::deploy::DeploySettings,
+        ingress_settings: crate::ingress::IngressSettings,
         events: tokio::sync::broadcast::Sender<crate::store::state_machine::StateEvent>,
     ) -> (Arc<Controller>, Batcher) {
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
@@ -117,6 +120,7 @@ impl Controller {
             applied,
             agents: Arc::new(crate::agents::Registry::new(agent_settings)),
             deploys: Arc::new(crate::deploy::Dispatcher::new(deploy_settings)),
+            ingress: Arc::new(crate::ingress::Ingress::new(ingress_settings)),
             events,
             logins: Default::default(),
             reads: ReadGate::default(),

@@ -1,5 +1,6 @@
 //! The Deployer controller: a Raft-replicated control plane (DESIGN.md sections 2, 3 and 6).
 
+pub mod acme;
 pub mod agents;
 pub mod api;
 pub mod command;
@@ -7,6 +8,7 @@ pub mod controller;
 pub mod deploy;
 pub use deployer_common::files;
 pub mod grpc;
+pub mod ingress;
 pub mod node;
 pub mod raft;
 pub mod scheduler;

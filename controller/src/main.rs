@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use deployer_controller::agents::AgentSettings;
+use deployer_controller::acme::AcmeConfig;
 use deployer_controller::deploy::DeploySettings;
+use deployer_controller::ingress::IngressSettings;
 use deployer_controller::node::DevAgent;
 use deployer_controller::raft::RaftTuning;
 use deployer_controller::{serve, ServeConfig};
@@ -58,6 +60,8 @@ struct ServeArgs {
     agents: AgentArgs,
     #[command(flatten)]
     deploys: DeployArgs,
+    #[command(flatten)]
+    ingress: IngressArgs,
 }
 
 #[derive(Args, Clone)]
@@ -81,6 +85,45 @@ struct DeployArgs {
     /// Largest source upload, bytes.
     #[arg(long, env = "DEPLOYER_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
     max_upload_bytes: u64,
+}
+
+#[derive(Args, Clone)]
+struct IngressArgs {
+    /// Services answer at <service>-<project>.<base domain> on every agent's ingress.
+    #[arg(long, env = "DEPLOYER_BASE_DOMAIN", default_value = "localhost")]
+    base_domain: String,
+    /// ACME directory custom domains get their certificates from (e.g. Let's Encrypt's
+    /// https://acme-v02.api.letsencrypt.org/directory). Without it, custom domains are served
+    /// over plain HTTP only.
+    #[arg(long, env = "DEPLOYER_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// Contact address given to the ACME server.
+    #[arg(long, env = "DEPLOYER_ACME_EMAIL")]
+    acme_email: Option<String>,
+    /// PEM file of extra roots to trust for the ACME server's own HTTPS (a private ACME server).
+    #[arg(long, env = "DEPLOYER_ACME_CA_FILE")]
+    acme_ca_file: Option<PathBuf>,
+}
+
+impl IngressArgs {
+    fn settings(&self) -> Result<IngressSettings, ConfigError> {
+        let base = self.base_domain.trim_end_matches('.').to_ascii_lowercase();
+        if deployer_controller::api::services::validate_domain(&base).is_err() && base != "localhost" {
+            return Err(ConfigError(format!("--base-domain {:?} is not a host name", self.base_domain)));
+        }
+        let extra_roots_pem = match &self.acme_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read --acme-ca-file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let acme = self.acme_directory.clone().map(|directory_url| AcmeConfig {
+            directory_url,
+            contact_email: self.acme_email.clone(),
+            trusted_roots_pem: extra_roots_pem,
+        });
+        Ok(IngressSettings { base_domain: base, acme })
+    }
 }
 
 impl From<DeployArgs> for DeploySettings {
@@ -137,6 +180,8 @@ struct DevArgs {
     docker_host: Option<String>,
     #[command(flatten)]
     deploys: DeployArgs,
+    #[command(flatten)]
+    ingress: IngressArgs,
 }
 
 #[derive(Args)]
@@ -244,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tuning: args.tuning.into(),
                 agents: args.agents.into(),
                 deploys: args.deploys.into(),
+                ingress: args.ingress.settings()?,
                 dev_agent: None,
             };
             if let Some(token) = &config.token {
@@ -272,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tuning: RaftTuning::default(),
                 agents: AgentSettings::default(),
                 deploys: args.deploys.clone().into(),
+                ingress: args.ingress.settings()?,
                 dev_agent: None,
             };
             if !args.no_agent {

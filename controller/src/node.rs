@@ -59,6 +59,7 @@ pub struct ServeConfig {
     pub tuning: RaftTuning,
     pub agents: crate::agents::AgentSettings,
     pub deploys: crate::deploy::DeploySettings,
+    pub ingress: crate::ingress::IngressSettings,
     /// Dev mode: run an agent in this process against the local Docker engine.
     pub dev_agent: Option<DevAgent>,
 }
@@ -215,10 +216,13 @@ pub async fn serve(
         tokens_generation,
         config.agents.clone(),
         config.deploys.clone(),
+        config.ingress.clone(),
         state_events.clone(),
     );
     let agents_task = tokio::spawn(crate::agents::run(controller.clone(), state_events.subscribe()));
     let dispatch_task = tokio::spawn(crate::deploy::dispatch::run(controller.clone(), state_events.subscribe()));
+    let ingress_task = tokio::spawn(crate::ingress::run(controller.clone(), state_events.subscribe()));
+    let certify_task = tokio::spawn(crate::ingress::certify::run(controller.clone()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
     let detector = tokio::spawn(crate::raft::detector::run(
@@ -324,6 +328,8 @@ pub async fn serve(
     detector.abort();
     agents_task.abort();
     dispatch_task.abort();
+    ingress_task.abort();
+    certify_task.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {
         Ok(Ok(Ok(()))) => tracing::info!("HTTP API stopped"),
@@ -476,6 +482,15 @@ async fn run_dev_agent(
         storage: None,
         // Dev mode deploys the repositories on this machine.
         allow_file_git: true,
+        // Ports 80 and 443 when this user may bind them, else free ones; on loopback only.
+        ingress: deployer_agent::routing::IngressConfig {
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 80))),
+            https: Some(SocketAddr::from(([127, 0, 0, 1], 443))),
+            advertise_host: Some("127.0.0.1".into()),
+            drain_grace: Duration::from_secs(5),
+            threads: 2,
+            fallback_to_free_port: true,
+        },
     };
     if let Err(e) = deployer_agent::run(config, shutdown).await {
         tracing::error!(error = %e, "dev mode: the local agent stopped");

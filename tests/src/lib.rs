@@ -4,6 +4,9 @@
 //! The binaries are taken from the cargo target dir next to the running test (build them first
 //! with `cargo build --bins`), or from `DEPLOYER_CONTROLLER_BIN`.
 
+
+pub mod deploy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -170,6 +173,13 @@ impl Agent {
         command.arg("run").arg("--data-dir").arg(&self.dir).args(args);
         if !args.iter().any(|a| a == "--heartbeat-ms") {
             command.args(["--heartbeat-ms", "1000"]);
+        }
+        // Several agents share this host: each ingress takes free ports on loopback.
+        if !args.iter().any(|a| a == "--ingress-http") {
+            command.args(["--ingress-http", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| a == "--ingress-https") {
+            command.args(["--ingress-https", "127.0.0.1:0"]);
         }
         let child = command
             .env("DEPLOYER_LOG", std::env::var("DEPLOYER_LOG").unwrap_or_else(|_| "info".into()))
@@ -561,4 +571,31 @@ pub fn busybox_image() -> anyhow::Result<String> {
         bail!("docker import failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(IMAGE.to_string())
+}
+
+/// An HTTP client for what the ingress serves: `*.localhost` resolves to loopback (as it does in
+/// curl and browsers, though not through the C library here), other names as usual.
+pub fn web_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .dns_resolver(std::sync::Arc::new(LocalhostResolver))
+        .build()
+        .expect("client")
+}
+
+struct LocalhostResolver;
+
+impl reqwest::dns::Resolve for LocalhostResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            if name == "localhost" || name.ends_with(".localhost") {
+                let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(std::net::SocketAddr::from(([127, 0, 0, 1], 0))));
+                return Ok(addrs);
+            }
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: reqwest::dns::Addrs = Box::new(found.into_iter());
+            Ok(addrs)
+        })
+    }
 }

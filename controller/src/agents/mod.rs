@@ -56,6 +56,9 @@ pub struct HelloInfo {
     pub version: String,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Where its ingress answers plain HTTP, host:port ('' for none), and its HTTPS port.
+    pub ingress: String,
+    pub ingress_https_port: u32,
 }
 
 impl HelloInfo {
@@ -67,6 +70,8 @@ impl HelloInfo {
             version: self.version.clone(),
             cpu_millis: self.cpu_millis,
             memory_bytes: self.memory_bytes,
+            ingress: self.ingress.clone(),
+            ingress_https_port: self.ingress_https_port,
             at,
         }
     }

@@ -8,7 +8,7 @@ use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::agent_server::Agent;
 use deployer_proto::agent::controller_message::Body as ControllerBody;
 use deployer_proto::agent::{
-    AgentMessage, CertificateIssued, ControllerMessage, HeartbeatAck, JoinReply, JoinRequest, Redirect, Welcome,
+    AgentMessage, CertificateIssued, ControllerMessage, HeartbeatAck, Hello, JoinReply, JoinRequest, Redirect, Welcome,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -144,12 +144,13 @@ impl Agent for AgentService {
             let stream: SessionStream = Box::pin(futures::stream::iter([Ok(redirect)]));
             return Ok(tonic::Response::new(stream));
         }
+        let remote = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let controllers = self.controllers();
         tokio::spawn(async move {
             let id = agent.id.clone();
-            if let Err(status) = run_session(c, agent, inbound, tx.clone(), controllers).await {
+            if let Err(status) = run_session(c, agent, remote, inbound, tx.clone(), controllers).await {
                 tracing::info!(agent = %id, error = %status.message(), "agent session ended");
                 let _ = tx.send(Err(status)).await;
             }
@@ -162,6 +163,7 @@ impl Agent for AgentService {
 async fn run_session(
     c: SharedController,
     agent: AgentRow,
+    remote: Option<std::net::SocketAddr>,
     mut inbound: tonic::Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, tonic::Status>>,
     controllers: Vec<String>,
@@ -179,12 +181,15 @@ async fn run_session(
     check_hostname(&hello.hostname)?;
     check_labels(&hello.labels)?;
     let capacity = hello.capacity.unwrap_or_default();
+    let ingress = ingress_address(&hello, remote)?;
     let info = HelloInfo {
         hostname: hello.hostname,
         labels: hello.labels.into_iter().collect(),
         version: hello.version.chars().take(MAX_FIELD).collect(),
         cpu_millis: capacity.cpu_millis,
         memory_bytes: capacity.memory_bytes,
+        ingress,
+        ingress_https_port: hello.ingress_https_port.min(u32::from(u16::MAX)),
     };
     let up = info.up_command(&id, now_ms());
     let Some((serial, mut closed)) = c.agents.attach(&id, info, tx.clone()) else {
@@ -207,6 +212,8 @@ async fn run_session(
     if tx.send(Ok(welcome)).await.is_err() {
         return Ok(());
     }
+    // Its route table goes out now rather than at the next commit.
+    c.ingress.wake();
     loop {
         let message = tokio::select! {
             // Replaced, revoked, or this node stepped down.
@@ -245,6 +252,12 @@ async fn run_session(
                     return Ok(());
                 }
             }
+            AgentBody::RoutesApplied(applied) => {
+                if !applied.error.is_empty() {
+                    tracing::warn!(agent = %id, version = applied.version, error = %applied.error, "the agent's ingress reported problems");
+                }
+                c.ingress.applied(&id, applied.version);
+            }
             AgentBody::InstanceEvent(event) => {
                 if reports.send(SessionReport::Instance(event)).await.is_err() {
                     return Ok(());
@@ -269,6 +282,29 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Where other agents reach this agent's ingress: the host it advertises, or the address its
+/// session comes from, with its HTTP port.
+fn ingress_address(hello: &Hello, remote: Option<std::net::SocketAddr>) -> Result<String, tonic::Status> {
+    let port = u16::try_from(hello.ingress_http_port)
+        .map_err(|_| tonic::Status::invalid_argument("the ingress port is out of range"))?;
+    if port == 0 {
+        return Ok(String::new());
+    }
+    let host = hello.ingress_host.trim();
+    if !host.is_empty() {
+        let valid = host.parse::<std::net::IpAddr>().is_ok()
+            || (host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+        if !valid {
+            return Err(tonic::Status::invalid_argument(format!("the ingress host {host:?} is not a host name or IP address")));
+        }
+        return Ok(match host.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => format!("[{v6}]:{port}"),
+            Err(_) => format!("{host}:{port}"),
+        });
+    }
+    Ok(remote.map(|r| std::net::SocketAddr::new(r.ip().to_canonical(), port).to_string()).unwrap_or_default())
 }
 
 /// Acknowledges a heartbeat. A full outgoing queue means the agent is not reading: the ack is

@@ -42,6 +42,10 @@ struct AgentView {
     last_seen: String,
     created_at: String,
     capacity: CapacityView,
+    /// Where its ingress answers plain HTTP (`host:port`; `null` when it runs none).
+    ingress: Option<String>,
+    /// Its ingress's HTTPS port (`null`: none).
+    ingress_https_port: Option<u16>,
     /// The latest heartbeat's host metrics (`null` before the first one, or when the leader
     /// could not be asked).
     metrics: Option<MetricsOut>,
@@ -108,6 +112,8 @@ fn view(row: AgentRow, live: Option<&HashMap<String, LiveView>>, with_history: b
         last_seen: rfc3339(last_seen),
         created_at: rfc3339(row.created_at),
         capacity: CapacityView { cpu_millis: row.cpu_millis, memory_bytes: row.memory_bytes },
+        ingress: Some(row.ingress).filter(|i| !i.is_empty()),
+        ingress_https_port: u16::try_from(row.ingress_https_port).ok().filter(|p| *p != 0),
         metrics: entry.and_then(|e| e.metrics.clone()).map(MetricsOut::from),
         containers: entry.map(|e| e.containers.clone()).unwrap_or_default(),
         history: with_history

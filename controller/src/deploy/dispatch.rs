@@ -471,6 +471,11 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
             other => (other, None, Some(u.error.clone()).filter(|e| !e.is_empty())),
         };
         running = status == DeploymentStatus::Running;
+        // It answers at its service's host name, through the ingress.
+        let url = match running {
+            true => crate::ingress::deployment_url(c, &d.project_id, &d.service_id, agent_id).await,
+            false => None,
+        };
         status_command = Some(commands.len());
         commands.push(Command::UpdateDeployment {
             id: d.id.clone(),
@@ -478,7 +483,7 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
             status,
             image: Some(u.image.clone()).filter(|s| !s.is_empty()),
             commit: Some(u.commit.clone()).filter(|s| !s.is_empty()),
-            url: Some(u.url.clone()).filter(|s| !s.is_empty()),
+            url: url.or_else(|| Some(u.url.clone()).filter(|s| !s.is_empty())),
             error,
             not_before,
             exclude_agent: None,

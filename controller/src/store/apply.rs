@@ -148,6 +148,16 @@ async fn apply_one(
     command: Command,
     events: &mut Vec<StateEvent>,
 ) -> Result<CommandResponse, sqlx::Error> {
+    // What the ingress routes by: a change re-computes the agents' route tables.
+    let routing = matches!(
+        command,
+        Command::AgentUp { .. }
+            | Command::AgentsDown { .. }
+            | Command::RevokeAgent { .. }
+            | Command::PutService { .. }
+            | Command::DeleteService { .. }
+            | Command::DeleteProject { .. }
+    );
     match command {
         Command::Batch { .. } => return Ok(CommandResponse::rejected(Rejection::Conflict, "nested batch")),
         command @ (Command::CreateDeployment { .. }
@@ -156,6 +166,10 @@ async fn apply_one(
         | Command::UpdateDeployment { .. }
         | Command::AppendDeploymentLogs { .. }
         | Command::DropUploads { .. }) => return super::apply_deploy::apply(tx, command, events).await,
+        command @ (Command::SetIngressCa { .. }
+        | Command::SetAcmeAccount { .. }
+        | Command::PutCertificate { .. }
+        | Command::CertificateFailed { .. }) => return super::apply_ingress::apply(tx, command, events).await,
         Command::InitCluster { ca_cert_pem, ca_key_sealed_hex, at } => {
             let exists: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM cluster WHERE id = 1").fetch_optional(&mut **tx).await?;
@@ -363,17 +377,20 @@ async fn apply_one(
                 return Ok(CommandResponse::rejected(Rejection::Conflict, format!("agent {id} already exists")));
             }
         }
-        Command::AgentUp { id, hostname, labels, version, cpu_millis, memory_bytes, at } => {
+        Command::AgentUp { id, hostname, labels, version, cpu_millis, memory_bytes, ingress, ingress_https_port, at } => {
             let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
             let done = sqlx::query(
                 "UPDATE agents SET hostname = ?, labels = ?, version = ?, cpu_millis = ?, memory_bytes = ?, \
-                 status = 'ready', last_seen = MAX(last_seen, ?) WHERE id = ? AND revoked_at IS NULL",
+                 ingress = ?, ingress_https_port = ?, status = 'ready', last_seen = MAX(last_seen, ?) \
+                 WHERE id = ? AND revoked_at IS NULL",
             )
             .bind(hostname)
             .bind(labels)
             .bind(version)
             .bind(i64::try_from(cpu_millis).unwrap_or(i64::MAX))
             .bind(i64::try_from(memory_bytes).unwrap_or(i64::MAX))
+            .bind(ingress)
+            .bind(ingress_https_port)
             .bind(at)
             .bind(&id)
             .execute(&mut **tx)
@@ -411,6 +428,9 @@ async fn apply_one(
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no project with id {id}")));
             }
         }
+    }
+    if routing {
+        events.push(StateEvent::IngressChanged);
     }
     Ok(CommandResponse::Applied)
 }
@@ -516,6 +536,30 @@ async fn check_service(
         return Ok(Some(CommandResponse::rejected(
             Rejection::Conflict,
             format!("a service named \"{}\" already exists in this project", s.name),
+        )));
+    }
+    // Host names are `<service>-<project>`: `a-b` in `c` and `a` in `b-c` would share one.
+    let project_name: Option<String> =
+        sqlx::query_scalar("SELECT name FROM projects WHERE id = ?").bind(&s.project_id).fetch_optional(&mut **tx).await?;
+    let Some(project_name) = project_name else {
+        return Ok(Some(CommandResponse::rejected(Rejection::NotFound, format!("no project with id {}", s.project_id))));
+    };
+    let label = crate::ingress::default_label(&s.name, &project_name);
+    let others: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.name, p.name FROM services s JOIN projects p ON p.id = s.project_id \
+         WHERE s.id != ? AND length(s.name) + 1 + length(p.name) = ?",
+    )
+    .bind(&s.id)
+    .bind(format!("{}-{project_name}", s.name).len() as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    if let Some((service, project)) = others.iter().find(|(svc, prj)| crate::ingress::default_label(svc, prj) == label) {
+        return Ok(Some(CommandResponse::rejected(
+            Rejection::Conflict,
+            format!(
+                "the host name {label}.<base domain> is taken by service \"{service}\" of project \"{project}\"; \
+                 choose another service name"
+            ),
         )));
     }
     for domain in &s.domains {

@@ -3,6 +3,7 @@
 
 pub mod apply;
 mod apply_deploy;
+mod apply_ingress;
 pub mod log_store;
 pub mod queries;
 pub mod state_machine;

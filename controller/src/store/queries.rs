@@ -357,10 +357,13 @@ pub struct AgentRow {
     pub last_seen: UnixMillis,
     pub created_at: UnixMillis,
     pub revoked_at: Option<UnixMillis>,
+    /// Where its ingress answers plain HTTP (host:port; '' for none), and its HTTPS port.
+    pub ingress: String,
+    pub ingress_https_port: i64,
 }
 
-const AGENT_COLUMNS: &str =
-    "id, hostname, labels, version, cpu_millis, memory_bytes, status, last_seen, created_at, revoked_at";
+const AGENT_COLUMNS: &str = "id, hostname, labels, version, cpu_millis, memory_bytes, status, last_seen, created_at, \
+     revoked_at, ingress, ingress_https_port";
 
 impl StateReader {
     fn agent_row(row: sqlx::sqlite::SqliteRow) -> AgentRow {
@@ -376,6 +379,8 @@ impl StateReader {
             last_seen: row.get(7),
             created_at: row.get(8),
             revoked_at: row.get(9),
+            ingress: row.get(10),
+            ingress_https_port: row.get(11),
         }
     }
 
@@ -590,5 +595,77 @@ impl StateReader {
         .bind(keep)
         .fetch_all(&self.pool)
         .await
+    }
+}
+
+/// A service with a running deployment, as the ingress routes it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RoutedRow {
+    pub service_id: String,
+    pub service_name: String,
+    pub project_name: String,
+    pub deployment_id: String,
+    pub agent_id: String,
+    /// The running agent's ingress, host:port ('' when it runs none).
+    pub ingress: String,
+    pub ingress_https_port: i64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct CertificateRow {
+    pub domain: String,
+    pub cert_chain_pem: String,
+    pub key_sealed: Option<Vec<u8>>,
+    pub not_before: UnixMillis,
+    pub not_after: UnixMillis,
+    pub error: Option<String>,
+    pub retry_at: UnixMillis,
+}
+
+impl StateReader {
+    /// Every service's running deployment and the agent that runs it, by service id.
+    pub async fn routed_services(&self) -> Result<Vec<RoutedRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT s.id AS service_id, s.name AS service_name, p.name AS project_name, d.id AS deployment_id, \
+             d.agent_id AS agent_id, a.ingress AS ingress, a.ingress_https_port AS ingress_https_port \
+             FROM deployments d JOIN services s ON s.id = d.service_id JOIN projects p ON p.id = s.project_id \
+             JOIN agents a ON a.id = d.agent_id \
+             WHERE d.status = 'running' AND a.revoked_at IS NULL ORDER BY s.id, d.seq DESC",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Custom domains and the services that claim them.
+    pub async fn service_domains(&self) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as("SELECT domain, service_id FROM service_domains ORDER BY domain").fetch_all(&self.pool).await
+    }
+
+    /// The default host names' CA: its certificate and sealed key.
+    pub async fn ingress_ca(&self) -> Result<Option<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT cert_pem, key_sealed FROM ingress_ca WHERE id = 1").fetch_optional(&self.pool).await
+    }
+
+    /// The ACME account: its directory and sealed credentials.
+    pub async fn acme_account(&self) -> Result<Option<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT directory_url, credentials_sealed FROM acme_account WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn certificates(&self) -> Result<Vec<CertificateRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT domain, cert_chain_pem, key_sealed, not_before, not_after, error, retry_at FROM certificates \
+             ORDER BY domain",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+impl StateReader {
+    /// Where an agent's ingress answers plain HTTP (host:port; '' for none).
+    pub async fn agent_ingress(&self, id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT ingress FROM agents WHERE id = ?").bind(id).fetch_optional(&self.pool).await
     }
 }

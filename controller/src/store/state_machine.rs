@@ -49,6 +49,8 @@ pub enum StateEvent {
     DeploymentChanged { id: String, project_id: String },
     /// Log lines up to number `upto` were added to a deployment.
     DeploymentLogs { id: String, project_id: String, upto: i64 },
+    /// Something the ingress routes by changed (agents, services, domains, certificates).
+    IngressChanged,
 }
 
 impl StateMachine {

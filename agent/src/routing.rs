@@ -1,0 +1,333 @@
+//! The agent's side of ingress: it listens, applies the route tables the leader pushes (resolving
+//! the deployments that run here to their instances' addresses) and, when a release replaces
+//! another, holds the old instances until no route points at them and their requests are done.
+//!
+//! The proxy itself is [`crate::ingress`]; this module only feeds it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use deployer_proto::agent::UpdateRoutes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::docker::Docker;
+use crate::ingress::{CertifiedHost, Proxy, ProxySettings, Route, RouteTable};
+use crate::runtime::{self, LocalBackend};
+
+/// How long a replaced release waits for the leader's new routes before it is stopped anyway.
+const ROUTES_WAIT: Duration = Duration::from_secs(10);
+/// How often draining looks at the requests in flight.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Where the ingress listens.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    /// Plain HTTP (None: no ingress at all).
+    pub http: Option<SocketAddr>,
+    /// HTTPS (None: none).
+    pub https: Option<SocketAddr>,
+    /// The host other agents reach this one's ingress at (None: what the controller sees).
+    pub advertise_host: Option<String>,
+    /// How long a replaced instance may finish its requests in flight before it is stopped.
+    pub drain_grace: Duration,
+    /// Threads serving connections.
+    pub threads: usize,
+    /// When a port cannot be bound (taken, or below 1024 without the right), take a free one
+    /// on the same address instead (dev mode).
+    pub fallback_to_free_port: bool,
+}
+
+impl Default for IngressConfig {
+    fn default() -> IngressConfig {
+        IngressConfig {
+            http: Some(SocketAddr::from(([0, 0, 0, 0], 80))),
+            https: Some(SocketAddr::from(([0, 0, 0, 0], 443))),
+            advertise_host: None,
+            drain_grace: Duration::from_secs(30),
+            threads: 2,
+            fallback_to_free_port: false,
+        }
+    }
+}
+
+/// The running ingress.
+pub struct Ingress {
+    proxy: Arc<Proxy>,
+    docker: Docker,
+    agent_id: String,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub advertise_host: Option<String>,
+    drain_grace: Duration,
+    /// The last table applied, and the backends of this agent's deployments it resolved.
+    applied: Mutex<Applied>,
+    /// Bumped every time a table is applied.
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Applied {
+    update: Option<UpdateRoutes>,
+    local: Vec<LocalBackend>,
+}
+
+impl Ingress {
+    /// Binds the listeners (a port that cannot be bound is an error that names it) and starts
+    /// serving on threads of their own. Serving stops with `shutdown`.
+    pub async fn start(
+        config: &IngressConfig,
+        docker: Docker,
+        agent_id: String,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Option<Arc<Ingress>>, crate::AgentError> {
+        let Some(http_addr) = config.http else { return Ok(None) };
+        let fallback = config.fallback_to_free_port;
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            let bound = match TcpListener::bind(addr).await {
+                Err(e) if fallback => {
+                    tracing::info!(%addr, error = %e, "cannot bind the {what} ingress port; taking a free one");
+                    TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
+                }
+                bound => bound,
+            };
+            bound.map_err(|e| {
+                crate::AgentError::Config(format!(
+                    "the ingress cannot listen for {what} on {addr}: {e} (choose another with --ingress-{})",
+                    what.to_ascii_lowercase()
+                ))
+            })
+        };
+        let http = bind(http_addr, "HTTP").await?;
+        let https = match config.https {
+            Some(addr) => Some(bind(addr, "HTTPS").await?),
+            None => None,
+        };
+        let http_port = http.local_addr().map(|a| a.port()).unwrap_or_default();
+        let https_port = https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()).unwrap_or_default();
+        let settings = ProxySettings { https_port: (https_port != 0).then_some(https_port), ..Default::default() };
+        let proxy = Proxy::new(settings);
+        let threads = config.threads.max(1);
+        let stopped = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        {
+            let proxy = proxy.clone();
+            let stop = stopped(shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = proxy.serve_threads(http, threads, stop).await {
+                    tracing::error!(error = %e, "the HTTP ingress stopped");
+                }
+            });
+        }
+        if let Some(https) = https {
+            let proxy = proxy.clone();
+            let stop = stopped(shutdown);
+            tokio::spawn(async move {
+                if let Err(e) = proxy.serve_tls_threads(https, threads, stop).await {
+                    tracing::error!(error = %e, "the HTTPS ingress stopped");
+                }
+            });
+        }
+        tracing::info!(http = http_port, https = https_port, "ingress listening");
+        Ok(Some(Arc::new(Ingress {
+            proxy,
+            docker,
+            agent_id,
+            http_port,
+            https_port,
+            advertise_host: config.advertise_host.clone(),
+            drain_grace: config.drain_grace,
+            applied: Mutex::new(Applied::default()),
+            changed: watch::channel(0).0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Applied> {
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies a table from the leader: routes, certificates and ACME answers together. A table
+    /// older than the one applied is ignored. Returns what could not be applied (certificates
+    /// that do not parse, peers that do not resolve), for the leader's log.
+    pub async fn apply(&self, update: UpdateRoutes) -> Vec<String> {
+        if self.lock().update.as_ref().is_some_and(|u| u.version > update.version) {
+            return Vec::new();
+        }
+        let local = match runtime::running_backends(&self.docker, &self.agent_id).await {
+            Ok(local) => local,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the running instances; keeping the ones known");
+                self.lock().local.clone()
+            }
+        };
+        let mut problems = Vec::new();
+        let mut peers: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+        for peer in update.routes.iter().flat_map(|r| &r.peers) {
+            if peers.contains_key(peer) {
+                continue;
+            }
+            let resolved = match tokio::net::lookup_host(peer.as_str()).await {
+                Ok(addrs) => addrs.collect(),
+                Err(e) => {
+                    problems.push(format!("cannot resolve the agent ingress {peer}: {e}"));
+                    Vec::new()
+                }
+            };
+            peers.insert(peer.clone(), resolved);
+        }
+        let routes = table(&update, &local, &peers);
+        let certificates = update
+            .certificates
+            .iter()
+            .map(|c| CertifiedHost {
+                names: c.names.clone(),
+                cert_chain_pem: c.cert_chain_pem.clone(),
+                key_pem: c.key_pem.clone(),
+            })
+            .collect();
+        let challenges = update.challenges.iter().map(|c| (c.token.clone(), c.key_authorization.clone())).collect();
+        let mut applied = self.lock();
+        if applied.update.as_ref().is_some_and(|u| u.version > update.version) {
+            return Vec::new();
+        }
+        problems.extend(self.proxy.set_certificates(certificates));
+        self.proxy.set_challenges(challenges);
+        self.proxy.set_routes(routes);
+        let version = update.version;
+        applied.update = Some(update);
+        applied.local = local;
+        drop(applied);
+        self.changed.send_replace(version);
+        problems
+    }
+
+    /// Resolves this agent's instances again (one was restarted and may have a new address)
+    /// and re-applies the last table.
+    pub async fn refresh(&self) {
+        let last = self.lock().update.clone();
+        if let Some(update) = last {
+            for problem in self.apply(update).await {
+                tracing::warn!(%problem, "ingress");
+            }
+        }
+    }
+
+    /// The version of the table applied last (0: none yet).
+    pub fn version(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
+    /// Waits until the instances of `service_id` other than `keep`'s are out of every route of
+    /// this agent (for at most [`ROUTES_WAIT`]), then until they have no request in flight (for
+    /// at most the drain grace). The caller stops them afterwards.
+    pub async fn release(&self, service_id: &str, keep: Option<&str>) {
+        let routed_elsewhere = |applied: &Applied| {
+            applied.update.as_ref().is_none_or(|u| {
+                !u.routes.iter().any(|r| r.service_id == service_id && r.local && Some(r.deployment_id.as_str()) != keep)
+            })
+        };
+        let mut changed = self.changed.subscribe();
+        let waited = tokio::time::timeout(ROUTES_WAIT, async {
+            loop {
+                if routed_elsewhere(&self.lock()) {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(service = %service_id, "no new routes from the leader; stopping the old instances anyway");
+        }
+        let old: Vec<SocketAddr> = match runtime::running_backends(&self.docker, &self.agent_id).await {
+            Ok(all) => {
+                all.into_iter().filter(|b| b.service == service_id && Some(b.deployment.as_str()) != keep).map(|b| b.addr).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        if old.is_empty() {
+            return;
+        }
+        let drained = tokio::time::timeout(self.drain_grace, async {
+            while self.proxy.in_flight(&old) > 0 {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(service = %service_id, grace = ?self.drain_grace, "requests still in flight after the drain grace");
+        }
+    }
+}
+
+/// The proxy's table for an update: a route served here balances over this agent's instances
+/// of its deployment; any other goes to the ingress of the agents that run it.
+fn table(update: &UpdateRoutes, local: &[LocalBackend], peers: &HashMap<String, Vec<SocketAddr>>) -> RouteTable {
+    let routes = update
+        .routes
+        .iter()
+        .map(|r| Route {
+            host: r.host.clone(),
+            service: r.service.clone(),
+            backends: if r.local {
+                local.iter().filter(|b| b.deployment == r.deployment_id).map(|b| b.addr).collect()
+            } else {
+                r.peers.iter().flat_map(|p| peers.get(p).into_iter().flatten().copied()).collect()
+            },
+        })
+        .collect();
+    RouteTable::new(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deployer_proto::agent::Route as RouteMessage;
+
+    fn backend(deployment: &str, port: u16) -> LocalBackend {
+        LocalBackend { deployment: deployment.into(), service: "s1".into(), addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    }
+
+    #[test]
+    fn local_routes_use_the_deployments_instances_and_remote_ones_the_peers() {
+        let update = UpdateRoutes {
+            version: 1,
+            routes: vec![
+                RouteMessage {
+                    host: "web-shop.example.com".into(),
+                    service_id: "s1".into(),
+                    service: "web.shop".into(),
+                    deployment_id: "d2".into(),
+                    local: true,
+                    peers: vec![],
+                },
+                RouteMessage {
+                    host: "api-shop.example.com".into(),
+                    service_id: "s2".into(),
+                    service: "api.shop".into(),
+                    deployment_id: "d9".into(),
+                    local: false,
+                    peers: vec!["10.0.0.2:80".into()],
+                },
+            ],
+            ..Default::default()
+        };
+        let local = [backend("d1", 4001), backend("d2", 4002), backend("d2", 4003)];
+        let peers = HashMap::from([("10.0.0.2:80".to_string(), vec![SocketAddr::from(([10, 0, 0, 2], 80))])]);
+        let table = table(&update, &local, &peers);
+        assert_eq!(
+            table.get("web-shop.example.com").map(|r| r.backends.clone()),
+            Some(vec![SocketAddr::from(([127, 0, 0, 1], 4002)), SocketAddr::from(([127, 0, 0, 1], 4003))])
+        );
+        assert_eq!(
+            table.get("api-shop.example.com").map(|r| r.backends.clone()),
+            Some(vec![SocketAddr::from(([10, 0, 0, 2], 80))])
+        );
+        assert!(table.get("other.example.com").is_none());
+    }
+}
