@@ -292,6 +292,9 @@ pub struct CertifiedHost {
     pub cert_chain_pem: String,
     /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
     pub key_pem: String,
+    /// Whether plain-HTTP requests for these names are redirected to HTTPS: yes for publicly
+    /// trusted certificates; no for those of a private CA, which browsers would not accept.
+    pub redirect: bool,
 }
 
 impl std::fmt::Debug for CertifiedHost {
@@ -351,17 +354,17 @@ impl CertifiedName {
     }
 }
 
-/// The certificates by the names they are served for.
+/// The certificates by the names they are served for, each with whether it redirects.
 #[derive(Default)]
 struct CertificateSet {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, (Arc<CertifiedKey>, bool)>,
     /// Wildcard certificates by the parent of the names they cover.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, (Arc<CertifiedKey>, bool)>,
 }
 
 impl CertificateSet {
     /// The certificate for a normalized host name: its own, else the wildcard one label up.
-    fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
+    fn find(&self, host: &str) -> Option<&(Arc<CertifiedKey>, bool)> {
         self.exact.get(host).or_else(|| match host.split_once('.') {
             Some((label, parent)) if !label.is_empty() => self.wildcard.get(parent),
             _ => None,
@@ -375,15 +378,16 @@ impl CertificateSet {
 struct Certificates(RwLock<CertificateSet>);
 
 impl Certificates {
-    /// Whether a normalized host name has a certificate.
-    fn covers(&self, host: &str) -> bool {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).find(host).is_some()
+    /// Whether plain HTTP for a normalized host name goes to HTTPS: it has a certificate that
+    /// asks for it.
+    fn redirects(&self, host: &str) -> bool {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).find(host).is_some_and(|(_, redirect)| *redirect)
     }
 
     /// The certificate for a name as a client sends it (any case, maybe a trailing dot).
     fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let name = normalize_host(name)?;
-        self.0.read().unwrap_or_else(PoisonError::into_inner).find(&name).cloned()
+        self.0.read().unwrap_or_else(PoisonError::into_inner).find(&name).map(|(key, _)| key.clone())
     }
 }
 
@@ -507,8 +511,10 @@ impl Proxy {
                 Ok((key, names)) => {
                     for name in names {
                         match name {
-                            CertifiedName::Exact(name) => set.exact.insert(name, key.clone()),
-                            CertifiedName::Wildcard(parent) => set.wildcard.insert(parent, key.clone()),
+                            CertifiedName::Exact(name) => set.exact.insert(name, (key.clone(), host.redirect)),
+                            CertifiedName::Wildcard(parent) => {
+                                set.wildcard.insert(parent, (key.clone(), host.redirect))
+                            }
                         };
                     }
                 }
@@ -569,7 +575,7 @@ impl Proxy {
     /// and the host has a certificate.
     fn https_redirect(&self, host: &str, uri: &Uri) -> Option<Response<ResponseBody>> {
         let port = self.settings.https_port?;
-        if !self.certificates.covers(host) {
+        if !self.certificates.redirects(host) {
             return None;
         }
         let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -1838,7 +1844,7 @@ mod tests {
             let key = rcgen::KeyPair::generate().unwrap();
             let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
             let cert = rcgen::CertificateParams::new(names.clone()).unwrap().signed_by(&key, &*self.issuer).unwrap();
-            CertifiedHost { names, cert_chain_pem: cert.pem(), key_pem: key.serialize_pem() }
+            CertifiedHost { names, cert_chain_pem: cert.pem(), key_pem: key.serialize_pem(), redirect: true }
         }
 
         fn connector(&self) -> tokio_rustls::TlsConnector {
@@ -2545,6 +2551,7 @@ mod tests {
             names: vec!["bad.test".into(), "www.bad.test".into()],
             cert_chain_pem: "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n".into(),
             key_pem: good.key_pem.clone(),
+            redirect: true,
         };
         let no_certificate =
             CertifiedHost { names: vec!["empty.test".into()], cert_chain_pem: "hello".into(), ..good.clone() };
@@ -2638,6 +2645,11 @@ mod tests {
                 assert_eq!(text(response).await, format!("moved to {location}\n"));
             }
             // A route without a certificate, and a certificate without a route: no redirect.
+            let (status, body) = get_text(proxy.addr, "plain.test", "/p").await;
+            assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
+            // A certificate of a private CA (not asking to redirect): HTTP keeps serving.
+            let private = CertifiedHost { redirect: false, ..ca.certify(&["plain.test"]) };
+            proxy.proxy.set_certificates(vec![ca.certify(&["app.test", "*.apps.test"]), private]);
             let (status, body) = get_text(proxy.addr, "plain.test", "/p").await;
             assert_eq!((status, field(&body, "backend")), (StatusCode::OK, Some("echo")));
             assert_eq!(get_text(proxy.addr, "y.apps.test", "/").await.0, StatusCode::NOT_FOUND);

@@ -186,6 +186,7 @@ impl Ingress {
                 names: c.names.clone(),
                 cert_chain_pem: c.cert_chain_pem.clone(),
                 key_pem: c.key_pem.clone(),
+                redirect: c.redirect_http,
             })
             .collect();
         let challenges = update.challenges.iter().map(|c| (c.token.clone(), c.key_authorization.clone())).collect();

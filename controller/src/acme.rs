@@ -68,8 +68,8 @@ impl std::fmt::Debug for Issued {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
-    #[error("the ACME trusted roots are not usable: {0}")]
-    TrustedRoots(String),
+    #[error("cannot set up TLS to the ACME server: {0}")]
+    Tls(String),
     #[error("the stored ACME account credentials are not valid JSON credentials")]
     StoredCredentials(#[source] serde_json::Error),
     #[error("cannot reach the ACME directory at {url}")]
@@ -109,7 +109,10 @@ impl AcmeClient {
     /// module), or creates one (terms agreed) and returns the credentials to store. A new
     /// account is also created when the stored one belongs to another directory or the server
     /// no longer knows it; the returned text then differs from the stored one.
-    pub async fn connect(config: &AcmeConfig, stored_credentials: Option<&str>) -> Result<(AcmeClient, String), AcmeError> {
+    pub async fn connect(
+        config: &AcmeConfig,
+        stored_credentials: Option<&str>,
+    ) -> Result<(AcmeClient, String), AcmeError> {
         let contact = config.contact_email.as_ref().map(|email| format!("mailto:{email}"));
         let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
 
@@ -125,7 +128,10 @@ impl AcmeClient {
                 match account.update_contacts(&contacts).await {
                     Ok(()) => return Ok((AcmeClient { account }, stored.to_owned())),
                     Err(instant_acme::Error::Api(problem)) if is_problem(&problem, "accountDoesNotExist") => {
-                        tracing::warn!(account = %account.id(), "the ACME server no longer knows the stored account; creating a new one");
+                        tracing::warn!(
+                            account = %account.id(),
+                            "the ACME server no longer knows the stored account; creating a new one"
+                        );
                     }
                     Err(instant_acme::Error::Api(problem)) => {
                         return Err(AcmeError::AccountRefused { reason: problem_text(&problem) })
@@ -133,13 +139,18 @@ impl AcmeClient {
                     Err(e) => return Err(AcmeError::Request(e)),
                 }
             } else {
-                tracing::info!(directory = %config.directory_url, "the stored ACME account is for another directory; creating a new one");
+                tracing::info!(
+                    directory = %config.directory_url,
+                    "the stored ACME account is for another directory; creating a new one"
+                );
             }
         }
 
         let new_account = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
-        let (account, credentials) =
-            account_builder(config)?.create(&new_account, config.directory_url.clone(), None).await.map_err(|e| match e {
+        let (account, credentials) = account_builder(config)?
+            .create(&new_account, config.directory_url.clone(), None)
+            .await
+            .map_err(|e| match e {
                 instant_acme::Error::Api(problem) => AcmeError::AccountRefused { reason: problem_text(&problem) },
                 source => directory_unreachable(config, source),
             })?;
@@ -187,7 +198,9 @@ impl AcmeClient {
         let names = || domains.join(", ");
         let identifiers: Vec<Identifier> = domains.iter().map(|domain| Identifier::Dns(domain.clone())).collect();
         let mut order = self.account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| match e {
-            instant_acme::Error::Api(problem) => AcmeError::OrderRefused { domains: names(), reason: problem_text(&problem) },
+            instant_acme::Error::Api(problem) => {
+                AcmeError::OrderRefused { domains: names(), reason: problem_text(&problem) }
+            }
             e => AcmeError::Request(e),
         })?;
 
@@ -211,7 +224,9 @@ impl AcmeClient {
             board.publish(&challenge.token, key_authorization.as_str()).await;
             tracing::debug!(%domain, "HTTP-01 challenge published");
             challenge.set_ready().await.map_err(|e| match e {
-                instant_acme::Error::Api(problem) => AcmeError::ChallengeFailed { domain, reason: problem_text(&problem) },
+                instant_acme::Error::Api(problem) => {
+                    AcmeError::ChallengeFailed { domain, reason: problem_text(&problem) }
+                }
                 e => AcmeError::Request(e),
             })?;
         }
@@ -244,10 +259,14 @@ impl AcmeClient {
 }
 
 /// When a certificate valid from `not_before_unix` to `not_after_unix` is due for renewal:
-/// once less than a third of its lifetime, or 30 days if that is smaller, remains.
+/// once less than a third of its lifetime, or 30 days if that is smaller, remains. A validity
+/// that ends before it starts is due at once.
 pub fn renew_at(not_before_unix: i64, not_after_unix: i64) -> i64 {
     const MAX_MARGIN: i64 = 30 * 24 * 3600;
-    let lifetime = not_after_unix.saturating_sub(not_before_unix).max(0);
+    if not_after_unix <= not_before_unix {
+        return i64::MIN;
+    }
+    let lifetime = not_after_unix.saturating_sub(not_before_unix);
     not_after_unix - (lifetime / 3).min(MAX_MARGIN)
 }
 
@@ -264,7 +283,7 @@ struct StoredServer {
 
 fn account_builder(config: &AcmeConfig) -> Result<AccountBuilder, AcmeError> {
     match &config.trusted_roots_pem {
-        None => Account::builder().map_err(|e| AcmeError::TrustedRoots(error_chain(&e))),
+        None => Account::builder().map_err(|e| AcmeError::Tls(error_chain(&e))),
         Some(pem) => Ok(Account::builder_with_http(Box::new(PrivateRootsClient::new(pem)?))),
     }
 }
@@ -357,16 +376,15 @@ struct PrivateRootsClient {
 
 impl PrivateRootsClient {
     fn new(roots_pem: &str) -> Result<PrivateRootsClient, AcmeError> {
-        let certs = deployer_common::tls::certs_from_pem(roots_pem)
-            .map_err(|e| AcmeError::TrustedRoots(error_chain(&e)))?;
+        let certs = deployer_common::tls::certs_from_pem(roots_pem).map_err(|e| AcmeError::Tls(error_chain(&e)))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in certs {
-            roots.add(cert).map_err(|e| AcmeError::TrustedRoots(e.to_string()))?;
+            roots.add(cert).map_err(|e| AcmeError::Tls(e.to_string()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| AcmeError::TrustedRoots(e.to_string()))?
+            .map_err(|e| AcmeError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];

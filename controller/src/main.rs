@@ -100,7 +100,8 @@ struct IngressArgs {
     /// Contact address given to the ACME server.
     #[arg(long, env = "DEPLOYER_ACME_EMAIL")]
     acme_email: Option<String>,
-    /// PEM file of extra roots to trust for the ACME server's own HTTPS (a private ACME server).
+    /// PEM file of the roots to trust for the ACME server's own HTTPS instead of the system's
+    /// (a private ACME server).
     #[arg(long, env = "DEPLOYER_ACME_CA_FILE")]
     acme_ca_file: Option<PathBuf>,
 }

@@ -203,7 +203,8 @@ async fn answer_challenge(mut stream: TcpStream, served: Arc<Mutex<HashMap<Strin
         }
     }
     let request = String::from_utf8_lossy(&request);
-    let path = request.lines().next().and_then(|line| line.strip_prefix("GET ")).and_then(|rest| rest.split(' ').next());
+    let path =
+        request.lines().next().and_then(|line| line.strip_prefix("GET ")).and_then(|rest| rest.split(' ').next());
     let answer = path
         .and_then(|path| path.strip_prefix("/.well-known/acme-challenge/"))
         .and_then(|token| served.lock().unwrap().get(token).cloned());
@@ -501,13 +502,12 @@ async fn tls_handshake(issued: &Issued, root_pem: &str, domain: &str) -> std::io
         CertificateDer::pem_slice_iter(issued.cert_chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
     assert!(chain.len() >= 2, "leaf and intermediate expected, got {} certificates", chain.len());
     let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
-    let server_config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("the key matches the certificate");
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the key matches the certificate");
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let connector = tls_connector(root_pem);
 

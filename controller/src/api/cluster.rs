@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/cluster/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/cluster/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/cluster/ingress-ca", get(ingress_ca))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -42,6 +43,29 @@ struct NodeView {
     addr: String,
     http_addr: String,
     voter: bool,
+}
+
+/// The CA certificate (PEM) of the ingress's default host names: trust it to reach services
+/// over HTTPS at `<service>-<project>.<base domain>` (`curl --cacert`). Made on first use.
+#[utoipa::path(
+    get,
+    path = "/api/v1/cluster/ingress-ca",
+    tag = "cluster",
+    operation_id = "show_ingress_ca",
+    security(("bearer" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "The ingress CA certificate", body = String, content_type = "application/x-pem-file"),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
+async fn ingress_ca(State(c): State<AppState>, caller: Caller) -> Result<impl axum::response::IntoResponse, ApiError> {
+    caller.require("read")?;
+    let ca = crate::ingress::ingress_ca(&c)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the ingress CA is not available yet: {e:#}")))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], ca.cert_pem().to_string()))
 }
 
 /// The cluster's members and its current leader, as this node sees them.

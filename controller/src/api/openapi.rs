@@ -33,6 +33,7 @@ use crate::api::auth::SESSION_COOKIE;
         health::health,
         openapi_json,
         cluster::cluster,
+        cluster::ingress_ca,
         cluster::list_tokens,
         cluster::create_token,
         cluster::revoke_token,

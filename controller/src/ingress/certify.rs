@@ -115,7 +115,7 @@ async fn round(c: &Controller, config: &crate::acme::AcmeConfig, client: &mut Op
                     domain: domain.clone(),
                     cert_chain_pem: issued.cert_chain_pem,
                     key_sealed_hex: hex::encode(sealed),
-                    not_before: now_ms(),
+                    not_before: issued.not_before_unix * 1000,
                     not_after,
                     at: now_ms(),
                 })
@@ -123,10 +123,11 @@ async fn round(c: &Controller, config: &crate::acme::AcmeConfig, client: &mut Op
                 tracing::info!(%domain, "certificate issued");
             }
             Err(e) => {
-                tracing::warn!(%domain, error = %e, "cannot obtain a certificate");
+                let error = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(%domain, %error, "cannot obtain a certificate");
                 c.propose(Command::CertificateFailed {
                     domain: domain.clone(),
-                    error: e.to_string(),
+                    error,
                     retry_at: now_ms() + RETRY_AFTER.as_millis() as i64,
                     at: now_ms(),
                 })
