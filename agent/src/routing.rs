@@ -227,7 +227,9 @@ impl Ingress {
     pub async fn release(&self, service_id: &str, keep: Option<&str>) {
         let routed_elsewhere = |applied: &Applied| {
             applied.update.as_ref().is_none_or(|u| {
-                !u.routes.iter().any(|r| r.service_id == service_id && r.local && Some(r.deployment_id.as_str()) != keep)
+                !u.routes
+                    .iter()
+                    .any(|r| r.service_id == service_id && r.local && Some(r.deployment_id.as_str()) != keep)
             })
         };
         let mut changed = self.changed.subscribe();
@@ -246,9 +248,11 @@ impl Ingress {
             tracing::warn!(service = %service_id, "no new routes from the leader; stopping the old instances anyway");
         }
         let old: Vec<SocketAddr> = match runtime::running_backends(&self.docker, &self.agent_id).await {
-            Ok(all) => {
-                all.into_iter().filter(|b| b.service == service_id && Some(b.deployment.as_str()) != keep).map(|b| b.addr).collect()
-            }
+            Ok(all) => all
+                .into_iter()
+                .filter(|b| b.service == service_id && Some(b.deployment.as_str()) != keep)
+                .map(|b| b.addr)
+                .collect(),
             Err(_) => Vec::new(),
         };
         if old.is_empty() {
@@ -291,7 +295,11 @@ mod tests {
     use deployer_proto::agent::Route as RouteMessage;
 
     fn backend(deployment: &str, port: u16) -> LocalBackend {
-        LocalBackend { deployment: deployment.into(), service: "s1".into(), addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+        LocalBackend {
+            deployment: deployment.into(),
+            service: "s1".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use deployer_controller::agents::AgentSettings;
 use deployer_controller::acme::AcmeConfig;
+use deployer_controller::agents::AgentSettings;
 use deployer_controller::deploy::DeploySettings;
 use deployer_controller::ingress::IngressSettings;
 use deployer_controller::node::DevAgent;
@@ -113,9 +113,10 @@ impl IngressArgs {
             return Err(ConfigError(format!("--base-domain {:?} is not a host name", self.base_domain)));
         }
         let extra_roots_pem = match &self.acme_ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("cannot read --acme-ca-file {}: {e}", path.display()))
-            })?),
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read --acme-ca-file {}: {e}", path.display())))?,
+            ),
             None => None,
         };
         let acme = self.acme_directory.clone().map(|directory_url| AcmeConfig {

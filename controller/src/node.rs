@@ -222,7 +222,7 @@ pub async fn serve(
     let agents_task = tokio::spawn(crate::agents::run(controller.clone(), state_events.subscribe()));
     let dispatch_task = tokio::spawn(crate::deploy::dispatch::run(controller.clone(), state_events.subscribe()));
     let ingress_task = tokio::spawn(crate::ingress::run(controller.clone(), state_events.subscribe()));
-    let certify_task = tokio::spawn(crate::ingress::certify::run(controller.clone()));
+    let certify_task = tokio::spawn(crate::ingress::certify::run(controller.clone(), state_events.subscribe()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
     let detector = tokio::spawn(crate::raft::detector::run(

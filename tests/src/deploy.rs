@@ -100,6 +100,16 @@ pub struct Setup {
 
 impl Setup {
     pub async fn start(controllers: usize, agents: usize, controller_args: &[&str]) -> Setup {
+        Setup::start_with(controllers, agents, controller_args, &[]).await
+    }
+
+    /// Like [`Setup::start`], with more arguments for every agent.
+    pub async fn start_with(
+        controllers: usize,
+        agents: usize,
+        controller_args: &[&str],
+        agent_args: &[String],
+    ) -> Setup {
         let base = busybox_image().expect("busybox image");
         let cluster = Cluster::start(controllers, controller_args).await.expect("cluster");
         let token = cluster.agent_token().await.expect("agent token");
@@ -109,15 +119,20 @@ impl Setup {
             let mut agent = Agent::new(cluster.root.join(&name));
             let controller = cluster.nodes[0].grpc_addr();
             agent
-                .start(&[
-                    "--controller".into(),
-                    format!("https://{controller}"),
-                    "--token".into(),
-                    token.clone(),
-                    "--hostname".into(),
-                    name,
-                    "--allow-local-git".into(),
-                ])
+                .start(
+                    &[
+                        "--controller".into(),
+                        format!("https://{controller}"),
+                        "--token".into(),
+                        token.clone(),
+                        "--hostname".into(),
+                        name,
+                        "--allow-local-git".into(),
+                    ]
+                    .into_iter()
+                    .chain(agent_args.iter().cloned())
+                    .collect::<Vec<String>>(),
+                )
                 .expect("start agent");
             started.push(agent);
         }
@@ -274,7 +289,6 @@ pub fn uuid_like() -> String {
 pub async fn page(url: &str) -> String {
     crate::web_client().get(url).send().await.expect("GET the deployment's url").text().await.unwrap()
 }
-
 
 pub fn slow_app(dir: &Path, base: &str, seconds: u32) {
     write_app(dir, base, "slow but sure\n", &format!("RUN /bin/busybox sleep {seconds}\n"));

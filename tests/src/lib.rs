@@ -4,8 +4,8 @@
 //! The binaries are taken from the cargo target dir next to the running test (build them first
 //! with `cargo build --bins`), or from `DEPLOYER_CONTROLLER_BIN`.
 
-
 pub mod deploy;
+pub mod pebble;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -590,7 +590,8 @@ impl reqwest::dns::Resolve for LocalhostResolver {
         let name = name.as_str().to_string();
         Box::pin(async move {
             if name == "localhost" || name.ends_with(".localhost") {
-                let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(std::net::SocketAddr::from(([127, 0, 0, 1], 0))));
+                let addrs: reqwest::dns::Addrs =
+                    Box::new(std::iter::once(std::net::SocketAddr::from(([127, 0, 0, 1], 0))));
                 return Ok(addrs);
             }
             let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();

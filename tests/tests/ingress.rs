@@ -79,7 +79,13 @@ async fn second_project(setup: &Setup) -> (String, String) {
 }
 
 /// A service of `project` serving `page` from a new local repository.
-async fn web_service(setup: &Setup, project_id: &str, name: &str, page: &str, extra: Value) -> (String, std::path::PathBuf) {
+async fn web_service(
+    setup: &Setup,
+    project_id: &str,
+    name: &str,
+    page: &str,
+    extra: Value,
+) -> (String, std::path::PathBuf) {
     let repo = setup.cluster.root.join("repos").join(format!("{project_id}-{name}"));
     make_repo(&repo, &setup.base, page);
     let mut spec = json!({
@@ -110,7 +116,8 @@ async fn deploy(setup: &Setup, project_id: &str, service: &str) -> Value {
 async fn hosts_reach_their_service_through_every_agent_over_http_and_https() {
     let setup = Setup::start(1, 2, &[]).await;
     let (other_id, other) = second_project(&setup).await;
-    let (one, _) = web_service(&setup, &setup.project_id, "web", "page one\n", json!({"domains": ["www.one.test"]})).await;
+    let (one, _) =
+        web_service(&setup, &setup.project_id, "web", "page one\n", json!({"domains": ["www.one.test"]})).await;
     let (two, _) = web_service(&setup, &other_id, "web", "page two\n", json!({})).await;
     let first = deploy(&setup, &setup.project_id, &one).await;
     deploy(&setup, &other_id, &two).await;
@@ -297,11 +304,58 @@ async fn a_redeploy_a_rollback_and_a_release_that_never_turns_healthy_drop_no_re
     task.await.unwrap();
     let failures = traffic.failures.lock().unwrap().clone();
     let pages = traffic.ok.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} failed requests: {:?}\n{}", failures.len(), &failures[..failures.len().min(10)], setup.diagnostics());
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(10)],
+        setup.diagnostics()
+    );
     assert_eq!(pages, ["v1\n", "v2\n", "v1\n"], "what the client saw, in order");
     let answered = traffic.answered.load(Ordering::Relaxed);
     assert!(answered > 200, "the client kept sending: {answered} answers");
     // The replaced instances are gone; one runs.
     let running = docker(&["ps", "-q", "--filter", &format!("label=deployer.service={service}")]);
     assert_eq!(running.split_whitespace().count(), 1, "one instance left: {running}");
+}
+
+/// A custom domain gets a certificate by ACME (HTTP-01 answered by the agent's ingress) from
+/// Pebble, which a client trusting only Pebble's root accepts; plain HTTP then redirects to it.
+#[tokio::test]
+async fn a_custom_domain_gets_a_certificate_from_pebble_and_http_redirects_to_it() {
+    let http_port = deployer_tests::free_port();
+    let pebble = deployer_tests::pebble::Pebble::start(http_port).await;
+    let roots = pebble.dir.path().join("acme-roots.pem");
+    std::fs::write(&roots, &pebble.https_ca_pem).unwrap();
+    let directory = pebble.directory_url();
+    let roots_arg = roots.display().to_string();
+    let setup = Setup::start_with(
+        1,
+        1,
+        &["--acme-directory", &directory, "--acme-ca-file", &roots_arg, "--acme-email", "ops@example.test"],
+        &["--ingress-http".into(), format!("127.0.0.1:{http_port}")],
+    )
+    .await;
+    let (service, _) =
+        web_service(&setup, &setup.project_id, "shop", "the shop\n", json!({"domains": ["www.shop.test"]})).await;
+    deploy(&setup, &setup.project_id, &service).await;
+    let https_port = ingresses(&setup).await[0].1;
+    let root = pebble.issuing_root_pem().await;
+    let served = wait_for("the certificate to be issued and served", Duration::from_secs(60), || async {
+        get_tls("www.shop.test", https_port, &root).await.ok()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", setup.diagnostics(), pebble.pebble.log()));
+    assert_eq!(served, (200, "the shop\n".to_string()));
+    // Plain HTTP for the domain now goes to HTTPS; the default host name (private CA) does not.
+    let client = reqwest::Client::builder()
+        .resolve("www.shop.test", std::net::SocketAddr::from(([127, 0, 0, 1], http_port)))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = client.get(format!("http://www.shop.test:{http_port}/cart?x=1")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 308);
+    assert_eq!(response.headers()["location"], format!("https://www.shop.test:{https_port}/cart?x=1"));
+    let (status, body) = get(&format!("shop-{}.localhost", setup.project), http_port).await;
+    assert_eq!((status, body.as_str()), (200, "the shop\n"));
 }

@@ -297,7 +297,9 @@ fn ingress_address(hello: &Hello, remote: Option<std::net::SocketAddr>) -> Resul
         let valid = host.parse::<std::net::IpAddr>().is_ok()
             || (host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
         if !valid {
-            return Err(tonic::Status::invalid_argument(format!("the ingress host {host:?} is not a host name or IP address")));
+            return Err(tonic::Status::invalid_argument(format!(
+                "the ingress host {host:?} is not a host name or IP address"
+            )));
         }
         return Ok(match host.parse::<std::net::Ipv6Addr>() {
             Ok(v6) => format!("[{v6}]:{port}"),

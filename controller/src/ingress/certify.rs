@@ -8,10 +8,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use deployer_proto::agent::Certificate;
+use tokio::sync::broadcast;
 
 use crate::acme::{needs_renewal, AcmeClient, ChallengeBoard};
 use crate::command::Command;
 use crate::controller::{Controller, SharedController};
+use crate::store::state_machine::StateEvent;
 use crate::util::now_ms;
 
 /// How often the leader looks for certificates to order.
@@ -59,8 +61,9 @@ impl ChallengeBoard for Board<'_> {
     }
 }
 
-/// The leader's loop (a no-op without an ACME directory).
-pub async fn run(c: SharedController) {
+/// The leader's loop (a no-op without an ACME directory): a look after every change of what is
+/// routed, and every [`CHECK_EVERY`] for renewals and retries.
+pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent>) {
     let Some(config) = c.ingress.settings.acme.clone() else { return };
     let mut client: Option<AcmeClient> = None;
     loop {
@@ -71,12 +74,29 @@ pub async fn run(c: SharedController) {
         } else {
             client = None;
         }
-        tokio::time::sleep(CHECK_EVERY).await;
+        let changed = async {
+            loop {
+                match events.recv().await {
+                    Ok(StateEvent::DeploymentChanged { .. } | StateEvent::IngressChanged) => return true,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        };
+        tokio::select! {
+            open = changed => if !open { return },
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
     }
 }
 
 /// One look at every custom domain: orders what is missing or due.
-async fn round(c: &Controller, config: &crate::acme::AcmeConfig, client: &mut Option<AcmeClient>) -> anyhow::Result<()> {
+async fn round(
+    c: &Controller,
+    config: &crate::acme::AcmeConfig,
+    client: &mut Option<AcmeClient>,
+) -> anyhow::Result<()> {
     let routed: HashSet<String> = c.state.routed_services().await?.into_iter().map(|r| r.service_id).collect();
     let known: std::collections::HashMap<String, crate::store::queries::CertificateRow> =
         c.state.certificates().await?.into_iter().map(|r| (r.domain.clone(), r)).collect();
@@ -141,11 +161,9 @@ async fn round(c: &Controller, config: &crate::acme::AcmeConfig, client: &mut Op
 /// The ACME account: the stored one for this directory, or a new one, committed.
 async fn account(c: &Controller, config: &crate::acme::AcmeConfig) -> anyhow::Result<AcmeClient> {
     let stored = match c.state.acme_account().await? {
-        Some((directory, sealed)) if directory == config.directory_url => c
-            .key
-            .open(&sealed, b"acme-account")
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok()),
+        Some((directory, sealed)) if directory == config.directory_url => {
+            c.key.open(&sealed, b"acme-account").ok().and_then(|b| String::from_utf8(b).ok())
+        }
         _ => None,
     };
     let (client, credentials) = AcmeClient::connect(config, stored.as_deref()).await?;

@@ -193,9 +193,9 @@ pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent
             loop {
                 match events.recv().await {
                     Ok(StateEvent::DeploymentLogs { .. }) => continue,
-                    Ok(StateEvent::DeploymentChanged { .. } | StateEvent::IngressChanged | StateEvent::AgentRevoked(_)) => {
-                        return true
-                    }
+                    Ok(
+                        StateEvent::DeploymentChanged { .. } | StateEvent::IngressChanged | StateEvent::AgentRevoked(_),
+                    ) => return true,
                     Err(broadcast::error::RecvError::Lagged(_)) => return true,
                     Err(broadcast::error::RecvError::Closed) => return false,
                 }
@@ -228,7 +228,10 @@ async fn push(c: &Controller) -> anyhow::Result<()> {
         .lock()
         .challenges
         .iter()
-        .map(|(token, key_authorization)| Challenge { token: token.clone(), key_authorization: key_authorization.clone() })
+        .map(|(token, key_authorization)| Challenge {
+            token: token.clone(),
+            key_authorization: key_authorization.clone(),
+        })
         .collect();
     let term = c.raft.metrics().borrow().current_term;
     let mut seen = std::collections::HashSet::new();
@@ -251,12 +254,8 @@ async fn push(c: &Controller) -> anyhow::Result<()> {
             continue;
         }
         let version = c.ingress.next_version(term);
-        let update = UpdateRoutes {
-            version,
-            routes,
-            certificates: certificates.clone(),
-            challenges: challenges.clone(),
-        };
+        let update =
+            UpdateRoutes { version, routes, certificates: certificates.clone(), challenges: challenges.clone() };
         let message = ControllerMessage { body: Some(ControllerBody::UpdateRoutes(update)) };
         if c.agents.send(&agent_id, serial, message) {
             c.ingress.lock().sent.insert(agent_id, (serial, fingerprint));
@@ -349,12 +348,17 @@ async fn default_certificates(c: &Controller, routed: &[RoutedRow]) -> anyhow::R
 /// The ingress CA, made and committed by the first leader that needs it.
 pub async fn ingress_ca(c: &Controller) -> anyhow::Result<ClusterCa> {
     if let Some((cert_pem, sealed)) = c.state.ingress_ca().await? {
-        let key = c.key.open(&sealed, b"ingress-ca-key").map_err(|_| anyhow::anyhow!("cannot unseal the ingress CA"))?;
+        let key =
+            c.key.open(&sealed, b"ingress-ca-key").map_err(|_| anyhow::anyhow!("cannot unseal the ingress CA"))?;
         return Ok(ClusterCa::from_pem(&cert_pem, &String::from_utf8(key)?)?);
     }
     let ca = ClusterCa::generate_named("Deployer ingress CA")?;
     let sealed = c.key.seal(ca.key_pem().as_bytes(), b"ingress-ca-key");
-    let command = Command::SetIngressCa { cert_pem: ca.cert_pem().to_string(), key_sealed_hex: hex::encode(sealed), at: now_ms() };
+    let command = Command::SetIngressCa {
+        cert_pem: ca.cert_pem().to_string(),
+        key_sealed_hex: hex::encode(sealed),
+        at: now_ms(),
+    };
     c.propose(command).await?;
     // Another leader may have won the race: use what was committed.
     let (cert_pem, sealed) =
@@ -393,7 +397,11 @@ mod tests {
     #[test]
     fn an_agent_serves_what_it_runs_and_forwards_the_rest() {
         let ingress = Ingress::new(IngressSettings { base_domain: "apps.example.com".into(), acme: None });
-        let routed = vec![row("web", "d2", "a1", "10.0.0.1:80"), row("web", "d1", "a2", "10.0.0.2:80"), row("api", "d3", "a2", "10.0.0.2:80")];
+        let routed = vec![
+            row("web", "d2", "a1", "10.0.0.1:80"),
+            row("web", "d1", "a2", "10.0.0.2:80"),
+            row("api", "d3", "a2", "10.0.0.2:80"),
+        ];
         let domains = HashMap::from([("id-web".to_string(), vec!["www.example.com".to_string()])]);
         let mut seen = Default::default();
         let on_a1 = routes_for(&ingress, "a1", &routed, &domains, &mut seen);
@@ -415,7 +423,10 @@ mod tests {
     #[test]
     fn urls_name_the_port_only_when_it_is_not_the_default() {
         let ingress = Ingress::new(IngressSettings::default());
-        assert_eq!(url_for(&ingress, "web", "shop", "127.0.0.1:8080").as_deref(), Some("http://web-shop.localhost:8080"));
+        assert_eq!(
+            url_for(&ingress, "web", "shop", "127.0.0.1:8080").as_deref(),
+            Some("http://web-shop.localhost:8080")
+        );
         assert_eq!(url_for(&ingress, "web", "shop", "10.0.0.1:80").as_deref(), Some("http://web-shop.localhost"));
         assert_eq!(url_for(&ingress, "web", "shop", ""), None);
     }

@@ -377,7 +377,17 @@ async fn apply_one(
                 return Ok(CommandResponse::rejected(Rejection::Conflict, format!("agent {id} already exists")));
             }
         }
-        Command::AgentUp { id, hostname, labels, version, cpu_millis, memory_bytes, ingress, ingress_https_port, at } => {
+        Command::AgentUp {
+            id,
+            hostname,
+            labels,
+            version,
+            cpu_millis,
+            memory_bytes,
+            ingress,
+            ingress_https_port,
+            at,
+        } => {
             let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
             let done = sqlx::query(
                 "UPDATE agents SET hostname = ?, labels = ?, version = ?, cpu_millis = ?, memory_bytes = ?, \
@@ -539,10 +549,15 @@ async fn check_service(
         )));
     }
     // Host names are `<service>-<project>`: `a-b` in `c` and `a` in `b-c` would share one.
-    let project_name: Option<String> =
-        sqlx::query_scalar("SELECT name FROM projects WHERE id = ?").bind(&s.project_id).fetch_optional(&mut **tx).await?;
+    let project_name: Option<String> = sqlx::query_scalar("SELECT name FROM projects WHERE id = ?")
+        .bind(&s.project_id)
+        .fetch_optional(&mut **tx)
+        .await?;
     let Some(project_name) = project_name else {
-        return Ok(Some(CommandResponse::rejected(Rejection::NotFound, format!("no project with id {}", s.project_id))));
+        return Ok(Some(CommandResponse::rejected(
+            Rejection::NotFound,
+            format!("no project with id {}", s.project_id),
+        )));
     };
     let label = crate::ingress::default_label(&s.name, &project_name);
     let others: Vec<(String, String)> = sqlx::query_as(
@@ -553,7 +568,8 @@ async fn check_service(
     .bind(format!("{}-{project_name}", s.name).len() as i64)
     .fetch_all(&mut **tx)
     .await?;
-    if let Some((service, project)) = others.iter().find(|(svc, prj)| crate::ingress::default_label(svc, prj) == label) {
+    if let Some((service, project)) = others.iter().find(|(svc, prj)| crate::ingress::default_label(svc, prj) == label)
+    {
         return Ok(Some(CommandResponse::rejected(
             Rejection::Conflict,
             format!(

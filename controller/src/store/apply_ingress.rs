@@ -78,7 +78,10 @@ pub(super) async fn apply(
             return Ok(CommandResponse::Applied);
         }
         other => {
-            return Ok(CommandResponse::rejected(Rejection::Invalid, format!("not an ingress command: {}", other.kind())))
+            return Ok(CommandResponse::rejected(
+                Rejection::Invalid,
+                format!("not an ingress command: {}", other.kind()),
+            ))
         }
     }
     events.push(StateEvent::IngressChanged);
