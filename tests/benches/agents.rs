@@ -432,6 +432,7 @@ fn hello(index: usize) -> AgentMessage {
             labels: Default::default(),
             capacity: Some(Capacity { cpu_millis: 4_000, memory_bytes: 8 << 30 }),
             docker_version: "bench".into(),
+            ..Default::default()
         })),
     }
 }

@@ -227,7 +227,7 @@ fn hammer(host: String, port: u16, stop: Arc<AtomicBool>) -> (Arc<Traffic>, toki
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             // Mostly kept-alive connections, and a new connection every tenth request.
-            let client = if n % 10 == 0 { web_client() } else { reused.clone() };
+            let client = if n.is_multiple_of(10) { web_client() } else { reused.clone() };
             match client.get(format!("http://{host}:{port}/")).send().await {
                 Ok(r) if r.status().is_success() => {
                     let body = r.text().await.unwrap_or_else(|e| format!("<body error {e}>"));
