@@ -113,6 +113,7 @@ async fn start_proxy(backend: SocketAddr, serving: Serving) -> SocketAddr {
         host: HOST.into(),
         backends: vec![backend],
         service: "bench".into(),
+        via_peer: false,
     }]));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
     let addr = listener.local_addr().expect("the proxy's address");

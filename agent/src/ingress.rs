@@ -53,12 +53,19 @@ pub struct Route {
     pub backends: Vec<SocketAddr>,
     /// The service's name, for logs and error pages.
     pub service: String,
+    /// The backends are other agents' ingress (the service runs there): requests to them are
+    /// marked as forwarded, and one that arrives marked is not forwarded again (a loop while
+    /// two agents' tables disagree).
+    pub via_peer: bool,
 }
 
 /// The whole route table, replaced atomically. Cloning shares the round-robin counters.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     routes: HashMap<String, Arc<RouteEntry>>,
+    /// The other agents' addresses: a request from one of them marked as forwarded keeps the
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` it carries.
+    peers: std::collections::HashSet<std::net::IpAddr>,
 }
 
 impl RouteTable {
@@ -72,6 +79,9 @@ impl RouteTable {
                 continue;
             };
             route.host = host.clone();
+            if route.via_peer {
+                table.peers.extend(route.backends.iter().map(|a| a.ip().to_canonical()));
+            }
             let backends = route.backends.iter().map(|&addr| Backend::new(addr)).collect();
             table.routes.insert(host, Arc::new(RouteEntry { route, backends, next: AtomicUsize::new(0) }));
         }
@@ -810,6 +820,8 @@ impl Proxy {
             proxy: self.clone(),
             client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
                 .expect("an IP address is a valid header value"),
+            client_addr: peer.ip().to_canonical(),
+            from_peer: AtomicBool::new(false),
             tls: scheme == Scheme::Https,
             proto: HeaderValue::from_static(scheme.as_str()),
             write_blocked_since: AtomicU64::new(0),
@@ -897,6 +909,9 @@ struct ConnState {
     proxy: Arc<Proxy>,
     /// The client's IP address, for `X-Forwarded-For`.
     client_ip: HeaderValue,
+    client_addr: std::net::IpAddr,
+    /// The request being handled came from another agent's ingress (see [`Route::via_peer`]).
+    from_peer: AtomicBool,
     /// TLS terminated here: no ACME challenges, no redirect.
     tls: bool,
     /// For `X-Forwarded-Proto`.
@@ -977,6 +992,12 @@ impl ConnState {
                 Some(entry) => entry.clone(),
                 None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
             };
+            let forwarded = req.headers().contains_key(X_DEPLOYER_HOP);
+            if forwarded && entry.route.via_peer {
+                let text = format!("{} is being moved between hosts; try again in a moment\n", entry.route.service);
+                return Err(page(StatusCode::LOOP_DETECTED, text));
+            }
+            self.from_peer.store(forwarded && table.peers.contains(&self.client_addr), Relaxed);
             if !self.tls && !challenge {
                 if let Some(redirect) = self.proxy.https_redirect(&host, req.uri()) {
                     return Err(redirect);
@@ -1010,7 +1031,12 @@ impl ConnState {
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let protocol = client_upgrade.as_ref().and_then(|_| parts.headers.get(UPGRADE).cloned());
-        forwarded_headers(&mut parts.headers, &self.client_ip, &self.proto, protocol);
+        forwarded_headers(&mut parts.headers, &self.client_ip, &self.proto, protocol, self.from_peer.load(Relaxed));
+        if route.via_peer {
+            parts.headers.insert(X_DEPLOYER_HOP, HeaderValue::from_static("1"));
+        } else {
+            parts.headers.remove(X_DEPLOYER_HOP);
+        }
         let mut path = parts.uri.into_parts().path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from);
         let has_body = !body.is_end_stream();
         // Only a request that cannot have reached an application is sent again: the connection
@@ -1280,6 +1306,8 @@ fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Marks a request one agent's ingress forwards to another's.
+const X_DEPLOYER_HOP: HeaderName = HeaderName::from_static("x-deployer-hop");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
@@ -1329,6 +1357,7 @@ fn forwarded_headers(
     client_ip: &HeaderValue,
     proto: &HeaderValue,
     upgrade: Option<HeaderValue>,
+    from_peer: bool,
 ) {
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
@@ -1350,6 +1379,10 @@ fn forwarded_headers(
         client_ip.clone()
     };
     headers.insert(X_FORWARDED_FOR, chain);
+    // Another agent's ingress met the client first: what it saw stands.
+    if from_peer && headers.contains_key(X_FORWARDED_PROTO) && headers.contains_key(X_FORWARDED_HOST) {
+        return;
+    }
     headers.insert(X_FORWARDED_PROTO, proto.clone());
     match headers.get(HOST).cloned() {
         Some(host) => headers.insert(X_FORWARDED_HOST, host),
@@ -1796,7 +1829,7 @@ mod tests {
     }
 
     fn route(host: &str, service: &str, backends: &[SocketAddr]) -> Route {
-        Route { host: host.into(), service: service.into(), backends: backends.to_vec() }
+        Route { host: host.into(), service: service.into(), backends: backends.to_vec(), via_peer: false }
     }
 
     async fn start(settings: ProxySettings, routes: Vec<Route>) -> RunningProxy {
@@ -2124,6 +2157,42 @@ mod tests {
         // Both are now at the back of the line; still tried, still 502.
         let (status, _) = get_text(proxy.addr, "dead.test", "/").await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_through_at_most_one_other_agent_and_keeps_what_the_first_saw() {
+        // This agent forwards `far.test` to another agent (here the echo backend stands in for
+        // that agent's ingress) and serves `near.test` itself.
+        let peer = backend("peer").await;
+        let near = backend("near").await;
+        let far = Route { via_peer: true, ..route("far.test", "far", &[peer.addr]) };
+        let proxy = start(ProxySettings::default(), vec![far, route("near.test", "near", &[near.addr])]).await;
+        // Forwarded: marked, so the other agent will not forward it again.
+        let (status, body) = get_text(proxy.addr, "far.test", "/").await;
+        assert_eq!((status, field(&body, "header:x-deployer-hop")), (StatusCode::OK, Some("1")));
+        // Arriving marked for a route that would forward again: a loop, refused.
+        let looped = Request::builder().uri("/").header(HOST, "far.test").header("x-deployer-hop", "1");
+        let response = send(proxy.addr, looped.body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::LOOP_DETECTED);
+        assert_eq!(peer.seen.requests.load(Relaxed), 1);
+        // Arriving marked from a peer (the agent's address is a peer's here, loopback): served
+        // here with the scheme and host the first agent saw, and without the mark.
+        let hopped = Request::builder()
+            .uri("/")
+            .header(HOST, "near.test")
+            .header("x-deployer-hop", "1")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "near.test")
+            .header("x-forwarded-for", "203.0.113.9");
+        let body = text(send(proxy.addr, hopped.body(Empty::<Bytes>::new()).unwrap()).await).await;
+        assert_eq!(field(&body, "backend"), Some("near"));
+        assert_eq!(field(&body, "header:x-forwarded-proto"), Some("https"));
+        assert_eq!(field(&body, "header:x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+        assert_eq!(field(&body, "header:x-deployer-hop"), None);
+        // Without the mark, a client's own X-Forwarded-Proto is not believed.
+        let spoofed = Request::builder().uri("/").header(HOST, "near.test").header("x-forwarded-proto", "https");
+        let body = text(send(proxy.addr, spoofed.body(Empty::<Bytes>::new()).unwrap()).await).await;
+        assert_eq!(field(&body, "header:x-forwarded-proto"), Some("http"));
     }
 
     #[tokio::test]

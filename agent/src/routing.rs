@@ -279,6 +279,7 @@ fn table(update: &UpdateRoutes, local: &[LocalBackend], peers: &HashMap<String, 
         .map(|r| Route {
             host: r.host.clone(),
             service: r.service.clone(),
+            via_peer: !r.local,
             backends: if r.local {
                 local.iter().filter(|b| b.deployment == r.deployment_id).map(|b| b.addr).collect()
             } else {

@@ -492,6 +492,25 @@ async fn run_dev_agent(
             fallback_to_free_port: true,
         },
     };
+    // Say where services answer once the agent has told (its ports may be free ones).
+    let base = controller.ingress.settings.base_domain.clone();
+    let state = controller.state.clone();
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            if let Ok(agents) = state.agents().await {
+                if let Some(agent) = agents.iter().find(|a| !a.ingress.is_empty()) {
+                    let port = agent.ingress.rsplit_once(':').map_or("80", |(_, p)| p);
+                    let port = if port == "80" { String::new() } else { format!(":{port}") };
+                    eprintln!("  Services:     http://<service>-<project>.{base}{port}");
+                    if agent.ingress_https_port != 0 {
+                        eprintln!("                https://<service>-<project>.{base}:{} (CA: GET /api/v1/cluster/ingress-ca)", agent.ingress_https_port);
+                    }
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     if let Err(e) = deployer_agent::run(config, shutdown).await {
         tracing::error!(error = %e, "dev mode: the local agent stopped");
     }

@@ -26,6 +26,9 @@ const TICK: Duration = Duration::from_millis(500);
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// Chunks of an upload sent per request of the agent.
 const UPLOAD_WINDOW: u32 = 8;
+/// How long a release that turned healthy waits for every agent to route to it before it is
+/// declared running anyway.
+const ROUTES_SYNC: Duration = Duration::from_secs(2);
 
 /// Runs on every controller; acts only while this node leads and tracks agent sessions.
 pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent>) {
@@ -493,7 +496,17 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     if commands.is_empty() {
         return Ok(());
     }
-    let response = c.propose(Command::Batch { commands }).await?;
+    // Traffic goes to the new release before it is declared running (not for an attempt that
+    // moved elsewhere meanwhile).
+    let pinned = running && !moved_off;
+    if pinned {
+        crate::ingress::pin_running(c, &d, agent_id, ROUTES_SYNC).await;
+    }
+    let response = c.propose(Command::Batch { commands }).await;
+    if pinned {
+        c.ingress.unpin(&d.service_id);
+    }
+    let response = response?;
     let final_status = matches!(u.status.as_str(), "running" | "failed");
     // A status the state refused (a late report of an attempt that was moved elsewhere) is
     // final for the agent too: it stops sending it.

@@ -52,7 +52,8 @@ struct Board<'a>(&'a Controller);
 
 impl ChallengeBoard for Board<'_> {
     fn publish(&self, token: &str, key_authorization: &str) -> impl std::future::Future<Output = ()> + Send {
-        self.0.ingress.publish_challenge(token, key_authorization, PUBLISH_WAIT)
+        let sessions = self.0.agents.all_sessions();
+        async move { self.0.ingress.publish_challenge(token, key_authorization, PUBLISH_WAIT, &sessions).await }
     }
 
     fn withdraw(&self, token: &str) -> impl std::future::Future<Output = ()> + Send {

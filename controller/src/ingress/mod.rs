@@ -70,6 +70,12 @@ struct Inner {
     challenges: BTreeMap<String, String>,
     /// The version of the last table each agent applied.
     applied: HashMap<String, u64>,
+    /// Releases routed before their `running` is committed, by service id (see [`pin_running`]).
+    pins: HashMap<String, RoutedRow>,
+    /// Bumped by [`Ingress::sync`]: tables computed after it hold what it waits for.
+    generation: u64,
+    /// Per agent: the generation and version of the last table sent.
+    sent_generation: HashMap<String, (u64, u64)>,
 }
 
 impl Ingress {
@@ -124,14 +130,47 @@ impl Ingress {
 
     /// Publishes an ACME answer on every agent; returns once they all applied it (or after
     /// `max`).
-    pub async fn publish_challenge(&self, token: &str, key_authorization: &str, max: Duration) {
+    pub async fn publish_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        max: Duration,
+        sessions: &[(String, u64)],
+    ) {
         self.lock().challenges.insert(token.to_string(), key_authorization.to_string());
-        let next = self.counter.load(Ordering::SeqCst) + 1;
-        let version = (self.term.load(Ordering::SeqCst) << 32) | (next & 0xffff_ffff);
+        self.sync(max, sessions).await;
+    }
+
+    /// Sends every agent in session a fresh table and waits (at most `max`) until they all
+    /// applied it.
+    async fn sync(&self, max: Duration, sessions: &[(String, u64)]) {
+        let generation = {
+            let mut inner = self.lock();
+            inner.generation += 1;
+            inner.sent.clear();
+            inner.generation
+        };
         self.wake();
-        let agents: Vec<String> = self.lock().sent.keys().cloned().collect();
-        for agent in agents {
-            self.wait_applied(&agent, version, max).await;
+        // The tables go out from the loop: wait until it sent each agent one computed after now.
+        let deadline = tokio::time::Instant::now() + max;
+        for (agent, _) in sessions {
+            let version = loop {
+                let sent = self.lock().sent_generation.get(agent).copied();
+                match sent {
+                    Some((g, version)) if g >= generation => break Some(version),
+                    _ if tokio::time::Instant::now() >= deadline => break None,
+                    _ => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            };
+            let Some(version) = version else { return };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.wait_applied(agent, version, left).await;
+        }
+    }
+
+    pub fn unpin(&self, service_id: &str) {
+        if self.lock().pins.remove(service_id).is_some() {
+            self.wake();
         }
     }
 
@@ -178,6 +217,29 @@ pub async fn deployment_url(c: &Controller, project_id: &str, service_id: &str, 
     url_for(&c.ingress, &service.name, &project.name, &ingress)
 }
 
+/// Routes a service to a release whose instances just turned healthy, before its `running` is
+/// committed, and waits (at most `max`) until every agent in session serves it: once the API
+/// says `running`, its URL answers everywhere. The caller unpins after the commit.
+pub async fn pin_running(c: &Controller, d: &crate::store::queries::DeploymentRow, agent_id: &str, max: Duration) {
+    let lookup = async {
+        let service = c.state.service(&d.project_id, &d.service_id).await.ok()??;
+        let project = c.state.project(&d.project_id).await.ok()??;
+        let ingress = c.state.agent_ingress(agent_id).await.ok()??;
+        Some(RoutedRow {
+            service_id: d.service_id.clone(),
+            service_name: service.name,
+            project_name: project.name,
+            deployment_id: d.id.clone(),
+            agent_id: agent_id.to_string(),
+            ingress,
+            ingress_https_port: 0,
+        })
+    };
+    let Some(row) = lookup.await else { return };
+    c.ingress.lock().pins.insert(d.service_id.clone(), row);
+    c.ingress.sync(max, &c.agents.all_sessions()).await;
+}
+
 /// The leader's loop: recomputes and pushes the agents' tables after every commit that changes
 /// what they route by, and every few seconds for sessions that just started.
 pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent>) {
@@ -215,7 +277,12 @@ async fn push(c: &Controller) -> anyhow::Result<()> {
     if sessions.is_empty() {
         return Ok(());
     }
-    let routed = c.state.routed_services().await?;
+    // Pinned releases first: of two rows of a service, the first is routed.
+    let (pins, generation) = {
+        let inner = c.ingress.lock();
+        (inner.pins.values().cloned().collect::<Vec<RoutedRow>>(), inner.generation)
+    };
+    let routed: Vec<RoutedRow> = pins.into_iter().chain(c.state.routed_services().await?).collect();
     let mut domains: HashMap<String, Vec<String>> = HashMap::new();
     for (domain, service_id) in c.state.service_domains().await? {
         domains.entry(service_id).or_default().push(domain);
@@ -250,15 +317,24 @@ async fn push(c: &Controller) -> anyhow::Result<()> {
             }
             h.finish()
         };
-        if c.ingress.lock().sent.get(&agent_id) == Some(&(serial, fingerprint)) {
-            continue;
+        {
+            let mut inner = c.ingress.lock();
+            if inner.sent.get(&agent_id) == Some(&(serial, fingerprint)) {
+                // What it has is current: it counts as sent for this generation.
+                if let Some(sent) = inner.sent_generation.get_mut(&agent_id) {
+                    sent.0 = sent.0.max(generation);
+                }
+                continue;
+            }
         }
         let version = c.ingress.next_version(term);
         let update =
             UpdateRoutes { version, routes, certificates: certificates.clone(), challenges: challenges.clone() };
         let message = ControllerMessage { body: Some(ControllerBody::UpdateRoutes(update)) };
         if c.agents.send(&agent_id, serial, message) {
-            c.ingress.lock().sent.insert(agent_id, (serial, fingerprint));
+            let mut inner = c.ingress.lock();
+            inner.sent.insert(agent_id.clone(), (serial, fingerprint));
+            inner.sent_generation.insert(agent_id, (generation, version));
         }
     }
     Ok(())
