@@ -342,6 +342,18 @@ async fn a_custom_domain_gets_a_certificate_from_pebble_and_http_redirects_to_it
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", setup.diagnostics(), pebble.pebble.log()));
     assert_eq!(served, (200, "the shop\n".to_string()));
+    // The API says so, with the expiry; and names the default host.
+    let (status, shown) = setup
+        .cluster
+        .api
+        .get(&format!("{}/api/v1/projects/{}/services/{service}", setup.url(), setup.project_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["host"], format!("shop-{}.localhost", setup.project));
+    assert_eq!(shown["certificates"][0]["domain"], "www.shop.test", "{shown:#}");
+    assert_eq!(shown["certificates"][0]["status"], "issued", "{shown:#}");
+    assert!(shown["certificates"][0]["expires_at"].is_string(), "{shown:#}");
     // Plain HTTP for the domain now goes to HTTPS; the default host name (private CA) does not.
     let client = reqwest::Client::builder()
         .resolve("www.shop.test", std::net::SocketAddr::from(([127, 0, 0, 1], http_port)))

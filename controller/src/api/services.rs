@@ -199,15 +199,86 @@ pub struct ServiceView {
     /// Secret names, each with a masked value.
     #[schema(value_type = BTreeMap<String, String>)]
     secrets: BTreeMap<String, &'static str>,
+    /// The host name it answers at on every agent's ingress once it runs.
+    #[schema(example = "web-shop.apps.example.com")]
+    host: String,
+    /// Its custom domains' certificates.
+    certificates: Vec<CertificateView>,
     created_at: String,
     updated_at: String,
 }
 
+/// A custom domain's certificate.
+#[derive(Serialize, ToSchema)]
+struct CertificateView {
+    domain: String,
+    /// `issued`; `pending` (not ordered yet: ordered once the service runs); `failed` (the last
+    /// order failed, see `error`; a certificate issued before keeps serving); `none` (no ACME
+    /// directory is configured: the domain is served over plain HTTP).
+    #[schema(example = "issued")]
+    status: &'static str,
+    expires_at: Option<String>,
+    error: Option<String>,
+    /// When a failed order is tried again.
+    retry_at: Option<String>,
+}
+
+/// What the views need to show hosts and certificates.
+struct IngressInfo {
+    project_name: String,
+    base_domain: String,
+    acme: bool,
+    certificates: std::collections::HashMap<String, crate::store::queries::CertificateRow>,
+}
+
+impl IngressInfo {
+    async fn load(c: &AppState, project_id: &str) -> Result<IngressInfo, ApiError> {
+        let project_name = c.state.project(project_id).await?.map(|p| p.name).unwrap_or_default();
+        let certificates = c.state.certificates().await?.into_iter().map(|r| (r.domain.clone(), r)).collect();
+        Ok(IngressInfo {
+            project_name,
+            base_domain: c.ingress.settings.base_domain.clone(),
+            acme: c.ingress.settings.acme.is_some(),
+            certificates,
+        })
+    }
+
+    fn host(&self, service: &str) -> String {
+        format!("{}.{}", crate::ingress::default_label(service, &self.project_name), self.base_domain)
+    }
+
+    fn certificates(&self, domains: &[String]) -> Vec<CertificateView> {
+        domains
+            .iter()
+            .map(|domain| {
+                let row = self.certificates.get(domain);
+                let issued = row.filter(|r| !r.cert_chain_pem.is_empty());
+                let error = row.and_then(|r| r.error.clone());
+                let status = match (&error, issued) {
+                    (Some(_), _) => "failed",
+                    (None, Some(_)) => "issued",
+                    (None, None) if self.acme => "pending",
+                    (None, None) => "none",
+                };
+                CertificateView {
+                    domain: domain.clone(),
+                    status,
+                    expires_at: issued.map(|r| rfc3339(r.not_after)),
+                    retry_at: row.filter(|_| error.is_some()).map(|r| rfc3339(r.retry_at)),
+                    error,
+                }
+            })
+            .collect()
+    }
+}
+
 impl ServiceView {
-    fn new(row: ServiceRow) -> Result<ServiceView, ApiError> {
+    fn new(row: ServiceRow, info: &IngressInfo) -> Result<ServiceView, ApiError> {
         let spec: ServiceSpec =
             serde_json::from_value(row.spec).map_err(|e| ApiError::internal("stored service spec", e))?;
         Ok(ServiceView {
+            host: info.host(&row.name),
+            certificates: info.certificates(&spec.domains),
             id: row.id,
             project_id: row.project_id,
             name: row.name,
@@ -478,7 +549,10 @@ async fn create(
         at,
     };
     applied(c.propose(caller.audited("service.create", &name, Some(&project_id), command)).await?)?;
+    let info = IngressInfo::load(&c, &project_id).await?;
     let view = ServiceView {
+        host: info.host(&name),
+        certificates: info.certificates(&spec.domains),
         id,
         project_id,
         name,
@@ -612,7 +686,10 @@ async fn update(
         at,
     };
     applied(c.propose(caller.audited("service.update", &row.name, Some(&project_id), command)).await?)?;
+    let info = IngressInfo::load(&c, &project_id).await?;
     Ok(Json(ServiceView {
+        host: info.host(&row.name),
+        certificates: info.certificates(&spec.domains),
         id: row.id,
         project_id,
         name: row.name,
@@ -647,7 +724,8 @@ async fn list(
     c.read_barrier().await?;
     caller.require_project(&c, &project_id, "read", Role::Viewer).await?;
     let rows = c.state.services(&project_id).await?;
-    Ok(Json(rows.into_iter().map(ServiceView::new).collect::<Result<_, _>>()?))
+    let info = IngressInfo::load(&c, &project_id).await?;
+    Ok(Json(rows.into_iter().map(|row| ServiceView::new(row, &info)).collect::<Result<_, _>>()?))
 }
 
 /// One service.
@@ -681,7 +759,8 @@ async fn show(
         .service(&project_id, &service_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no service with id {service_id} in this project")))?;
-    Ok(Json(ServiceView::new(row)?))
+    let info = IngressInfo::load(&c, &project_id).await?;
+    Ok(Json(ServiceView::new(row, &info)?))
 }
 
 /// Deletes a service no other service depends on (project admins).
