@@ -22,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -120,7 +120,8 @@ impl RouteEntry {
     /// lately last.
     fn order(&self, now: u64) -> impl Iterator<Item = &Backend> {
         let n = self.backends.len();
-        let start = self.next.fetch_add(1, Relaxed);
+        // One backend: nothing to rotate, and no shared counter to bump per request.
+        let start = if n > 1 { self.next.fetch_add(1, Relaxed) } else { 0 };
         let ring = (0..n).map(move |i| &self.backends[(start + i) % n]);
         ring.clone().filter(move |b| b.is_up(now)).chain(ring.filter(move |b| !b.is_up(now)))
     }
@@ -153,16 +154,23 @@ impl Backend {
 /// thread: a connection's task runs where it was opened, so a thread reusing its own connections
 /// wakes no other (and with a runtime per thread, nothing crosses threads).
 struct Pool {
-    shards: [Shard; POOL_SHARDS],
-    /// Requests to this backend in flight now (see [`InFlight`]).
-    in_flight: AtomicUsize,
+    shards: [Arc<Shard>; POOL_SHARDS],
 }
 
 /// A connection to a backend, as requests are sent on it.
 type Sender = backend_http1::SendRequest<RequestBody>;
 
-/// Idle connections, with when each was last used.
-type Shard = Mutex<VecDeque<(Sender, u64)>>;
+/// One thread's share of a [`Pool`]: what it touches per request (the idle list, the in-flight
+/// count, the `Arc` count of its guards) sits on cache lines of its own, so that threads serving
+/// the same backend do not bounce them between cores.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    /// Idle connections, with when each was last used.
+    idle: Mutex<VecDeque<(Sender, u64)>>,
+    /// Requests to this backend in flight now that started on this shard (see [`InFlight`]).
+    in_flight: AtomicUsize,
+}
 
 const POOL_SHARDS: usize = 8;
 
@@ -171,7 +179,7 @@ const MAX_IDLE_PER_BACKEND: usize = 128;
 
 impl Default for Pool {
     fn default() -> Pool {
-        Pool { shards: std::array::from_fn(|_| Mutex::default()), in_flight: AtomicUsize::new(0) }
+        Pool { shards: std::array::from_fn(|_| Arc::default()) }
     }
 }
 
@@ -182,10 +190,26 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// This thread's shard.
+    fn shard(&self) -> &Arc<Shard> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
+        }
+        &self.shards[SHARD.with(|shard| *shard)]
+    }
+
+    /// Requests to this backend in flight now.
+    fn in_flight(&self) -> usize {
+        self.shards.iter().map(|shard| shard.in_flight.load(Relaxed)).sum()
+    }
+}
+
+impl Shard {
     /// The most recently used connection that is still open, if any; those idle for longer than
     /// `max_idle_ms` are closed.
     fn take(&self, now: u64, max_idle_ms: u64) -> Option<Sender> {
-        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|(_, since)| now.saturating_sub(*since) >= max_idle_ms) {
             idle.pop_front();
         }
@@ -198,30 +222,22 @@ impl Pool {
     }
 
     fn put(&self, sender: Sender) {
-        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() >= MAX_IDLE_PER_BACKEND {
             idle.pop_front();
         }
         idle.push_back((sender, now_ms()));
     }
-
-    fn shard(&self) -> &Shard {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
-        }
-        &self.shards[SHARD.with(|shard| *shard)]
-    }
 }
 
 /// One request counted in flight to a backend, from when the backend is picked until the guard
 /// is dropped: with the response body once it is done, or with the tunnel once it closes.
-struct InFlight(Arc<Pool>);
+struct InFlight(Arc<Shard>);
 
 impl InFlight {
-    fn start(pool: &Arc<Pool>) -> InFlight {
-        pool.in_flight.fetch_add(1, Relaxed);
-        InFlight(pool.clone())
+    fn start(shard: &Arc<Shard>) -> InFlight {
+        shard.in_flight.fetch_add(1, Relaxed);
+        InFlight(shard.clone())
     }
 }
 
@@ -238,8 +254,8 @@ struct Lent {
 }
 
 impl Lent {
-    /// The exchange ended cleanly: the connection goes back to its pool (before the count drops,
-    /// so that a drained backend has its connections idle).
+    /// The exchange ended cleanly: the connection goes back to the shard it came from (before
+    /// the count drops, so that a drained backend has its connections idle).
     fn give_back(self) {
         self.in_flight.0.put(self.sender);
     }
@@ -430,6 +446,9 @@ const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 pub struct Proxy {
     settings: ProxySettings,
     table: RwLock<Arc<RouteTable>>,
+    /// Bumped with every new table (under its write lock), so that a connection can tell that
+    /// the route it cached is still current without taking the lock.
+    generation: AtomicU64,
     /// Every backend's pool, by address, so that a new table keeps the connections of the old.
     pools: Mutex<HashMap<SocketAddr, std::sync::Weak<Pool>>>,
     certificates: Arc<Certificates>,
@@ -453,6 +472,7 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             table: RwLock::new(Arc::new(RouteTable::default())),
+            generation: AtomicU64::new(0),
             pools: Mutex::new(HashMap::new()),
             certificates: Arc::default(),
             challenges: RwLock::default(),
@@ -480,12 +500,20 @@ impl Proxy {
                 });
             }
         }
-        *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        let mut current = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        *current = Arc::new(table);
+        self.generation.fetch_add(1, Release);
     }
 
     /// The table requests are routed by now.
     pub fn routes(&self) -> Arc<RouteTable> {
         self.table.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The table requests are routed by now, with its generation.
+    fn routes_with_generation(&self) -> (u64, Arc<RouteTable>) {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        (self.generation.load(Acquire), table.clone())
     }
 
     /// How many requests are being proxied to any of `backends` now: each from when its backend
@@ -502,7 +530,7 @@ impl Proxy {
             }
             counted.push(*addr);
             if let Some(pool) = pools.get(addr).and_then(std::sync::Weak::upgrade) {
-                total += pool.in_flight.load(Relaxed);
+                total += pool.in_flight();
             }
         }
         total
@@ -833,6 +861,8 @@ impl Proxy {
             last_io: AtomicU64::new(0),
             tunnel: Mutex::new(None),
             unread_body: AtomicBool::new(false),
+            last_route: Mutex::new(None),
+            response_timer: Mutex::new(None),
         });
         let io = TokioIo::new(ClientIo { stream, state: state.clone() });
         let service = {
@@ -934,6 +964,35 @@ struct ConnState {
     /// A request was answered before its body was read: hyper will close the connection, and
     /// the client may still be sending.
     unread_body: AtomicBool,
+    /// The route the last request took (see [`LastRoute`]).
+    last_route: Mutex<Option<LastRoute>>,
+    /// The timer of `response_header_timeout`, kept from one request to the next: moving a
+    /// registered timer's deadline later costs no more than an atomic, where a new timer per
+    /// request is registered and removed.
+    response_timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+/// The route a connection's last request took, reused by the next request for the same host
+/// while the table is the same: a keep-alive client sends many, and the references are the
+/// connection's own, so that threads serving other connections do not bounce the shared
+/// reference counts (and the table's lock) between cores for each request.
+struct LastRoute {
+    generation: u64,
+    /// Normalized.
+    host: String,
+    table: Arc<RouteTable>,
+    entry: Arc<Routed>,
+}
+
+/// A route entry as one connection holds it (see [`LastRoute`]).
+struct Routed(Arc<RouteEntry>);
+
+impl std::ops::Deref for Routed {
+    type Target = RouteEntry;
+
+    fn deref(&self) -> &RouteEntry {
+        &self.0
+    }
 }
 
 impl ConnState {
@@ -977,7 +1036,7 @@ impl ConnState {
 
     /// The route a request takes, or the page that answers it. On plain HTTP, an ACME challenge
     /// is answered for any host, and a host with a certificate is redirected to HTTPS.
-    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<RouteEntry>, Response<ResponseBody>> {
+    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<Routed>, Response<ResponseBody>> {
         let settings = &self.proxy.settings;
         let challenge = !self.tls && req.uri().path().starts_with(ACME_CHALLENGE);
         if challenge {
@@ -987,17 +1046,29 @@ impl ConnState {
         }
         let entry = {
             let host = request_host(req).map_err(|message| page(StatusCode::BAD_REQUEST, message.to_string()))?;
-            let table = self.proxy.routes();
-            let entry = match table.routes.get(host.as_ref()) {
-                Some(entry) => entry.clone(),
-                None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
+            let (entry, from_peer) = {
+                let mut last = self.last_route.lock().unwrap_or_else(PoisonError::into_inner);
+                let generation = self.proxy.generation.load(Acquire);
+                let last = match &mut *last {
+                    Some(last) if last.generation == generation && last.host == host => last,
+                    last => {
+                        let (generation, table) = self.proxy.routes_with_generation();
+                        let entry = match table.routes.get(host.as_ref()) {
+                            Some(entry) => Arc::new(Routed(entry.clone())),
+                            None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
+                        };
+                        last.insert(LastRoute { generation, host: host.clone().into_owned(), table, entry })
+                    }
+                };
+                let forwarded = req.headers().contains_key(X_DEPLOYER_HOP);
+                if forwarded && last.entry.route.via_peer {
+                    let text =
+                        format!("{} is being moved between hosts; try again in a moment\n", last.entry.route.service);
+                    return Err(page(StatusCode::LOOP_DETECTED, text));
+                }
+                (last.entry.clone(), forwarded && last.table.peers.contains(&self.client_addr))
             };
-            let forwarded = req.headers().contains_key(X_DEPLOYER_HOP);
-            if forwarded && entry.route.via_peer {
-                let text = format!("{} is being moved between hosts; try again in a moment\n", entry.route.service);
-                return Err(page(StatusCode::LOOP_DETECTED, text));
-            }
-            self.from_peer.store(forwarded && table.peers.contains(&self.client_addr), Relaxed);
+            self.from_peer.store(from_peer, Relaxed);
             if !self.tls && !challenge {
                 if let Some(redirect) = self.proxy.https_redirect(&host, req.uri()) {
                     return Err(redirect);
@@ -1025,7 +1096,7 @@ impl ConnState {
         Ok(entry)
     }
 
-    async fn forward(self: Arc<Self>, entry: Arc<RouteEntry>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn forward(self: Arc<Self>, entry: Arc<Routed>, mut req: Request<Incoming>) -> Response<ResponseBody> {
         let settings = &self.proxy.settings;
         let route = &entry.route;
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -1115,11 +1186,11 @@ impl ConnState {
         mut req: Request<RequestBody>,
         started: u64,
     ) -> Result<(Response<Incoming>, Lent), Failure> {
-        let pool = backend.pool();
-        let in_flight = InFlight::start(pool);
+        let shard = backend.pool().shard();
+        let in_flight = InFlight::start(shard);
         let max_idle_ms = self.proxy.settings.idle_timeout.as_millis() as u64;
         loop {
-            let (mut sender, reused) = match pool.take(started, max_idle_ms) {
+            let (mut sender, reused) = match shard.take(started, max_idle_ms) {
                 Some(sender) => (sender, true),
                 None => (self.proxy.connect(backend.addr).await?, false),
             };
@@ -1147,14 +1218,20 @@ impl ConnState {
         let timeout = self.proxy.settings.response_header_timeout;
         tokio::pin!(response);
         let mut since = started;
+        let kept = self.response_timer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(instant_at(since) + timeout)));
         loop {
+            timer.as_mut().reset(instant_at(since) + timeout);
             tokio::select! {
                 biased;
-                result = &mut response => return result.map_err(|mut e| match e.take_message() {
-                    Some(request) => Unsent::Request(Box::new(request)),
-                    None => Unsent::Failed(Failure::from(e.into_error())),
-                }),
-                () = tokio::time::sleep_until(instant_at(since) + timeout) => {
+                result = &mut response => {
+                    *self.response_timer.lock().unwrap_or_else(PoisonError::into_inner) = Some(timer);
+                    return result.map_err(|mut e| match e.take_message() {
+                        Some(request) => Unsent::Request(Box::new(request)),
+                        None => Unsent::Failed(Failure::from(e.into_error())),
+                    });
+                }
+                () = timer.as_mut() => {
                     let progress = self.body_progress.load(Relaxed);
                     if self.request_waiting_since.load(Relaxed) != 0 {
                         // The client's turn: the watchdog deals with a client that stalls.

@@ -224,6 +224,36 @@ pub enum Command {
         retry_at: UnixMillis,
         at: UnixMillis,
     },
+    /// A webhook delivery and the deployments it asks for, all or nothing: a delivery handled
+    /// before (a redelivery) is rejected and creates nothing. `deployments` holds only
+    /// `CreateDeployment` commands.
+    WebhookDelivery {
+        provider: String,
+        delivery_id: String,
+        deployments: Vec<Command>,
+        at: UnixMillis,
+    },
+    /// A project's own webhook secret (None: back to the default `WEBHOOK_SECRET`). The one it
+    /// replaces stays valid until `previous_until`.
+    SetWebhookSecret {
+        project_id: String,
+        sealed_hex: Option<String>,
+        previous_until: UnixMillis,
+        at: UnixMillis,
+    },
+    /// A service's generic deploy hook secret; the one it replaces stays valid until
+    /// `previous_until`.
+    SetDeployHook {
+        project_id: String,
+        service_id: String,
+        sealed_hex: String,
+        previous_until: UnixMillis,
+        at: UnixMillis,
+    },
+    /// Forgets deliveries received before `before` (a redelivery that old is not expected).
+    PruneWebhookDeliveries {
+        before: UnixMillis,
+    },
     /// Writes that arrived together, committed as one entry; each is applied (or rejected) on
     /// its own, in order, and answers on its own.
     Batch {
@@ -264,6 +294,10 @@ impl Command {
             Command::SetAcmeAccount { .. } => "set_acme_account",
             Command::PutCertificate { .. } => "put_certificate",
             Command::CertificateFailed { .. } => "certificate_failed",
+            Command::WebhookDelivery { .. } => "webhook_delivery",
+            Command::SetWebhookSecret { .. } => "set_webhook_secret",
+            Command::SetDeployHook { .. } => "set_deploy_hook",
+            Command::PruneWebhookDeliveries { .. } => "prune_webhook_deliveries",
             Command::Batch { .. } => "batch",
         }
     }

@@ -14,5 +14,6 @@ pub mod raft;
 pub mod scheduler;
 pub mod store;
 pub mod util;
+pub mod webhooks;
 
 pub use node::{serve, ServeConfig};

@@ -85,6 +85,16 @@ struct DeployArgs {
     /// Largest source upload, bytes.
     #[arg(long, env = "DEPLOYER_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
     max_upload_bytes: u64,
+    /// Secret of the git webhooks (GitHub's signature, GitLab's token) of every project that has
+    /// no secret of its own.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Seconds a replaced webhook or deploy hook secret stays valid.
+    #[arg(long, env = "DEPLOYER_WEBHOOK_GRACE_S", default_value_t = 24 * 3600)]
+    webhook_grace_s: u64,
+    /// Largest webhook body, bytes.
+    #[arg(long, env = "DEPLOYER_WEBHOOK_MAX_BYTES", default_value_t = 5 << 20)]
+    webhook_max_bytes: usize,
 }
 
 #[derive(Args, Clone)]
@@ -137,6 +147,9 @@ impl From<DeployArgs> for DeploySettings {
             health_timeout: Duration::from_secs(a.health_timeout_s),
             keep: a.keep_deployments,
             max_upload_bytes: a.max_upload_bytes,
+            webhook_secret: a.webhook_secret.filter(|s| !s.is_empty()),
+            webhook_grace: Duration::from_secs(a.webhook_grace_s),
+            webhook_max_bytes: a.webhook_max_bytes,
         }
     }
 }

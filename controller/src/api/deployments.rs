@@ -146,11 +146,11 @@ struct DeployInput {
 }
 
 /// Whether `r` names a commit rather than a branch.
-fn is_commit(r: &str) -> bool {
+pub(super) fn is_commit(r: &str) -> bool {
     (7..=40).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn check_ref(r: &str) -> Result<(), ApiError> {
+pub(super) fn check_ref(r: &str) -> Result<(), ApiError> {
     if r.is_empty()
         || r.len() > 255
         || r.starts_with('-')

@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod projects;
 pub mod services;
 pub mod users;
+pub mod webhooks;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .merge(services::router())
         .merge(deployments::router(&state))
         .merge(audit::router())
+        .merge(webhooks::router(&state))
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)

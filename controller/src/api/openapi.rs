@@ -19,7 +19,7 @@ use super::error::{
     ApiError, BadRequest, Conflict, ErrorBody, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized,
     Unavailable, Unprocessable, UnsupportedMediaType,
 };
-use super::{agents, audit, cluster, deployments, health, projects, services, users, AppState};
+use super::{agents, audit, cluster, deployments, health, projects, services, users, webhooks, AppState};
 use crate::api::auth::SESSION_COOKIE;
 
 #[derive(OpenApi)]
@@ -69,6 +69,12 @@ use crate::api::auth::SESSION_COOKIE;
         deployments::ws_logs,
         deployments::ws_project,
         audit::list,
+        webhooks::github,
+        webhooks::gitlab,
+        webhooks::deploy_hook,
+        webhooks::set_secret,
+        webhooks::clear_secret,
+        webhooks::rotate_hook,
     ),
     components(
         schemas(ErrorBody),
@@ -95,6 +101,7 @@ use crate::api::auth::SESSION_COOKIE;
         (name = "services", description = "What a project runs"),
         (name = "deployments", description = "Releases of a service, their logs and live streams"),
         (name = "audit", description = "Who did what, when"),
+        (name = "webhooks", description = "Git hosts' webhooks and deploy hooks"),
         (name = "openapi", description = "This description"),
     )
 )]

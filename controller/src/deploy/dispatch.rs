@@ -24,6 +24,8 @@ use crate::util::now_ms;
 const TICK: Duration = Duration::from_millis(500);
 /// How often the leader drops the uploads of old deployments.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// How long a webhook delivery's id is remembered (a redelivery within this deploys nothing).
+const WEBHOOK_DELIVERIES_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Chunks of an upload sent per request of the agent.
 const UPLOAD_WINDOW: u32 = 8;
 /// How long a release that turned healthy waits for every agent to route to it before it is
@@ -58,6 +60,13 @@ pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent
         if last_cleanup.elapsed() >= CLEANUP_EVERY {
             last_cleanup = tokio::time::Instant::now();
             drop_stale_uploads(&c).await;
+            // A git host redelivers within hours; a week of delivery ids is plenty.
+            let before = now_ms() - WEBHOOK_DELIVERIES_KEPT.as_millis() as i64;
+            if c.state.webhook_deliveries_before(before).await.unwrap_or(false) {
+                if let Err(e) = c.propose(Command::PruneWebhookDeliveries { before }).await {
+                    tracing::debug!(error = %e, "cannot prune old webhook deliveries");
+                }
+            }
         }
     }
 }

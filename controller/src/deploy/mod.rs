@@ -56,6 +56,12 @@ pub struct DeploySettings {
     pub keep: u32,
     /// Largest source upload.
     pub max_upload_bytes: u64,
+    /// `WEBHOOK_SECRET`: the webhook secret of every project without its own.
+    pub webhook_secret: Option<String>,
+    /// How long a replaced webhook or deploy hook secret stays valid.
+    pub webhook_grace: Duration,
+    /// Largest webhook body.
+    pub webhook_max_bytes: usize,
 }
 
 impl Default for DeploySettings {
@@ -67,6 +73,9 @@ impl Default for DeploySettings {
             health_timeout: Duration::from_secs(60),
             keep: 5,
             max_upload_bytes: 256 << 20,
+            webhook_secret: None,
+            webhook_grace: Duration::from_secs(24 * 3600),
+            webhook_max_bytes: 5 << 20,
         }
     }
 }

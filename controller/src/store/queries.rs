@@ -669,3 +669,66 @@ impl StateReader {
         sqlx::query_scalar("SELECT ingress FROM agents WHERE id = ?").bind(id).fetch_optional(&self.pool).await
     }
 }
+
+/// A secret with the one it replaced, valid until `previous_until`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RotatedSecret {
+    pub owner: String,
+    pub sealed: Vec<u8>,
+    pub previous_sealed: Option<Vec<u8>>,
+    pub previous_until: UnixMillis,
+}
+
+impl StateReader {
+    /// Every project's own webhook secret.
+    pub async fn webhook_secrets(&self) -> Result<Vec<RotatedSecret>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT project_id AS owner, sealed, previous_sealed, previous_until FROM project_webhook_secrets \
+             ORDER BY project_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// A service's deploy hook secret.
+    pub async fn deploy_hook(&self, service_id: &str) -> Result<Option<RotatedSecret>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT service_id AS owner, sealed, previous_sealed, previous_until FROM service_deploy_hooks \
+             WHERE service_id = ?",
+        )
+        .bind(service_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Services built from git, in every project: (service id, project id, name, spec).
+    pub async fn git_services(&self) -> Result<Vec<(String, String, String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, project_id, name, spec FROM services WHERE json_extract(spec, '$.source.git') IS NOT NULL \
+             ORDER BY project_id, name",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+impl StateReader {
+    /// The project of a service, by the service's id alone.
+    pub async fn service_project(&self, service_id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT project_id FROM services WHERE id = ?")
+            .bind(service_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+}
+
+impl StateReader {
+    /// Whether a webhook delivery older than `before` is remembered.
+    pub async fn webhook_deliveries_before(&self, before: UnixMillis) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM webhook_deliveries WHERE received_at < ? LIMIT 1")
+            .bind(before)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+}

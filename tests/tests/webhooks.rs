@@ -1,0 +1,271 @@
+//! Git webhooks as GitHub and GitLab send them (payloads in their documented formats, signed
+//! as they sign them) against a real cluster, agent and Docker engine: a push deploys the
+//! matching service and only it, at the pushed commit; a forged or missing signature deploys
+//! nothing; a redelivery deploys nothing twice; a project's own secret replaces the default for
+//! it; a service's deploy hook works for CI systems.
+
+use std::path::Path;
+use std::process::Command;
+
+use deployer_tests::deploy::*;
+use ring::hmac;
+use serde_json::{json, Value};
+
+const SECRET: &str = "the-default-webhook-secret";
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    format!("sha256={}", hex::encode(hmac::sign(&key, body).as_ref()))
+}
+
+fn head(repo: &Path) -> String {
+    let out = Command::new("git").current_dir(repo).args(["rev-parse", "HEAD"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// GitHub's push payload (trimmed to the fields a receiver reads, with their real nesting).
+fn github_push(git_url: &str, branch: &str, after: &str) -> Vec<u8> {
+    let https = git_url.replacen("git://", "https://", 1);
+    serde_json::to_vec(&json!({
+        "ref": format!("refs/heads/{branch}"),
+        "before": "0000000000000000000000000000000000000001",
+        "after": after,
+        "created": false,
+        "deleted": false,
+        "forced": false,
+        "repository": {
+            "id": 1296269,
+            "name": "web",
+            "full_name": "acme/web",
+            "private": false,
+            "html_url": https,
+            "clone_url": format!("{https}.git"),
+            "git_url": format!("{git_url}.git"),
+            "ssh_url": "git@example.invalid:acme/web.git",
+            "default_branch": "main"
+        },
+        "pusher": {"name": "dev", "email": "dev@example.com"},
+        "head_commit": {"id": after, "message": "change", "timestamp": "2026-11-26T10:00:00Z"}
+    }))
+    .unwrap()
+}
+
+fn gitlab_push(git_url: &str, branch: &str, after: &str) -> Vec<u8> {
+    let http = git_url.replacen("git://", "http://", 1);
+    serde_json::to_vec(&json!({
+        "object_kind": "push",
+        "event_name": "push",
+        "before": "0000000000000000000000000000000000000001",
+        "after": after,
+        "ref": format!("refs/heads/{branch}"),
+        "checkout_sha": after,
+        "user_username": "dev",
+        "project_id": 15,
+        "project": {
+            "id": 15,
+            "name": "web",
+            "path_with_namespace": "acme/web",
+            "web_url": http,
+            "git_http_url": format!("{http}.git"),
+            "git_ssh_url": "git@example.invalid:acme/web.git",
+            "default_branch": "main"
+        },
+        "commits": [{"id": after, "message": "change"}],
+        "total_commits_count": 1
+    }))
+    .unwrap()
+}
+
+struct Hooks {
+    setup: Setup,
+    client: reqwest::Client,
+}
+
+impl Hooks {
+    async fn github(&self, event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}/webhooks/github", self.setup.url()))
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
+            .body(body.to_vec());
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn gitlab(&self, uuid: &str, body: &[u8], token: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}/webhooks/gitlab", self.setup.url()))
+            .header("content-type", "application/json")
+            .header("x-gitlab-event", "Push Hook")
+            .header("x-gitlab-event-uuid", uuid)
+            .header("x-gitlab-token", token)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn deployments(&self, service: &str) -> Vec<Value> {
+        let url =
+            format!("{}/api/v1/projects/{}/services/{service}/deployments", self.setup.url(), self.setup.project_id);
+        let (status, body) = self.setup.cluster.api.get(&url).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.as_array().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn a_signed_push_deploys_the_matching_service_at_its_commit_and_nothing_else() {
+    let setup = Setup::start(1, 1, &["--webhook-secret", SECRET, "--webhook-max-bytes", "65536"]).await;
+    let repos = setup.cluster.root.join("repos");
+    let web = repos.join("web");
+    make_repo(&web, &setup.base, "web v1\n");
+    let other = repos.join("other");
+    make_repo(&other, &setup.base, "other\n");
+    let daemon = GitDaemon::start(&repos).await;
+    let service = |name: &str, repo: &str, branch: &str| json!({"name": name, "source": {"git": {"url": daemon.url(repo), "branch": branch}}, "port": 8080});
+    let web_id = setup.create_service(service("web", "web", "main")).await;
+    let staging_id = setup.create_service(service("staging", "web", "dev")).await;
+    let other_id = setup.create_service(service("other", "other", "main")).await;
+    let hooks = Hooks { setup, client: reqwest::Client::new() };
+
+    // A new commit on main, announced by GitHub.
+    std::fs::write(web.join("index.html"), "web v2\n").unwrap();
+    commit(&web, "v2");
+    let c2 = head(&web);
+    let body = github_push(&daemon.url("web"), "main", &c2);
+
+    // Nothing is parsed, nothing deployed without the right signature.
+    let (status, answer) = hooks.github("push", "d-1", &body, None).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = hooks.github("push", "d-1", &body, Some(sign("not-the-secret", &body))).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = hooks.github("push", "d-1", b"{not json", Some(sign(SECRET, b"{not json"))).await;
+    assert_eq!(status, 400, "{answer}");
+    let big = vec![b' '; 70_000];
+    let (status, _) = hooks.github("push", "d-big", &big, Some(sign(SECRET, &big))).await;
+    assert_eq!(status, 413);
+    assert!(hooks.deployments(&web_id).await.is_empty(), "nothing deployed yet");
+
+    // The signed push: only `web` (this repository, this branch) deploys, at the pushed commit.
+    let (status, answer) = hooks.github("push", "d-1", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    let ids = answer["deployments"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 1, "{answer}");
+    let done = hooks.setup.finished(ids[0].as_str().unwrap()).await;
+    assert_eq!(done["status"], "running", "{done:#}\n{}", hooks.setup.diagnostics());
+    assert_eq!(done["commit"], c2.as_str());
+    assert_eq!(done["service_id"], web_id.as_str());
+    assert_eq!(page(done["url"].as_str().unwrap()).await, "web v2\n");
+    assert!(hooks.deployments(&staging_id).await.is_empty(), "another branch");
+    assert!(hooks.deployments(&other_id).await.is_empty(), "another repository");
+
+    // GitHub redelivers it: nothing twice.
+    let (status, answer) = hooks.github("push", "d-1", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (200, Some("duplicate")), "{answer}");
+    assert_eq!(hooks.deployments(&web_id).await.len(), 1);
+
+    // Ping, other events, a repository nobody deploys, a tag: answered, ignored.
+    let ping = serde_json::to_vec(&json!({"zen": "Keep it logically awesome.", "hook_id": 1})).unwrap();
+    assert_eq!(hooks.github("ping", "d-2", &ping, Some(sign(SECRET, &ping))).await.0, 200);
+    let star = serde_json::to_vec(&json!({"action": "created", "repository": {"full_name": "acme/web"}})).unwrap();
+    let (status, answer) = hooks.github("star", "d-3", &star, Some(sign(SECRET, &star))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("ignored")), "{answer}");
+    let elsewhere = github_push("git://git.example.invalid/acme/unknown", "main", &c2);
+    let (status, answer) = hooks.github("push", "d-4", &elsewhere, Some(sign(SECRET, &elsewhere))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("ignored")), "{answer}");
+    assert_eq!(hooks.deployments(&web_id).await.len(), 1);
+
+    // GitLab: the token, then the same event UUID again.
+    let gl = gitlab_push(&daemon.url("other"), "main", &head(&other));
+    let (status, answer) = hooks.gitlab("uuid-1", &gl, "wrong-token").await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = hooks.gitlab("uuid-1", &gl, SECRET).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    let (status, answer) = hooks.gitlab("uuid-1", &gl, SECRET).await;
+    assert_eq!((status, answer["outcome"].as_str()), (200, Some("duplicate")), "{answer}");
+    assert_eq!(hooks.deployments(&other_id).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_project_secret_replaces_the_default_and_deploy_hooks_serve_ci() {
+    let setup = Setup::start(1, 1, &["--webhook-secret", SECRET]).await;
+    let service = setup
+        .create_service(
+            json!({"name": "api", "source": {"git": {"url": "git://git.example.invalid/acme/api"}}, "port": 8080}),
+        )
+        .await;
+    let url = setup.url();
+    let hooks = Hooks { setup, client: reqwest::Client::new() };
+    let body = github_push("git://git.example.invalid/acme/api", "main", "0123456789abcdef0123456789abcdef01234567");
+
+    // The project takes a secret of its own: the default one no longer deploys it.
+    let secret_url = format!("{url}/api/v1/projects/{}/webhook-secret", hooks.setup.project_id);
+    let api = &hooks.setup.cluster.api;
+    let r = api.client.put(&secret_url).bearer_auth(&api.token).json(&json!({"secret": "short"})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let first = "project-secret-number-one";
+    let r = api.client.put(&secret_url).bearer_auth(&api.token).json(&json!({"secret": first})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let (status, answer) = hooks.github("push", "p-1", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("ignored")), "{answer}");
+    assert!(hooks.deployments(&service).await.is_empty());
+    let (status, answer) = hooks.github("push", "p-2", &body, Some(sign(first, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    // Rotated: the new one works, and the old one for its grace period.
+    let second = "project-secret-number-two";
+    let r = api.client.put(&secret_url).bearer_auth(&api.token).json(&json!({"secret": second})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let (_, answer) = hooks.github("push", "p-3", &body, Some(sign(second, &body))).await;
+    assert_eq!(answer["outcome"], "deployed", "{answer}");
+    let (_, answer) = hooks.github("push", "p-4", &body, Some(sign(first, &body))).await;
+    assert_eq!(answer["outcome"], "deployed", "the old secret in its grace: {answer}");
+    assert_eq!(hooks.deployments(&service).await.len(), 3);
+
+    // A deploy hook for CI: a secret shown once, a token or a signature, idempotent by delivery.
+    let hook_url = format!("{url}/api/v1/projects/{}/services/{service}/deploy-hook", hooks.setup.project_id);
+    let (status, hook) = api.post(&hook_url, &json!({})).await.unwrap();
+    assert_eq!(status, 201, "{hook}");
+    let path = hook["path"].as_str().unwrap();
+    let hook_secret = hook["secret"].as_str().unwrap();
+    let call = |token: Option<&str>, delivery: Option<&str>, body: &'static str| {
+        let mut request = hooks.client.post(format!("{url}{path}")).body(body);
+        if let Some(token) = token {
+            request = request.header("x-deployer-token", token);
+        }
+        if let Some(delivery) = delivery {
+            request = request.header("x-deployer-delivery", delivery);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(call(None, None, "").await.0, 401);
+    assert_eq!(call(Some("wrong"), None, "").await.0, 401);
+    let (status, answer) = call(Some(hook_secret), Some("ci-run-7"), r#"{"ref": "main"}"#).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    let (status, answer) = call(Some(hook_secret), Some("ci-run-7"), r#"{"ref": "main"}"#).await;
+    assert_eq!((status, answer["outcome"].as_str()), (200, Some("duplicate")), "{answer}");
+    let signed = hooks
+        .client
+        .post(format!("{url}{path}"))
+        .header("x-hub-signature-256", sign(hook_secret, b"{}"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 202);
+    let (status, answer) = call(Some(hook_secret), None, r#"{"ref": "--upload-pack=x"}"#).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(hooks.deployments(&service).await.len(), 5);
+}
