@@ -204,6 +204,10 @@ impl Client {
         self.send(Method::PATCH, segments, &[], Some(body), true).await
     }
 
+    pub async fn put(&self, segments: &[&str], body: &Value) -> Result<Answer, CliError> {
+        self.send(Method::PUT, segments, &[], Some(body), true).await
+    }
+
     pub async fn delete(&self, segments: &[&str]) -> Result<Answer, CliError> {
         self.send(Method::DELETE, segments, &[], None, true).await
     }

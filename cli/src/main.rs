@@ -10,6 +10,7 @@ mod config;
 mod deployments;
 mod env;
 mod output;
+mod previews;
 mod projects;
 mod prompt;
 mod secrets;
@@ -111,6 +112,12 @@ enum Command {
     },
     /// Print a deployment's log, or follow it live with -f.
     Logs(LogsArgs),
+    /// A project's preview environments (pull requests get theirs from the git webhooks): list,
+    /// create for a branch, delete, turn on or off.
+    Previews {
+        #[command(subcommand)]
+        command: previews::PreviewsCommand,
+    },
     /// Log in with an email and password, and save an API token for the CLI.
     ///
     /// The token (named cli@<hostname>, with every scope you hold) and the controller's URL are saved
@@ -227,6 +234,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollback(args) => deployments::rollback(args, &client()?, format).await,
         Command::Deployments { command } => deployments::run(command, &client()?, format).await,
         Command::Logs(args) => deployments::logs(args, &client()?, format).await,
+        Command::Previews { command } => previews::run(command, &client()?, format).await,
         Command::Agents { command } => agents::run(command, &client()?, format).await,
         Command::Login { email, password_stdin } => {
             let token_set = cli.token.as_deref().is_some_and(|t| !t.trim().is_empty());

@@ -154,6 +154,9 @@ pub enum Command {
         source: serde_json::Value,
         reference: Option<String>,
         created_by: String,
+        /// The preview environment it belongs to ("" for the service's own releases).
+        #[serde(default)]
+        preview: String,
         at: UnixMillis,
     },
     /// One chunk of an uploaded source tarball, stored before its deployment is created.
@@ -250,6 +253,42 @@ pub enum Command {
         previous_until: UnixMillis,
         at: UnixMillis,
     },
+    /// Opens a preview environment, or moves the live one with this key to a new head (and
+    /// pushes its expiry back).
+    PutPreview {
+        id: String,
+        project_id: String,
+        key: String,
+        origin: String,
+        number: Option<u64>,
+        branch: String,
+        commit: String,
+        expires_at: UnixMillis,
+        /// Its deployments (`CreateDeployment` commands with this preview's key), created with
+        /// it or not at all.
+        deployments: Vec<Command>,
+        at: UnixMillis,
+    },
+    /// Starts tearing a preview down: its deployments end (`cancelled`) so its hosts stop
+    /// answering, and the leader has every agent remove what it holds of it.
+    DestroyPreview {
+        project_id: String,
+        key: String,
+        reason: String,
+        at: UnixMillis,
+    },
+    /// How a teardown went: done, or what is left (tried again later).
+    PreviewTeardown {
+        project_id: String,
+        key: String,
+        error: Option<String>,
+        at: UnixMillis,
+    },
+    /// Turns a project's preview environments on or off.
+    SetPreviewsEnabled {
+        project_id: String,
+        enabled: bool,
+    },
     /// Forgets deliveries received before `before` (a redelivery that old is not expected).
     PruneWebhookDeliveries {
         before: UnixMillis,
@@ -298,6 +337,10 @@ impl Command {
             Command::SetWebhookSecret { .. } => "set_webhook_secret",
             Command::SetDeployHook { .. } => "set_deploy_hook",
             Command::PruneWebhookDeliveries { .. } => "prune_webhook_deliveries",
+            Command::PutPreview { .. } => "put_preview",
+            Command::DestroyPreview { .. } => "destroy_preview",
+            Command::PreviewTeardown { .. } => "preview_teardown",
+            Command::SetPreviewsEnabled { .. } => "set_previews_enabled",
             Command::Batch { .. } => "batch",
         }
     }

@@ -95,6 +95,9 @@ struct DeployArgs {
     /// Largest webhook body, bytes.
     #[arg(long, env = "DEPLOYER_WEBHOOK_MAX_BYTES", default_value_t = 5 << 20)]
     webhook_max_bytes: usize,
+    /// Seconds without a push after which a preview environment is destroyed.
+    #[arg(long, env = "DEPLOYER_PREVIEW_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    preview_ttl_s: u64,
 }
 
 #[derive(Args, Clone)]
@@ -150,6 +153,7 @@ impl From<DeployArgs> for DeploySettings {
             webhook_secret: a.webhook_secret.filter(|s| !s.is_empty()),
             webhook_grace: Duration::from_secs(a.webhook_grace_s),
             webhook_max_bytes: a.webhook_max_bytes,
+            preview_ttl: Duration::from_secs(a.preview_ttl_s),
         }
     }
 }

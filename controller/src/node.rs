@@ -222,6 +222,7 @@ pub async fn serve(
     let agents_task = tokio::spawn(crate::agents::run(controller.clone(), state_events.subscribe()));
     let dispatch_task = tokio::spawn(crate::deploy::dispatch::run(controller.clone(), state_events.subscribe()));
     let ingress_task = tokio::spawn(crate::ingress::run(controller.clone(), state_events.subscribe()));
+    let previews_task = tokio::spawn(crate::deploy::previews::run(controller.clone(), state_events.subscribe()));
     let certify_task = tokio::spawn(crate::ingress::certify::run(controller.clone(), state_events.subscribe()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
@@ -329,6 +330,7 @@ pub async fn serve(
     agents_task.abort();
     dispatch_task.abort();
     ingress_task.abort();
+    previews_task.abort();
     certify_task.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {

@@ -269,3 +269,184 @@ async fn a_project_secret_replaces_the_default_and_deploy_hooks_serve_ci() {
     assert_eq!(status, 422, "{answer}");
     assert_eq!(hooks.deployments(&service).await.len(), 5);
 }
+
+/// GitHub's pull_request payload (trimmed to what a receiver reads, with the real nesting).
+fn github_pull_request(git_url: &str, action: &str, number: u64, branch: &str, sha: &str, merged: bool) -> Vec<u8> {
+    let https = git_url.replacen("git://", "https://", 1);
+    let repo = json!({
+        "id": 1296269,
+        "name": "web",
+        "full_name": "acme/web",
+        "html_url": https,
+        "clone_url": format!("{https}.git"),
+        "git_url": format!("{git_url}.git"),
+        "ssh_url": "git@example.invalid:acme/web.git",
+        "default_branch": "main"
+    });
+    serde_json::to_vec(&json!({
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number,
+            "state": if action == "closed" { "closed" } else { "open" },
+            "title": "Add a login page",
+            "merged": merged,
+            "head": {"label": format!("acme:{branch}"), "ref": branch, "sha": sha, "repo": repo.clone()},
+            "base": {"label": "acme:main", "ref": "main", "sha": "0000000000000000000000000000000000000002", "repo": repo.clone()}
+        },
+        "repository": repo,
+        "sender": {"login": "dev"}
+    }))
+    .unwrap()
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "user.email=dev@example.com", "-c", "user.name=Dev"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+async fn preview(hooks: &Hooks, key: &str) -> Option<Value> {
+    let url = format!("{}/api/v1/projects/{}/previews", hooks.setup.url(), hooks.setup.project_id);
+    let (_, list) = hooks.setup.cluster.api.get(&url).await.ok()?;
+    list.as_array()?.iter().find(|p| p["key"] == key).cloned()
+}
+
+/// What is left of a preview on this host: its containers, its deployments' images and sources.
+fn leftovers(hooks: &Hooks, key: &str, deployments: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    let containers = docker(&["ps", "-aq", "--filter", &format!("label=deployer.preview={key}")]);
+    left.extend(containers.split_whitespace().map(|c| format!("container {c}")));
+    let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    for d in deployments {
+        left.extend(images.lines().filter(|i| i.ends_with(&format!(":{d}"))).map(|i| format!("image {i}")));
+        let source = hooks.setup.storage(0).join("sources").join(d);
+        if source.exists() {
+            left.push(format!("source {}", source.display()));
+        }
+    }
+    left
+}
+
+async fn port(hooks: &Hooks) -> u16 {
+    let (_, agents) = hooks.setup.cluster.api.get(&format!("{}/api/v1/agents", hooks.setup.url())).await.unwrap();
+    agents[0]["ingress"].as_str().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+async fn get_host(host: &str, port: u16) -> (u16, String) {
+    let client =
+        reqwest::Client::builder().resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port))).build().unwrap();
+    let r = client.get(format!("http://{host}:{port}/")).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_pull_request_gets_a_preview_that_follows_its_pushes_and_is_gone_when_it_closes() {
+    let setup = Setup::start(1, 1, &["--webhook-secret", SECRET]).await;
+    let repos = setup.cluster.root.join("repos");
+    let web = repos.join("web");
+    make_repo(&web, &setup.base, "main\n");
+    let daemon = GitDaemon::start(&repos).await;
+    let service =
+        setup.create_service(json!({"name": "web", "source": {"git": {"url": daemon.url("web")}}, "port": 8080})).await;
+    let main = setup.deploy(&service, json!({})).await;
+    assert_eq!(setup.finished(main["id"].as_str().unwrap()).await["status"], "running");
+    let hooks = Hooks { setup, client: reqwest::Client::new() };
+    let port = port(&hooks).await;
+    let project = hooks.setup.project.clone();
+    let main_host = format!("web-{project}.localhost");
+    let preview_host = format!("web-{project}-pr-7.localhost");
+
+    // Opened: the branch's head answers at the preview's host; the service's own release too.
+    git(&web, &["checkout", "-q", "-b", "feature/login"]);
+    std::fs::write(web.join("index.html"), "feature v1\n").unwrap();
+    commit(&web, "feature v1");
+    let body = github_pull_request(&daemon.url("web"), "opened", 7, "feature/login", &head(&web), false);
+    let (status, answer) = hooks.github("pull_request", "pr-1", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    let mut deployments: Vec<String> =
+        answer["deployments"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
+    let first = hooks.setup.finished(&deployments[0]).await;
+    assert_eq!(first["status"], "running", "{first:#}\n{}", hooks.setup.diagnostics());
+    assert_eq!(first["preview"], "pr-7");
+    assert_eq!(first["url"], format!("http://{preview_host}:{port}"));
+    assert_eq!(get_host(&preview_host, port).await, (200, "feature v1\n".to_string()));
+    assert_eq!(get_host(&main_host, port).await, (200, "main\n".to_string()));
+    let shown = preview(&hooks, "pr-7").await.expect("the preview is listed");
+    assert_eq!(shown["status"], "active", "{shown:#}");
+    assert_eq!(shown["hosts"][0], preview_host.as_str());
+
+    // Synchronize: the new head replaces the preview's release, and only it.
+    std::fs::write(web.join("index.html"), "feature v2\n").unwrap();
+    commit(&web, "feature v2");
+    let body = github_pull_request(&daemon.url("web"), "synchronize", 7, "feature/login", &head(&web), false);
+    let (_, answer) = hooks.github("pull_request", "pr-2", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!(answer["outcome"], "deployed", "{answer}");
+    let second = answer["deployments"][0].as_str().unwrap().to_string();
+    assert_eq!(hooks.setup.finished(&second).await["status"], "running");
+    deployments.push(second);
+    assert_eq!(get_host(&preview_host, port).await, (200, "feature v2\n".to_string()));
+    assert_eq!(get_host(&main_host, port).await, (200, "main\n".to_string()));
+
+    // Closed (merged): the preview's host stops answering and nothing of it is left.
+    let body = github_pull_request(&daemon.url("web"), "closed", 7, "feature/login", &head(&web), true);
+    let (_, answer) = hooks.github("pull_request", "pr-3", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!(answer["outcome"], "destroyed", "{answer}");
+    assert_eq!(get_host(&preview_host, port).await.0, 404);
+    let destroyed =
+        deployer_tests::wait_for("the preview to be destroyed", std::time::Duration::from_secs(30), || async {
+            (preview(&hooks, "pr-7").await?["status"] == "destroyed").then_some(())
+        })
+        .await;
+    if let Err(e) = destroyed {
+        panic!("{e:#}: {:#}\n{}", preview(&hooks, "pr-7").await.unwrap_or_default(), hooks.setup.diagnostics());
+    }
+    assert_eq!(leftovers(&hooks, "pr-7", &deployments), Vec::<String>::new());
+    assert_eq!(get_host(&main_host, port).await, (200, "main\n".to_string()), "the service's own release serves on");
+    assert!(hooks.setup.storage(0).join("sources").join(main["id"].as_str().unwrap()).exists());
+}
+
+#[tokio::test]
+async fn a_forgotten_preview_expires_and_is_torn_down() {
+    let setup = Setup::start(1, 1, &["--preview-ttl-s", "3"]).await;
+    let repos = setup.cluster.root.join("repos");
+    let web = repos.join("web");
+    make_repo(&web, &setup.base, "main\n");
+    git(&web, &["checkout", "-q", "-b", "try-this"]);
+    std::fs::write(web.join("index.html"), "trying\n").unwrap();
+    commit(&web, "try");
+    let service = setup
+        .create_service(
+            json!({"name": "web", "source": {"git": {"url": format!("file://{}", web.display())}}, "port": 8080}),
+        )
+        .await;
+    let hooks = Hooks { setup, client: reqwest::Client::new() };
+    let url = format!("{}/api/v1/projects/{}/previews", hooks.setup.url(), hooks.setup.project_id);
+    let (status, body) = hooks.setup.cluster.api.post(&url, &json!({"branch": "Try This!"})).await.unwrap();
+    assert_eq!(status, 422, "not a branch name: {body}");
+    let (status, made) = hooks.setup.cluster.api.post(&url, &json!({"branch": "try-this"})).await.unwrap();
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["key"], "try-this");
+    let deployments = hooks.deployments(&service).await;
+    assert_eq!(deployments.len(), 1, "{deployments:#?}");
+    let id = deployments[0]["id"].as_str().unwrap().to_string();
+    let _ = hooks.setup.finished(&id).await;
+    let port = port(&hooks).await;
+    let host = format!("web-{}-try-this.localhost", hooks.setup.project);
+    // It may already have expired (3 s): either it answers, or it is on its way out.
+    let (status, _) = get_host(&host, port).await;
+    assert!(status == 200 || status == 404, "{status}");
+    deployer_tests::wait_for("the preview to expire and be destroyed", std::time::Duration::from_secs(40), || async {
+        (preview(&hooks, "try-this").await?["status"] == "destroyed").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", hooks.setup.diagnostics()));
+    assert_eq!(get_host(&host, port).await.0, 404);
+    assert_eq!(leftovers(&hooks, "try-this", &[id]), Vec::<String>::new());
+}

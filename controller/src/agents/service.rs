@@ -252,6 +252,12 @@ async fn run_session(
                     return Ok(());
                 }
             }
+            AgentBody::PreviewDestroyed(report) => {
+                if !report.error.is_empty() {
+                    tracing::warn!(agent = %id, preview = %report.preview, error = %report.error, "a preview teardown left something");
+                }
+                c.deploys.teardowns.reported(&id, report);
+            }
             AgentBody::RoutesApplied(applied) => {
                 if !applied.error.is_empty() {
                     tracing::warn!(agent = %id, version = applied.version, error = %applied.error, "the agent's ingress reported problems");

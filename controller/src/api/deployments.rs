@@ -71,6 +71,8 @@ pub struct DeploymentView {
     /// `git`, `image` or `upload`.
     source: String,
     created_by: String,
+    /// The preview environment it belongs to (`null`: the service's own release).
+    preview: Option<String>,
     created_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
@@ -98,6 +100,7 @@ impl From<DeploymentRow> for DeploymentView {
             error: d.error,
             reference: d.reference,
             source: source.to_string(),
+            preview: Some(d.preview).filter(|p| !p.is_empty()),
             created_by: d.created_by,
             created_at: rfc3339(d.created_at),
             started_at: d.started_at.map(rfc3339),
@@ -208,6 +211,7 @@ async fn create(
         source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
         reference,
         created_by: caller.actor(),
+        preview: String::new(),
         at: now_ms(),
     };
     super::error::applied(c.propose(caller.audited(action, &target.name, Some(&target.project_id), command)).await?)?;
@@ -406,7 +410,9 @@ async fn rollback(
     let body = body.map(|b| b.0).unwrap_or_default();
     c.read_barrier().await?;
     let (name, _) = service_of(&c, &caller, &project_id, &service_id, "deploy", Role::Developer).await?;
-    let history = c.state.deployments_of_service(&service_id, 1000, None).await?;
+    // The service's own releases: a preview's are not rolled back to.
+    let mut history = c.state.deployments_of_service(&service_id, 1000, None).await?;
+    history.retain(|d| d.preview.is_empty());
     let target = match &body.deployment_id {
         Some(id) => {
             let d = history.iter().find(|d| &d.id == id).ok_or_else(|| {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod openapi;
+pub mod previews;
 pub mod projects;
 pub mod services;
 pub mod users;
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .merge(deployments::router(&state))
         .merge(audit::router())
         .merge(webhooks::router(&state))
+        .merge(previews::router())
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)

@@ -19,7 +19,7 @@ use super::error::{
     ApiError, BadRequest, Conflict, ErrorBody, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized,
     Unavailable, Unprocessable, UnsupportedMediaType,
 };
-use super::{agents, audit, cluster, deployments, health, projects, services, users, webhooks, AppState};
+use super::{agents, audit, cluster, deployments, health, previews, projects, services, users, webhooks, AppState};
 use crate::api::auth::SESSION_COOKIE;
 
 #[derive(OpenApi)]
@@ -75,6 +75,10 @@ use crate::api::auth::SESSION_COOKIE;
         webhooks::set_secret,
         webhooks::clear_secret,
         webhooks::rotate_hook,
+        previews::list,
+        previews::create,
+        previews::remove,
+        previews::settings,
     ),
     components(
         schemas(ErrorBody),
@@ -102,6 +106,7 @@ use crate::api::auth::SESSION_COOKIE;
         (name = "deployments", description = "Releases of a service, their logs and live streams"),
         (name = "audit", description = "Who did what, when"),
         (name = "webhooks", description = "Git hosts' webhooks and deploy hooks"),
+        (name = "previews", description = "Preview environments of pull requests and branches"),
         (name = "openapi", description = "This description"),
     )
 )]

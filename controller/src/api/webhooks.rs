@@ -32,7 +32,7 @@ use crate::command::{Command, CommandResponse, Rejection};
 use crate::deploy::DeploySource;
 use crate::store::queries::RotatedSecret;
 use crate::util::{new_id, now_ms, rfc3339};
-use crate::webhooks::payload::{self, Event, Push};
+use crate::webhooks::payload::{self, Event, PrAction, PullRequest, Push};
 use crate::webhooks::verify;
 
 /// Shortest secret accepted for a project's webhooks.
@@ -51,8 +51,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
 /// What a delivery did.
 #[derive(Serialize, ToSchema)]
 struct DeliveryView {
-    /// `deployed`, `duplicate` (this delivery was handled before: nothing done again),
-    /// `ignored` (an event or a push that deploys nothing) or `pong`.
+    /// `deployed`, `destroyed` (a closed pull request's preview is being torn down), `duplicate`
+    /// (this delivery was handled before: nothing done again), `ignored` (an event or a push
+    /// that deploys nothing) or `pong`.
     #[schema(example = "deployed")]
     outcome: &'static str,
     /// The deployments created, queued.
@@ -249,17 +250,7 @@ async fn handle(
                 Some(format!("{kind} events deploy nothing")),
             ))
         }
-        Event::PullRequest(pr) => {
-            return Ok(delivery(
-                StatusCode::ACCEPTED,
-                "ignored",
-                Vec::new(),
-                Some(format!(
-                    "pull request #{} of {}: preview environments are not available yet",
-                    pr.number, pr.repo.full_name
-                )),
-            ))
-        }
+        Event::PullRequest(pr) => return pull_request(c, provider, delivery_id, pr, scope, own).await,
         Event::Push(push) => push,
     };
     let (Some(branch), Some(commit), false) = (push.branch.clone(), push.commit.clone(), push.deleted) else {
@@ -302,6 +293,122 @@ async fn handle(
     }
 }
 
+/// Opens, moves or closes the preview `pr-<n>` of every project that builds the repository and
+/// that `scope` speaks for.
+async fn pull_request(
+    c: &AppState,
+    provider: &'static str,
+    delivery_id: String,
+    pr: PullRequest,
+    scope: &Scope,
+    own: &BTreeSet<String>,
+) -> DeliveryAnswer {
+    let ignored = |message: String| Ok(delivery(StatusCode::ACCEPTED, "ignored", Vec::new(), Some(message)));
+    if let PrAction::Other(action) = &pr.action {
+        return ignored(format!("pull request #{}: {action} changes no preview", pr.number));
+    }
+    if !pr.head_repo_urls.is_empty() {
+        return ignored(format!(
+            "pull request #{} comes from a fork: it is not previewed (its code is not trusted to run here)",
+            pr.number
+        ));
+    }
+    let repo: BTreeSet<String> = pr.repo.urls.iter().filter_map(|u| payload::normalize_repo_url(u)).collect();
+    let mut projects = BTreeSet::new();
+    for (_, project_id, _, spec) in c.state.git_services().await? {
+        let allowed = match scope {
+            Scope::Default => !own.contains(&project_id),
+            Scope::Project(p) => *p == project_id,
+        };
+        let Ok(spec) = serde_json::from_str::<ServiceSpec>(&spec) else { continue };
+        let Source::Git { url, .. } = spec.source else { continue };
+        if allowed && payload::normalize_repo_url(&url).is_some_and(|u| repo.contains(&u)) {
+            projects.insert(project_id);
+        }
+    }
+    let key = format!("pr-{}", pr.number);
+    let mut commands = Vec::new();
+    for project_id in projects {
+        match pr.action {
+            PrAction::Opened | PrAction::Updated => {
+                if c.state.previews_enabled(&project_id).await? != Some(true) {
+                    continue;
+                }
+                let command = super::previews::open_command(
+                    c,
+                    &project_id,
+                    &key,
+                    provider,
+                    Some(pr.number),
+                    &pr.head_branch,
+                    Some(&pr.head_commit),
+                    Some(&repo),
+                    &format!("webhook:{provider}"),
+                )
+                .await?;
+                commands.push(command);
+            }
+            PrAction::Closed => {
+                if c.state.live_preview(&project_id, &key).await?.is_some_and(|p| p.status == "active") {
+                    let reason =
+                        format!("pull request #{} was {}", pr.number, if pr.merged { "merged" } else { "closed" });
+                    commands.push(Command::DestroyPreview { project_id, key: key.clone(), reason, at: now_ms() });
+                }
+            }
+            PrAction::Other(_) => {}
+        }
+    }
+    if commands.is_empty() {
+        return ignored(format!("no project previews pull request #{} of {}", pr.number, pr.repo.full_name));
+    }
+    let deployments: Vec<Vec<String>> = commands
+        .iter()
+        .map(|command| match command {
+            Command::PutPreview { deployments, .. } => deployments
+                .iter()
+                .filter_map(|d| match d {
+                    Command::CreateDeployment { id, .. } => Some(id.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let closing = matches!(pr.action, PrAction::Closed);
+    let command =
+        Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
+    match c.propose(command).await? {
+        CommandResponse::Rejected { reason: Rejection::Conflict, message } => {
+            Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message)))
+        }
+        CommandResponse::Batch { responses } => {
+            c.deploys.wake();
+            let mut created = Vec::new();
+            let mut refused = Vec::new();
+            for (response, ids) in responses.into_iter().zip(deployments) {
+                match response {
+                    CommandResponse::Applied => created.extend(ids),
+                    CommandResponse::Rejected { message, .. } => refused.push(message),
+                    _ => {}
+                }
+            }
+            let message = (!refused.is_empty()).then(|| refused.join("; "));
+            let outcome = if closing {
+                "destroyed"
+            } else if created.is_empty() {
+                "ignored"
+            } else {
+                "deployed"
+            };
+            Ok(delivery(StatusCode::ACCEPTED, outcome, created, message))
+        }
+        other => {
+            applied(other)?;
+            ignored("nothing was done".into())
+        }
+    }
+}
+
 /// A deployment of every git service that builds this repository's pushed branch, in the
 /// projects `scope` speaks for.
 async fn deployments_for(
@@ -338,6 +445,7 @@ async fn deployments_for(
             source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
             reference: Some(commit.to_lowercase()),
             created_by: format!("webhook:{provider}"),
+            preview: String::new(),
             at: now_ms(),
         });
     }
@@ -446,6 +554,7 @@ async fn deploy_hook(
         source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
         reference: input.reference,
         created_by: "webhook:deploy".into(),
+        preview: String::new(),
         at: now_ms(),
     };
     let delivery_id =

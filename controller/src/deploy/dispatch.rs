@@ -94,10 +94,10 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
     let mut in_progress = 0usize;
     // One release of a service at a time: a newer one waits for the one in progress, so an
     // older build can never finish last and replace it.
-    let mut busy_services: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut busy_services: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
     for d in active.iter().filter(|d| d.status().in_progress()) {
         in_progress += 1;
-        busy_services.insert(&d.service_id);
+        busy_services.insert((&d.service_id, &d.preview));
         let agent_id = d.agent_id.clone().unwrap_or_default();
         let ready = agents.get(&agent_id).is_some_and(|a| a.status == "ready");
         if !ready {
@@ -116,7 +116,7 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
         if in_progress >= c.deploys.settings.max_concurrent {
             break;
         }
-        if d.not_before > now || busy_services.contains(d.service_id.as_str()) {
+        if d.not_before > now || busy_services.contains(&(d.service_id.as_str(), d.preview.as_str())) {
             continue;
         }
         let reserved = match &mut reserved {
@@ -138,7 +138,7 @@ async fn dispatch_once(c: &SharedController, leading_since: tokio::time::Instant
                 };
                 if first_applied(c.propose(batch).await?) {
                     in_progress += 1;
-                    busy_services.insert(&d.service_id);
+                    busy_services.insert((&d.service_id, &d.preview));
                     let entry = reserved.entry(agent_id.clone()).or_default();
                     entry.0.cpu_millis += resources.cpu_millis;
                     entry.0.memory_bytes += resources.memory_bytes;
@@ -395,6 +395,7 @@ async fn run_message(c: &SharedController, d: &DeploymentRow) -> anyhow::Result<
             pids_limit: spec.security.pids_limit.unwrap_or(0),
         }),
         keep: c.deploys.settings.keep,
+        preview: d.preview.clone(),
     })
 }
 
@@ -485,7 +486,7 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
         running = status == DeploymentStatus::Running;
         // It answers at its service's host name, through the ingress.
         let url = match running {
-            true => crate::ingress::deployment_url(c, &d.project_id, &d.service_id, agent_id).await,
+            true => crate::ingress::deployment_url(c, &d.project_id, &d.service_id, &d.preview, agent_id).await,
             false => None,
         };
         status_command = Some(commands.len());
@@ -513,7 +514,7 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     }
     let response = c.propose(Command::Batch { commands }).await;
     if pinned {
-        c.ingress.unpin(&d.service_id);
+        c.ingress.unpin(&d.service_id, &d.preview);
     }
     let response = response?;
     let final_status = matches!(u.status.as_str(), "running" | "failed");
@@ -531,7 +532,7 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     }
     ack(c, agent_id, serial, &u, last_seq.unwrap_or(0), final_status || !status_applied);
     if running && status_applied {
-        stop_elsewhere(c, agent_id, &d.project_id, &d.service_id, &d.id);
+        stop_elsewhere(c, agent_id, &d.project_id, &d.service_id, &d.preview, &d.id);
     }
     if status_command.is_some() {
         c.deploys.wake();
@@ -572,7 +573,7 @@ fn abandon(c: &SharedController, agent_id: &str, serial: u64, u: &DeploymentUpda
 }
 
 /// A new release of the service runs: its older instances on other agents stop.
-fn stop_elsewhere(c: &SharedController, agent_id: &str, project_id: &str, service_id: &str, keep: &str) {
+fn stop_elsewhere(c: &SharedController, agent_id: &str, project_id: &str, service_id: &str, preview: &str, keep: &str) {
     for (other, serial) in c.agents.all_sessions() {
         if other == agent_id {
             continue;
@@ -581,6 +582,7 @@ fn stop_elsewhere(c: &SharedController, agent_id: &str, project_id: &str, servic
             service_id: service_id.to_string(),
             keep_deployment: keep.to_string(),
             project_id: project_id.to_string(),
+            preview: preview.to_string(),
         };
         c.agents.send(&other, serial, ControllerMessage { body: Some(ControllerBody::StopService(stop)) });
     }

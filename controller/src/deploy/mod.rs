@@ -9,6 +9,7 @@
 //! stands, so no deployment is lost or run twice.
 
 pub mod dispatch;
+pub mod previews;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,6 +63,8 @@ pub struct DeploySettings {
     pub webhook_grace: Duration,
     /// Largest webhook body.
     pub webhook_max_bytes: usize,
+    /// A preview without a push for this long is destroyed.
+    pub preview_ttl: Duration,
 }
 
 impl Default for DeploySettings {
@@ -76,6 +79,7 @@ impl Default for DeploySettings {
             webhook_secret: None,
             webhook_grace: Duration::from_secs(24 * 3600),
             webhook_max_bytes: 5 << 20,
+            preview_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Dispatcher {
     pub settings: DeploySettings,
     sent: Mutex<HashMap<(String, u32), u64>>,
     wake: tokio::sync::Notify,
+    /// Preview teardowns in progress: what the agents answered.
+    pub teardowns: previews::Teardowns,
 }
 
 impl Dispatcher {

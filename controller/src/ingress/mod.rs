@@ -70,8 +70,9 @@ struct Inner {
     challenges: BTreeMap<String, String>,
     /// The version of the last table each agent applied.
     applied: HashMap<String, u64>,
-    /// Releases routed before their `running` is committed, by service id (see [`pin_running`]).
-    pins: HashMap<String, RoutedRow>,
+    /// Releases routed before their `running` is committed, by service id and preview (see
+    /// [`pin_running`]).
+    pins: HashMap<(String, String), RoutedRow>,
     /// Bumped by [`Ingress::sync`]: tables computed after it hold what it waits for.
     generation: u64,
     /// Per agent: the generation and version of the last table sent.
@@ -100,9 +101,9 @@ impl Ingress {
         self.wake.notify_one();
     }
 
-    /// The default host name of a service.
-    pub fn default_host(&self, service: &str, project: &str) -> String {
-        format!("{}.{}", default_label(service, project), self.settings.base_domain)
+    /// The default host name of a service (`preview` "": its own; else one of its previews).
+    pub fn default_host(&self, service: &str, project: &str, preview: &str) -> String {
+        format!("{}.{}", host_label(service, project, preview), self.settings.base_domain)
     }
 
     /// An agent applied the table of `version`.
@@ -168,8 +169,8 @@ impl Ingress {
         }
     }
 
-    pub fn unpin(&self, service_id: &str) {
-        if self.lock().pins.remove(service_id).is_some() {
+    pub fn unpin(&self, service_id: &str, preview: &str) {
+        if self.lock().pins.remove(&(service_id.to_string(), preview.to_string())).is_some() {
             self.wake();
         }
     }
@@ -198,23 +199,38 @@ pub fn default_label(service: &str, project: &str) -> String {
     format!("{keep}-{digest}")
 }
 
+/// `<service>-<project>`, or `<service>-<project>-<preview>` for a preview, within a DNS label.
+pub fn host_label(service: &str, project: &str, preview: &str) -> String {
+    if preview.is_empty() {
+        default_label(service, project)
+    } else {
+        default_label(service, &format!("{project}-{preview}"))
+    }
+}
+
 /// The URL a running deployment answers at: its service's default host, through the ingress
 /// of the agent that runs it.
-pub fn url_for(ingress: &Ingress, service: &str, project: &str, agent_ingress: &str) -> Option<String> {
+pub fn url_for(ingress: &Ingress, service: &str, project: &str, preview: &str, agent_ingress: &str) -> Option<String> {
     if agent_ingress.is_empty() {
         return None;
     }
-    let host = ingress.default_host(service, project);
+    let host = ingress.default_host(service, project, preview);
     let port = agent_ingress.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(80);
     Some(if port == 80 { format!("http://{host}") } else { format!("http://{host}:{port}") })
 }
 
 /// The URL of a deployment that runs on `agent_id` (None when that agent runs no ingress).
-pub async fn deployment_url(c: &Controller, project_id: &str, service_id: &str, agent_id: &str) -> Option<String> {
+pub async fn deployment_url(
+    c: &Controller,
+    project_id: &str,
+    service_id: &str,
+    preview: &str,
+    agent_id: &str,
+) -> Option<String> {
     let service = c.state.service(project_id, service_id).await.ok()??;
     let project = c.state.project(project_id).await.ok()??;
     let ingress = c.state.agent_ingress(agent_id).await.ok()??;
-    url_for(&c.ingress, &service.name, &project.name, &ingress)
+    url_for(&c.ingress, &service.name, &project.name, preview, &ingress)
 }
 
 /// Routes a service to a release whose instances just turned healthy, before its `running` is
@@ -233,10 +249,11 @@ pub async fn pin_running(c: &Controller, d: &crate::store::queries::DeploymentRo
             agent_id: agent_id.to_string(),
             ingress,
             ingress_https_port: 0,
+            preview: d.preview.clone(),
         })
     };
     let Some(row) = lookup.await else { return };
-    c.ingress.lock().pins.insert(d.service_id.clone(), row);
+    c.ingress.lock().pins.insert((d.service_id.clone(), d.preview.clone()), row);
     c.ingress.sync(max, &c.agents.all_sessions()).await;
 }
 
@@ -254,7 +271,7 @@ pub async fn run(c: SharedController, mut events: broadcast::Receiver<StateEvent
         let wait = async {
             loop {
                 match events.recv().await {
-                    Ok(StateEvent::DeploymentLogs { .. }) => continue,
+                    Ok(StateEvent::DeploymentLogs { .. } | StateEvent::PreviewsChanged) => continue,
                     Ok(
                         StateEvent::DeploymentChanged { .. } | StateEvent::IngressChanged | StateEvent::AgentRevoked(_),
                     ) => return true,
@@ -307,7 +324,7 @@ async fn push(c: &Controller) -> anyhow::Result<()> {
         let fingerprint = {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             for r in &routes {
-                (&r.host, &r.service_id, &r.deployment_id, r.local, &r.peers).hash(&mut h);
+                (&r.host, &r.service_id, &r.deployment_id, r.local, &r.peers, &r.preview).hash(&mut h);
             }
             for cert in &certificates {
                 (&cert.names, &cert.cert_chain_pem).hash(&mut h);
@@ -346,20 +363,23 @@ fn routes_for(
     agent_id: &str,
     routed: &[RoutedRow],
     domains: &HashMap<String, Vec<String>>,
-    seen: &mut std::collections::HashSet<String>,
+    seen: &mut std::collections::HashSet<(String, String)>,
 ) -> Vec<Route> {
     seen.clear();
     let mut routes = Vec::new();
     for row in routed {
-        // The newest running deployment of a service wins (there is one but for an instant).
-        if !seen.insert(row.service_id.clone()) {
+        // The newest running deployment of a service (or of one of its previews) wins: there is
+        // one but for an instant.
+        if !seen.insert((row.service_id.clone(), row.preview.clone())) {
             continue;
         }
         let local = row.agent_id == agent_id;
         let peers = if local || row.ingress.is_empty() { Vec::new() } else { vec![row.ingress.clone()] };
         let service = format!("{}.{}", row.service_name, row.project_name);
-        let hosts = std::iter::once(ingress.default_host(&row.service_name, &row.project_name))
-            .chain(domains.get(&row.service_id).into_iter().flatten().cloned());
+        // Custom domains are the service's own release's; a preview answers at its host only.
+        let custom = if row.preview.is_empty() { domains.get(&row.service_id) } else { None };
+        let hosts = std::iter::once(ingress.default_host(&row.service_name, &row.project_name, &row.preview))
+            .chain(custom.into_iter().flatten().cloned());
         for host in hosts {
             routes.push(Route {
                 host,
@@ -368,6 +388,7 @@ fn routes_for(
                 deployment_id: row.deployment_id.clone(),
                 local,
                 peers: peers.clone(),
+                preview: row.preview.clone(),
             });
         }
     }
@@ -382,7 +403,8 @@ async fn default_certificates(c: &Controller, routed: &[RoutedRow]) -> anyhow::R
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let hosts: Vec<String> = routed.iter().map(|r| c.ingress.default_host(&r.service_name, &r.project_name)).collect();
+    let hosts: Vec<String> =
+        routed.iter().map(|r| c.ingress.default_host(&r.service_name, &r.project_name, &r.preview)).collect();
     let missing = {
         let inner = c.ingress.lock();
         hosts.iter().any(|h| inner.default_certs.get(h).is_none_or(|(_, _, renew)| *renew <= now))
@@ -467,6 +489,7 @@ mod tests {
             agent_id: agent.into(),
             ingress: ingress.into(),
             ingress_https_port: 0,
+            preview: String::new(),
         }
     }
 
@@ -500,11 +523,11 @@ mod tests {
     fn urls_name_the_port_only_when_it_is_not_the_default() {
         let ingress = Ingress::new(IngressSettings::default());
         assert_eq!(
-            url_for(&ingress, "web", "shop", "127.0.0.1:8080").as_deref(),
+            url_for(&ingress, "web", "shop", "", "127.0.0.1:8080").as_deref(),
             Some("http://web-shop.localhost:8080")
         );
-        assert_eq!(url_for(&ingress, "web", "shop", "10.0.0.1:80").as_deref(), Some("http://web-shop.localhost"));
-        assert_eq!(url_for(&ingress, "web", "shop", ""), None);
+        assert_eq!(url_for(&ingress, "web", "shop", "", "10.0.0.1:80").as_deref(), Some("http://web-shop.localhost"));
+        assert_eq!(url_for(&ingress, "web", "shop", "", ""), None);
     }
 
     #[test]

@@ -174,6 +174,10 @@ async fn apply_one(
         | Command::SetWebhookSecret { .. }
         | Command::SetDeployHook { .. }
         | Command::PruneWebhookDeliveries { .. }) => return super::apply_webhooks::apply(tx, command, events).await,
+        command @ (Command::PutPreview { .. }
+        | Command::DestroyPreview { .. }
+        | Command::PreviewTeardown { .. }
+        | Command::SetPreviewsEnabled { .. }) => return super::apply_previews::apply(tx, command, events).await,
         Command::InitCluster { ca_cert_pem, ca_key_sealed_hex, at } => {
             let exists: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM cluster WHERE id = 1").fetch_optional(&mut **tx).await?;

@@ -15,7 +15,7 @@ pub(super) async fn apply(
     events: &mut Vec<StateEvent>,
 ) -> Result<CommandResponse, sqlx::Error> {
     match command {
-        Command::CreateDeployment { id, project_id, service_id, source, reference, created_by, at } => {
+        Command::CreateDeployment { id, project_id, service_id, source, reference, created_by, preview, at } => {
             let service: Option<String> = sqlx::query_scalar("SELECT project_id FROM services WHERE id = ?")
                 .bind(&service_id)
                 .fetch_optional(&mut **tx)
@@ -30,17 +30,18 @@ pub(super) async fn apply(
             let superseded: Vec<String> = sqlx::query_scalar(
                 "UPDATE deployments SET status = 'superseded', finished_at = ?1, updated_at = ?1, \
                  error = 'superseded by deployment ' || ?2 \
-                 WHERE service_id = ?3 AND status = 'queued' RETURNING id",
+                 WHERE service_id = ?3 AND preview = ?4 AND status = 'queued' RETURNING id",
             )
             .bind(at)
             .bind(&id)
             .bind(&service_id)
+            .bind(&preview)
             .fetch_all(&mut **tx)
             .await?;
             let done = sqlx::query(
                 "INSERT INTO deployments (id, seq, project_id, service_id, status, source, ref, created_by, \
-                 created_at, updated_at) \
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments), ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?7) \
+                 created_at, updated_at, preview) \
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments), ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?7, ?8) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(&id)
@@ -50,6 +51,7 @@ pub(super) async fn apply(
             .bind(reference)
             .bind(created_by)
             .bind(at)
+            .bind(&preview)
             .execute(&mut **tx)
             .await?;
             if done.rows_affected() == 0 {
@@ -168,7 +170,8 @@ pub(super) async fn apply(
                 // The release it replaced stops being the service's current one.
                 let replaced: Vec<String> = sqlx::query_scalar(
                     "UPDATE deployments SET status = 'superseded', updated_at = ?1 \
-                     WHERE service_id = ?2 AND status = 'running' AND id != ?3 RETURNING id",
+                     WHERE service_id = ?2 AND status = 'running' AND id != ?3 \
+                     AND preview = (SELECT preview FROM deployments WHERE id = ?3) RETURNING id",
                 )
                 .bind(at)
                 .bind(&service_id)
@@ -268,6 +271,7 @@ mod tests {
             source: serde_json::json!({"image": "x"}),
             reference: None,
             created_by: "test".into(),
+            preview: String::new(),
             at,
         }
     }

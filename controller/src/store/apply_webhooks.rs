@@ -37,7 +37,7 @@ pub(super) async fn apply(
                     }
                     other => CommandResponse::rejected(
                         Rejection::Invalid,
-                        format!("a webhook delivery creates deployments only, not {}", other.kind()),
+                        format!("a webhook delivery creates deployments and previews only, not {}", other.kind()),
                     ),
                 };
                 responses.push(response);
@@ -130,6 +130,7 @@ mod tests {
             source: serde_json::json!({"image": "x"}),
             reference: None,
             created_by: "webhook".into(),
+            preview: String::new(),
             at: 1,
         }
     }

@@ -4,6 +4,7 @@
 pub mod apply;
 mod apply_deploy;
 mod apply_ingress;
+mod apply_previews;
 mod apply_webhooks;
 pub mod log_store;
 pub mod queries;

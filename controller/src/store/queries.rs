@@ -497,6 +497,8 @@ pub struct DeploymentRow {
     pub healthy_at: Option<UnixMillis>,
     pub finished_at: Option<UnixMillis>,
     pub updated_at: UnixMillis,
+    /// The preview environment's key ("" for the service's own releases).
+    pub preview: String,
 }
 
 impl DeploymentRow {
@@ -609,6 +611,8 @@ pub struct RoutedRow {
     /// The running agent's ingress, host:port ('' when it runs none).
     pub ingress: String,
     pub ingress_https_port: i64,
+    /// The preview environment's key ("" for the service's own release).
+    pub preview: String,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -627,10 +631,11 @@ impl StateReader {
     pub async fn routed_services(&self) -> Result<Vec<RoutedRow>, sqlx::Error> {
         sqlx::query_as(
             "SELECT s.id AS service_id, s.name AS service_name, p.name AS project_name, d.id AS deployment_id, \
-             d.agent_id AS agent_id, a.ingress AS ingress, a.ingress_https_port AS ingress_https_port \
+             d.agent_id AS agent_id, a.ingress AS ingress, a.ingress_https_port AS ingress_https_port, \
+             d.preview AS preview \
              FROM deployments d JOIN services s ON s.id = d.service_id JOIN projects p ON p.id = s.project_id \
              JOIN agents a ON a.id = d.agent_id \
-             WHERE d.status = 'running' AND a.revoked_at IS NULL ORDER BY s.id, d.seq DESC",
+             WHERE d.status = 'running' AND a.revoked_at IS NULL ORDER BY s.id, d.preview, d.seq DESC",
         )
         .fetch_all(&self.pool)
         .await
@@ -730,5 +735,83 @@ impl StateReader {
             .fetch_optional(&self.pool)
             .await?;
         Ok(found.is_some())
+    }
+}
+
+/// A preview environment.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PreviewRow {
+    pub id: String,
+    pub project_id: String,
+    pub key: String,
+    pub origin: String,
+    pub number: Option<i64>,
+    pub branch: String,
+    pub commit_sha: String,
+    pub status: String,
+    pub expires_at: UnixMillis,
+    pub teardown_error: Option<String>,
+    pub teardown_tries: i64,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    pub destroyed_at: Option<UnixMillis>,
+}
+
+const PREVIEW_COLUMNS: &str = "id, project_id, key, origin, number, branch, commit_sha, status, expires_at, \
+     teardown_error, teardown_tries, created_at, updated_at, destroyed_at";
+
+impl StateReader {
+    /// A project's previews, newest first (destroyed ones too), at most `limit`.
+    pub async fn previews(&self, project_id: &str, limit: u32) -> Result<Vec<PreviewRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {PREVIEW_COLUMNS} FROM previews WHERE project_id = ? ORDER BY created_at DESC, id DESC LIMIT ?"
+        ))
+        .bind(project_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The live (not destroyed) preview with this key.
+    pub async fn live_preview(&self, project_id: &str, key: &str) -> Result<Option<PreviewRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {PREVIEW_COLUMNS} FROM previews WHERE project_id = ? AND key = ? AND status != 'destroyed'"
+        ))
+        .bind(project_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Previews being torn down, and active ones past their expiry.
+    pub async fn previews_to_tend(&self, now: UnixMillis) -> Result<Vec<PreviewRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {PREVIEW_COLUMNS} FROM previews WHERE status = 'destroying' \
+             OR (status = 'active' AND expires_at <= ?) ORDER BY updated_at"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// A preview's deployments and the agents they were placed on: (deployment id, agent id).
+    pub async fn preview_deployments(
+        &self,
+        project_id: &str,
+        key: &str,
+    ) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+        sqlx::query_as("SELECT id, agent_id FROM deployments WHERE project_id = ? AND preview = ? ORDER BY seq")
+            .bind(project_id)
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Whether the project deploys previews.
+    pub async fn previews_enabled(&self, project_id: &str) -> Result<Option<bool>, sqlx::Error> {
+        sqlx::query_scalar("SELECT previews_enabled != 0 FROM projects WHERE id = ?")
+            .bind(project_id)
+            .fetch_optional(&self.pool)
+            .await
     }
 }

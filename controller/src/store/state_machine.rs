@@ -51,6 +51,8 @@ pub enum StateEvent {
     DeploymentLogs { id: String, project_id: String, upto: i64 },
     /// Something the ingress routes by changed (agents, services, domains, certificates).
     IngressChanged,
+    /// A preview environment was opened, moved, or is being (or was) torn down.
+    PreviewsChanged,
 }
 
 impl StateMachine {
