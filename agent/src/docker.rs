@@ -24,6 +24,8 @@ pub const LABEL_PROJECT: &str = "deployer.project";
 pub const LABEL_SERVICE: &str = "deployer.service";
 /// Label holding the deployment id that created the container.
 pub const LABEL_DEPLOYMENT: &str = "deployer.deployment";
+/// Label holding the preview environment a container belongs to; absent for the service's own.
+pub const LABEL_PREVIEW: &str = "deployer.preview";
 
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";

@@ -464,9 +464,11 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(settings: ProxySettings) -> Arc<Proxy> {
         let mut http = http1::Builder::new();
+        // The connection's watchdog times request heads: hyper's timer would be a new one,
+        // allocated, registered and removed, for every request.
         http.timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(settings.request_header_timeout)
+            .header_read_timeout(None)
             .max_header_size(settings.max_header_bytes);
         Arc::new(Proxy {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
@@ -852,6 +854,7 @@ impl Proxy {
             from_peer: AtomicBool::new(false),
             tls: scheme == Scheme::Https,
             proto: HeaderValue::from_static(scheme.as_str()),
+            head_waiting_since: AtomicU64::new(now_ms()),
             write_blocked_since: AtomicU64::new(0),
             request_waiting_since: AtomicU64::new(0),
             response_waiting_since: AtomicU64::new(0),
@@ -869,11 +872,15 @@ impl Proxy {
             let state = state.clone();
             hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(req).await) }
+                async move {
+                    state.head_waiting_since.store(0, Relaxed);
+                    let response = state.clone().handle(req).await;
+                    Ok::<_, Infallible>(response.map(|body| body.served_on(state)))
+                }
             })
         };
         let mut conn = self.http.serve_connection(io, service).with_upgrades();
-        let watchdog = state.watchdog(idle_timeout);
+        let watchdog = state.watchdog(idle_timeout, self.settings.request_header_timeout);
         tokio::pin!(watchdog);
         let mut drain_started = false;
         loop {
@@ -903,6 +910,7 @@ impl Proxy {
         let tunnel = state.tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(tunnel) = tunnel {
             state.last_io.store(now_ms(), Relaxed);
+            state.head_waiting_since.store(0, Relaxed);
             state.tunnelling.store(true, Relaxed);
             tokio::select! {
                 result = tunnel.run() => {
@@ -946,6 +954,9 @@ struct ConnState {
     tls: bool,
     /// For `X-Forwarded-Proto`.
     proto: HeaderValue,
+    /// Since when the connection has been waiting for a request head (from its start, and from
+    /// the end of each response); 0: a request is being served.
+    head_waiting_since: AtomicU64,
     /// Since when ([`now_ms`]) a write to the client has been blocked; 0: not blocked.
     write_blocked_since: AtomicU64,
     /// Since when the request body has been waiting for the client; 0: not waiting.
@@ -996,13 +1007,30 @@ impl std::ops::Deref for Routed {
 }
 
 impl ConnState {
-    /// Resolves, with the reason, when the connection has stalled for `idle`.
-    async fn watchdog(&self, idle: Duration) -> &'static str {
+    /// Resolves, with the reason, when the connection has stalled for `idle`, or has waited for
+    /// a request head (or the rest of one: the slowloris guard) for `head`.
+    async fn watchdog(&self, idle: Duration, head: Duration) -> &'static str {
         let idle_ms = idle.as_millis() as u64;
-        let tick = (idle / 4).max(Duration::from_millis(10));
+        let head_ms = head.as_millis() as u64;
+        let tick_ms = (idle_ms / 4).max(10);
+        let mut next_tick = now_ms() + tick_ms;
+        let timer = tokio::time::sleep_until(instant_at(next_tick));
+        tokio::pin!(timer);
         loop {
-            tokio::time::sleep(tick).await;
+            // Wakes at the next tick, or when the head being waited for now would be late; a head
+            // that comes in time leaves one spurious wake-up, not a timer per request.
+            let waiting_since = self.head_waiting_since.load(Relaxed);
+            let wake = if waiting_since == 0 { next_tick } else { next_tick.min(waiting_since + head_ms) };
+            timer.as_mut().reset(instant_at(wake));
+            timer.as_mut().await;
             let now = now_ms();
+            if now >= next_tick {
+                next_tick = now + tick_ms;
+            }
+            let since = self.head_waiting_since.load(Relaxed);
+            if since != 0 && now.saturating_sub(since) >= head_ms {
+                return "the client sent no request head in time";
+            }
             let stalled = |since: &AtomicU64| {
                 let since = since.load(Relaxed);
                 since != 0 && now.saturating_sub(since) >= idle_ms
@@ -1192,7 +1220,8 @@ impl ConnState {
         loop {
             let (mut sender, reused) = match shard.take(started, max_idle_ms) {
                 Some(sender) => (sender, true),
-                None => (self.proxy.connect(backend.addr).await?, false),
+                // Boxed: the exchange future is moved with every request, and most reuse a connection.
+                None => (Box::pin(self.proxy.connect(backend.addr)).await?, false),
             };
             // Its last exchange ended; hyper may not have noticed yet.
             if !sender.is_ready() && sender.ready().await.is_err() {
@@ -1323,7 +1352,7 @@ fn too_large(limit: u64) -> Response<ResponseBody> {
 
 /// A plain-text page of the proxy's own.
 fn page(status: StatusCode, text: String) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody(ResponseKind::Page(Some(Bytes::from(text)))));
+    let mut response = Response::new(ResponseBody::page(Some(Bytes::from(text))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -1593,7 +1622,12 @@ impl Drop for RequestBody {
 }
 
 /// What the proxy answers with: a page of its own or the backend's body, streamed.
-struct ResponseBody(ResponseKind);
+struct ResponseBody {
+    kind: ResponseKind,
+    /// The client connection it answers on, which waits for the next request head once this
+    /// body is done (dropped by hyper).
+    served_on: Option<Arc<ConnState>>,
+}
 
 enum ResponseKind {
     Page(Option<Bytes>),
@@ -1601,18 +1635,27 @@ enum ResponseKind {
 }
 
 impl ResponseBody {
+    fn page(text: Option<Bytes>) -> ResponseBody {
+        ResponseBody { kind: ResponseKind::Page(text), served_on: None }
+    }
+
     fn empty() -> ResponseBody {
-        ResponseBody(ResponseKind::Page(None))
+        ResponseBody::page(None)
     }
 
     fn backend(body: Incoming, conn: Arc<ConnState>, lent: Lent) -> ResponseBody {
-        ResponseBody(ResponseKind::Backend { body, conn, lent: Some(lent) })
+        ResponseBody { kind: ResponseKind::Backend { body, conn, lent: Some(lent) }, served_on: None }
+    }
+
+    fn served_on(mut self, conn: Arc<ConnState>) -> ResponseBody {
+        self.served_on = Some(conn);
+        self
     }
 
     /// Ends the exchange: the backend connection goes back to its pool if the exchange ended
     /// cleanly (the whole response read, the whole request sent), and stops counting in flight.
     fn release(&mut self) {
-        if let ResponseKind::Backend { body, conn, lent } = &mut self.0 {
+        if let ResponseKind::Backend { body, conn, lent } = &mut self.kind {
             if let Some(lent) = lent.take() {
                 if body.is_end_stream() && !conn.request_body_open.load(Relaxed) {
                     lent.give_back();
@@ -1627,7 +1670,7 @@ impl Body for ResponseBody {
     type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.0 {
+        match &mut self.kind {
             ResponseKind::Page(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
             ResponseKind::Backend { body, conn, lent } => {
                 let polled = Pin::new(body).poll_frame(cx);
@@ -1653,14 +1696,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
+        match &self.kind {
             ResponseKind::Page(text) => text.is_none(),
             ResponseKind::Backend { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
+        match &self.kind {
             ResponseKind::Page(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
             ResponseKind::Backend { body, .. } => body.size_hint(),
         }
@@ -1671,8 +1714,11 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Bodies known to be empty or complete are not always polled to their end.
         self.release();
-        if let ResponseKind::Backend { conn, .. } = &self.0 {
+        if let ResponseKind::Backend { conn, .. } = &self.kind {
             conn.response_waiting_since.store(0, Relaxed);
+        }
+        if let Some(conn) = &self.served_on {
+            conn.head_waiting_since.store(now_ms(), Relaxed);
         }
     }
 }

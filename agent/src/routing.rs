@@ -221,16 +221,13 @@ impl Ingress {
         *self.changed.borrow()
     }
 
-    /// Waits until the instances of `service_id` other than `keep`'s are out of every route of
-    /// this agent (for at most [`ROUTES_WAIT`]), then until they have no request in flight (for
-    /// at most the drain grace). The caller stops them afterwards.
-    pub async fn release(&self, service_id: &str, keep: Option<&str>) {
+    /// Waits until the instances of `service_id` in `preview` ("": the service's own release)
+    /// other than `keep`'s are out of every route of this agent (for at most [`ROUTES_WAIT`]),
+    /// then until they have no request in flight (for at most the drain grace). The caller stops
+    /// them afterwards. Another preview's instances, or the service's own, are not waited for.
+    pub async fn release(&self, service_id: &str, preview: &str, keep: Option<&str>) {
         let routed_elsewhere = |applied: &Applied| {
-            applied.update.as_ref().is_none_or(|u| {
-                !u.routes
-                    .iter()
-                    .any(|r| r.service_id == service_id && r.local && Some(r.deployment_id.as_str()) != keep)
-            })
+            applied.update.as_ref().is_none_or(|u| !routes_old_instances(u, service_id, preview, keep))
         };
         let mut changed = self.changed.subscribe();
         let waited = tokio::time::timeout(ROUTES_WAIT, async {
@@ -245,14 +242,11 @@ impl Ingress {
         })
         .await;
         if waited.is_err() {
-            tracing::warn!(service = %service_id, "no new routes from the leader; stopping the old instances anyway");
+            let service = service_id;
+            tracing::warn!(%service, %preview, "no new routes from the leader; stopping the old instances anyway");
         }
         let old: Vec<SocketAddr> = match runtime::running_backends(&self.docker, &self.agent_id).await {
-            Ok(all) => all
-                .into_iter()
-                .filter(|b| b.service == service_id && Some(b.deployment.as_str()) != keep)
-                .map(|b| b.addr)
-                .collect(),
+            Ok(all) => old_instances(&all, service_id, preview, keep),
             Err(_) => Vec::new(),
         };
         if old.is_empty() {
@@ -268,6 +262,23 @@ impl Ingress {
             tracing::warn!(service = %service_id, grace = ?self.drain_grace, "requests still in flight after the drain grace");
         }
     }
+}
+
+/// Whether `update` still sends requests for `service_id` in `preview` to this agent's instances
+/// of a deployment other than `keep`.
+fn routes_old_instances(update: &UpdateRoutes, service_id: &str, preview: &str, keep: Option<&str>) -> bool {
+    update.routes.iter().any(|r| {
+        r.service_id == service_id && r.preview == preview && r.local && Some(r.deployment_id.as_str()) != keep
+    })
+}
+
+/// The addresses of this agent's instances of `service_id` in `preview` other than `keep`'s.
+fn old_instances(local: &[LocalBackend], service_id: &str, preview: &str, keep: Option<&str>) -> Vec<SocketAddr> {
+    local
+        .iter()
+        .filter(|b| b.service == service_id && b.preview == preview && Some(b.deployment.as_str()) != keep)
+        .map(|b| b.addr)
+        .collect()
 }
 
 /// The proxy's table for an update: a route served here balances over this agent's instances
@@ -299,8 +310,54 @@ mod tests {
         LocalBackend {
             deployment: deployment.into(),
             service: "s1".into(),
+            preview: String::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
+    }
+
+    fn local_route(deployment: &str, preview: &str) -> RouteMessage {
+        RouteMessage {
+            host: format!("{deployment}.example.com"),
+            service_id: "s1".into(),
+            deployment_id: deployment.into(),
+            local: true,
+            preview: preview.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_release_waits_only_for_the_routes_of_its_own_preview() {
+        // The service's own release d1 and preview pr-1's release p1 are both routed here.
+        let update = UpdateRoutes {
+            version: 1,
+            routes: vec![local_route("d1", ""), local_route("p1", "pr-1")],
+            ..Default::default()
+        };
+        // A new release of the service (d2): the route to d1 holds it, the preview's does not.
+        assert!(routes_old_instances(&update, "s1", "", Some("d2")));
+        assert!(!routes_old_instances(&update, "s1", "", Some("d1")));
+        // A new release of the preview (p2): only the route to p1 holds it.
+        assert!(routes_old_instances(&update, "s1", "pr-1", Some("p2")));
+        assert!(!routes_old_instances(&update, "s1", "pr-1", Some("p1")));
+        assert!(!routes_old_instances(&update, "s1", "pr-2", None), "another preview has no route");
+        assert!(!routes_old_instances(&update, "s2", "", None), "another service");
+        let remote =
+            UpdateRoutes { routes: vec![RouteMessage { local: false, ..local_route("d1", "") }], ..Default::default() };
+        assert!(!routes_old_instances(&remote, "s1", "", Some("d2")), "served by another agent");
+    }
+
+    #[test]
+    fn a_release_drains_only_its_own_previews_instances() {
+        let preview =
+            |deployment: &str, port: u16| LocalBackend { preview: "pr-1".into(), ..backend(deployment, port) };
+        let local = [backend("d1", 4001), backend("d2", 4002), preview("p1", 4003), preview("p2", 4004)];
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(old_instances(&local, "s1", "", Some("d2")), [addr(4001)]);
+        assert_eq!(old_instances(&local, "s1", "pr-1", Some("p2")), [addr(4003)]);
+        assert_eq!(old_instances(&local, "s1", "pr-1", None), [addr(4003), addr(4004)]);
+        assert_eq!(old_instances(&local, "s1", "pr-2", None), Vec::<SocketAddr>::new());
+        assert_eq!(old_instances(&local, "s2", "", None), Vec::<SocketAddr>::new());
     }
 
     #[test]
@@ -315,6 +372,7 @@ mod tests {
                     deployment_id: "d2".into(),
                     local: true,
                     peers: vec![],
+                    preview: String::new(),
                 },
                 RouteMessage {
                     host: "api-shop.example.com".into(),
@@ -323,6 +381,7 @@ mod tests {
                     deployment_id: "d9".into(),
                     local: false,
                     peers: vec!["10.0.0.2:80".into()],
+                    preview: String::new(),
                 },
             ],
             ..Default::default()

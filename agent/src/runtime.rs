@@ -2,10 +2,11 @@
 //! hardened defaults, health check, stop and cleanup.
 //!
 //! Containers and networks carry the Deployer labels (`deployer.managed=true`, the agent, the
-//! project, the service and the deployment; networks carry the first three), and nothing here ever
-//! stops or removes one that lacks `deployer.managed=true` (and, for a container, this agent's
-//! label). Images carry no labels: the classic builder commits one layer per label, about 1 s each
-//! on this engine. The agent recognises its images by their repository instead,
+//! project, the service and the deployment; networks carry the first three), plus the preview
+//! environment for a preview's (`deployer.preview`; absent for the service's own), and nothing
+//! here ever stops or removes one that lacks `deployer.managed=true` (and, for a container, this
+//! agent's label). Images carry no labels: the classic builder commits one layer per label, about
+//! 1 s each on this engine. The agent recognises its images by their repository instead,
 //! `deployer/<project>/<service>`, a namespace nothing else writes, and prunes no other.
 
 use std::collections::{HashMap, HashSet};
@@ -29,7 +30,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::docker::{Docker, LABEL_AGENT, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_PROJECT, LABEL_SERVICE};
+use crate::docker::{
+    Docker, LABEL_AGENT, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_PREVIEW, LABEL_PROJECT, LABEL_SERVICE,
+};
 
 /// The namespace of the images the agent builds: `deployer/<project>/<service>:<deployment>`.
 const IMAGE_NAMESPACE: &str = "deployer/";
@@ -71,6 +74,8 @@ pub struct Labels {
     pub project: String,
     pub service: String,
     pub deployment: String,
+    /// The preview environment ("" for the service's own release, which carries no such label).
+    pub preview: String,
 }
 
 impl Labels {
@@ -82,14 +87,25 @@ impl Labels {
         labels
     }
 
-    /// The labels of a project's network, which outlives any one service or deployment.
+    /// The labels of a project's network (or a preview's), which outlives any one service or
+    /// deployment.
     fn network_map(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_MANAGED.into(), "true".into()),
             (LABEL_AGENT.into(), self.agent.clone()),
             (LABEL_PROJECT.into(), self.project.clone()),
-        ])
+        ]);
+        if !self.preview.is_empty() {
+            labels.insert(LABEL_PREVIEW.into(), self.preview.clone());
+        }
+        labels
     }
+}
+
+/// The preview environment an object's labels name; "" for the service's own (no label, as on
+/// containers made before previews existed).
+pub fn preview_of(labels: &HashMap<String, String>) -> &str {
+    labels.get(LABEL_PREVIEW).map_or("", String::as_str)
 }
 
 /// Severity of a line of build or pull output.
@@ -519,8 +535,15 @@ fn split_reference(reference: &str) -> (&str, &str) {
 /// uses. Returns the tags removed.
 ///
 /// An image counts only if every one of its tags is in `repository`: one also tagged elsewhere
-/// is someone else's too. A repository outside `deployer/` is refused.
-pub async fn prune_images(docker: &Docker, repository: &str, keep: usize) -> Result<Vec<String>, RuntimeError> {
+/// is someone else's too. The tags in `spare` (a preview's images, which go with their preview)
+/// are neither counted nor removed; an image they tag is kept. A repository outside `deployer/`
+/// is refused.
+pub async fn prune_images(
+    docker: &Docker,
+    repository: &str,
+    keep: usize,
+    spare: &HashSet<String>,
+) -> Result<Vec<String>, RuntimeError> {
     if !is_own_repository(repository) {
         return Err(RuntimeError::ForeignRepository { repository: repository.to_owned() });
     }
@@ -541,7 +564,7 @@ pub async fn prune_images(docker: &Docker, repository: &str, keep: usize) -> Res
             Err(error) => return Err(docker_error(format!("inspect image {}", image.id), error)),
         }
     }
-    let candidates = prune_candidates(images, repository);
+    let candidates = prune_candidates(images, repository, spare);
 
     let containers = docker
         .api()
@@ -553,6 +576,7 @@ pub async fn prune_images(docker: &Docker, repository: &str, keep: usize) -> Res
     let mut removed = Vec::new();
     for image in candidates.into_iter().skip(keep).filter(|image| !in_use.contains(&image.id)) {
         // Removing the last tag removes the image; removing by id would fail while it has several.
+        // A spared tag is not among them, so an image a preview shares only loses the others.
         for tag in image.repo_tags {
             let options = RemoveImageOptionsBuilder::new().force(false).noprune(false).build();
             match docker.api().remove_image(&tag, Some(options), None).await {
@@ -575,9 +599,10 @@ fn is_own_repository(repository: &str) -> bool {
         && !repository.contains(char::is_whitespace)
 }
 
-/// The images of `repository` (every tag in it, at least one), newest first: by creation time,
-/// which has one-second resolution, then by tag, descending.
-fn prune_candidates(images: Vec<ImageSummary>, repository: &str) -> Vec<ImageSummary> {
+/// The images of `repository` (every tag in it, at least one besides the `spare` ones, which are
+/// left out of `repo_tags`), newest first: by creation time, which has one-second resolution,
+/// then by tag, descending.
+fn prune_candidates(images: Vec<ImageSummary>, repository: &str, spare: &HashSet<String>) -> Vec<ImageSummary> {
     // The engine filtered already; this guards against one that ignores the filter, or a
     // repository with pattern characters in it that widen it.
     let in_repository = |tag: &String| {
@@ -588,6 +613,10 @@ fn prune_candidates(images: Vec<ImageSummary>, repository: &str) -> Vec<ImageSum
     let mut candidates: Vec<_> = images
         .into_iter()
         .filter(|image| !image.repo_tags.is_empty() && image.repo_tags.iter().all(in_repository))
+        .filter_map(|mut image| {
+            image.repo_tags.retain(|tag| !spare.contains(tag));
+            (!image.repo_tags.is_empty()).then_some(image)
+        })
         .collect();
     let newest_tag = |image: &ImageSummary| image.repo_tags.iter().max().cloned();
     candidates.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| newest_tag(b).cmp(&newest_tag(a))));
@@ -597,24 +626,34 @@ fn prune_candidates(images: Vec<ImageSummary>, repository: &str) -> Vec<ImageSum
 // ---------------------------------------------------------------------------------------------
 // Networks
 
-/// The name of a project's network.
-pub fn network_name(project_id: &str) -> String {
-    format!("deployer-{project_id}")
+/// The name of a project's network, or of one of its previews': a preview's instances answer to
+/// the same service names as the project's own, so each preview gets a network of its own.
+pub fn network_name(project_id: &str, preview: &str) -> String {
+    if preview.is_empty() {
+        return format!("deployer-{project_id}");
+    }
+    // Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]* in a network name.
+    let preview: String = preview
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .collect();
+    format!("deployer-{project_id}-preview-{preview}")
 }
 
-/// Creates the project's user-defined bridge network `deployer-<project_id>` unless it exists,
-/// and returns its name. An existing network of that name must carry `deployer.managed=true` and
-/// the project's label (any agent's: the name is per host and an agent that rejoined under a new
-/// id still owns it).
+/// Creates the user-defined bridge network of `labels.project` (of `labels.preview` when it is
+/// set), [`network_name`], unless it exists, and returns its name. An existing network of that
+/// name must carry `deployer.managed=true`, the project's label and the same preview label (any
+/// agent's: the name is per host and an agent that rejoined under a new id still owns it).
 pub async fn ensure_network(docker: &Docker, project_id: &str, labels: &Labels) -> Result<String, RuntimeError> {
-    let name = network_name(project_id);
+    let name = network_name(project_id, &labels.preview);
     let _one_at_a_time = NETWORK_LOCK.lock().await;
     match docker.api().inspect_network(&name, None).await {
         Ok(network) => {
             let labels_found = network.labels.unwrap_or_default();
             let ours = network.name.as_deref() == Some(name.as_str())
                 && labels_found.get(LABEL_MANAGED).is_some_and(|v| v == "true")
-                && labels_found.get(LABEL_PROJECT).is_some_and(|v| v == &labels.project);
+                && labels_found.get(LABEL_PROJECT).is_some_and(|v| v == &labels.project)
+                && preview_of(&labels_found) == labels.preview;
             return if ours { Ok(name) } else { Err(RuntimeError::ForeignNetwork { name }) };
         }
         Err(error) if status_code(&error) == Some(404) => {}
@@ -997,32 +1036,151 @@ fn parse_status_line(head: &[u8]) -> Result<u16, String> {
 }
 
 /// Stops (SIGTERM, then SIGKILL after `grace`) and removes the containers of `service` in
-/// `project` that this agent runs, except those of `keep_deployment`. Returns their names.
+/// `project` that this agent runs for `preview` ("": the service's own release), except those of
+/// `keep_deployment`. Returns their names.
 ///
-/// `project` scopes the search: service names repeat across projects.
+/// `project` scopes the search: service names repeat across projects. A preview's release never
+/// stops the service's own, nor the reverse.
 pub async fn stop_service_instances(
     docker: &Docker,
     agent: &str,
     project: &str,
     service: &str,
+    preview: &str,
     keep_deployment: Option<&str>,
     grace: Duration,
 ) -> Result<Vec<String>, RuntimeError> {
-    let found = managed_containers(
-        docker,
-        agent,
-        &[format!("{LABEL_PROJECT}={project}"), format!("{LABEL_SERVICE}={service}")],
-    )
-    .await?;
+    let mut filter = vec![format!("{LABEL_PROJECT}={project}"), format!("{LABEL_SERVICE}={service}")];
+    // The engine cannot filter on a label's absence: the service's own are told apart below.
+    if !preview.is_empty() {
+        filter.push(format!("{LABEL_PREVIEW}={preview}"));
+    }
+    let found = managed_containers(docker, agent, &filter).await?;
     let doomed: Vec<_> = found
         .into_iter()
-        .filter(|c| {
-            c.labels.get(LABEL_PROJECT).is_some_and(|p| p == project)
-                && c.labels.get(LABEL_SERVICE).is_some_and(|s| s == service)
-                && keep_deployment.is_none_or(|keep| c.labels.get(LABEL_DEPLOYMENT).is_none_or(|d| d != keep))
-        })
+        .filter(|c| replaced_instance(&c.labels, project, service, preview, keep_deployment))
         .collect();
     stop_and_remove(docker, doomed, grace).await
+}
+
+/// Whether a container with `labels` is an instance of `service` in `project` for `preview`
+/// other than `keep_deployment`'s.
+fn replaced_instance(
+    labels: &HashMap<String, String>,
+    project: &str,
+    service: &str,
+    preview: &str,
+    keep_deployment: Option<&str>,
+) -> bool {
+    labels.get(LABEL_PROJECT).is_some_and(|p| p == project)
+        && labels.get(LABEL_SERVICE).is_some_and(|s| s == service)
+        && preview_of(labels) == preview
+        && keep_deployment.is_none_or(|keep| labels.get(LABEL_DEPLOYMENT).is_none_or(|d| d != keep))
+}
+
+/// Stops (with `grace`) and removes every container of `preview` in `project` that this agent
+/// runs, whatever its service or deployment, and then the preview's network. Returns the names
+/// of the containers removed; removing what is gone already is fine.
+pub async fn remove_preview(
+    docker: &Docker,
+    agent: &str,
+    project: &str,
+    preview: &str,
+    grace: Duration,
+) -> Result<Vec<String>, RuntimeError> {
+    if preview.is_empty() {
+        // Would match the project's own instances.
+        return Ok(Vec::new());
+    }
+    let filter = [format!("{LABEL_PROJECT}={project}"), format!("{LABEL_PREVIEW}={preview}")];
+    let found = managed_containers(docker, agent, &filter).await?;
+    let doomed: Vec<_> = found
+        .into_iter()
+        .filter(|c| c.labels.get(LABEL_PROJECT).is_some_and(|p| p == project) && preview_of(&c.labels) == preview)
+        .collect();
+    let removed = stop_and_remove(docker, doomed, grace).await?;
+    remove_preview_network(docker, project, preview).await?;
+    Ok(removed)
+}
+
+/// Removes the preview's network if it is ours and no container uses it any more (another
+/// agent on the same host may still run instances of the preview on it).
+async fn remove_preview_network(docker: &Docker, project: &str, preview: &str) -> Result<(), RuntimeError> {
+    let name = network_name(project, preview);
+    let network = match docker.api().inspect_network(&name, None).await {
+        Ok(network) => network,
+        Err(error) if status_code(&error) == Some(404) => return Ok(()),
+        Err(error) => return Err(docker_error(format!("inspect network {name}"), error)),
+    };
+    let labels = network.labels.unwrap_or_default();
+    let ours = labels.get(LABEL_MANAGED).is_some_and(|v| v == "true")
+        && labels.get(LABEL_PROJECT).is_some_and(|p| p == project)
+        && preview_of(&labels) == preview;
+    if !ours || network.containers.is_some_and(|c| !c.is_empty()) {
+        return Ok(());
+    }
+    match docker.api().remove_network(&name).await {
+        Ok(()) => Ok(()),
+        // Gone meanwhile, or a container joined it since.
+        Err(error) if matches!(status_code(&error), Some(404 | 409)) => Ok(()),
+        Err(error) => Err(docker_error(format!("remove network {name}"), error)),
+    }
+}
+
+/// Removes the tags `deployer/<project_name>/<any service>:<deployment>` of `deployments` (a
+/// preview's images). An image tagged elsewhere too only loses these tags. Returns the tags
+/// removed; a tag that is not there is fine.
+pub async fn remove_deployment_images(
+    docker: &Docker,
+    project_name: &str,
+    deployments: &[String],
+) -> Result<Vec<String>, RuntimeError> {
+    let namespace = format!("{IMAGE_NAMESPACE}{project_name}");
+    if !is_own_repository(&namespace) || project_name.contains(['/', '*', '?', '[']) {
+        return Err(RuntimeError::ForeignRepository { repository: namespace });
+    }
+    let filters = HashMap::from([("reference", vec![format!("{namespace}/*:*")])]);
+    let options = ListImagesOptionsBuilder::new().filters(&filters).build();
+    let images = docker
+        .api()
+        .list_images(Some(options))
+        .await
+        .map_err(|e| docker_error(format!("list the images of {namespace}/*"), e))?;
+    let doomed = deployment_tags(images.iter().flat_map(|image| &image.repo_tags), &namespace, deployments);
+    let mut removed = Vec::new();
+    for tag in doomed {
+        let options = RemoveImageOptionsBuilder::new().force(false).noprune(false).build();
+        match docker.api().remove_image(&tag, Some(options), None).await {
+            Ok(_) => removed.push(tag),
+            Err(error) if status_code(&error) == Some(404) => {}
+            Err(error) => return Err(docker_error(format!("remove image {tag}"), error)),
+        }
+    }
+    Ok(removed)
+}
+
+/// The tags among `tags` that are `<namespace>/<service>:<deployment>` for one of `deployments`.
+fn deployment_tags<'a>(
+    tags: impl IntoIterator<Item = &'a String>,
+    namespace: &str,
+    deployments: &[String],
+) -> Vec<String> {
+    let mut found: Vec<String> = tags
+        .into_iter()
+        .filter(|tag| {
+            let (repository, name) = split_reference(tag);
+            repository
+                .strip_prefix(namespace)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|service| !service.is_empty() && !service.contains('/'))
+                && !tag.contains('@')
+                && deployments.iter().any(|d| d == name)
+        })
+        .cloned()
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// Stops and removes the containers of `deployment` that this agent runs, with a grace of
@@ -1039,6 +1197,8 @@ pub async fn remove_deployment(docker: &Docker, agent: &str, deployment: &str) -
 pub struct LocalBackend {
     pub deployment: String,
     pub service: String,
+    /// The preview environment ("" for the service's own release).
+    pub preview: String,
     pub addr: std::net::SocketAddr,
 }
 
@@ -1065,6 +1225,7 @@ pub async fn running_backends(docker: &Docker, agent: &str) -> Result<Vec<LocalB
                 backends.push(LocalBackend {
                     deployment: deployment.clone(),
                     service: service.clone(),
+                    preview: preview_of(&labels).to_owned(),
                     addr: std::net::SocketAddr::new(ip, public),
                 });
             }
@@ -1205,8 +1366,9 @@ pub async fn applied_hardening(docker: &Docker, container: &str) -> Result<Appli
     })
 }
 
+/// Also the Docker fixtures of the other modules' tests (`Scratch` and its helpers).
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -1214,7 +1376,7 @@ mod tests {
     const SOCKET: &str = "/var/run/docker.sock";
 
     /// Whether an engine is reachable; tests that need one skip without it, as in `docker.rs`.
-    fn engine_missing() -> bool {
+    pub(crate) fn engine_missing() -> bool {
         let missing = std::env::var_os("DOCKER_HOST").is_none() && !Path::new(SOCKET).exists();
         if missing {
             eprintln!("skipped: no Docker engine at {SOCKET}");
@@ -1223,7 +1385,7 @@ mod tests {
     }
 
     /// Runs the docker CLI; returns its stdout, or panics with its stderr.
-    fn docker_cli(args: &[&str]) -> String {
+    pub(crate) fn docker_cli(args: &[&str]) -> String {
         let out = Command::new("docker").args(args).stdin(Stdio::null()).output().expect("run the docker CLI");
         assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -1264,16 +1426,16 @@ mod tests {
     }
 
     /// What one test creates, all named after its unique id; removed on drop, even on failure.
-    struct Scratch {
-        id: String,
-        agent: String,
-        base: String,
+    pub(crate) struct Scratch {
+        pub(crate) id: String,
+        pub(crate) agent: String,
+        pub(crate) base: String,
         /// Containers made with the docker CLI, without this agent's labels.
         foreign_containers: Vec<String>,
     }
 
     impl Scratch {
-        async fn new(test: &str) -> (Docker, Scratch) {
+        pub(crate) async fn new(test: &str) -> (Docker, Scratch) {
             static COUNTER: AtomicU32 = AtomicU32::new(0);
             // Lowercase, as a repository name must be.
             let id = format!("rt{}x{}-{test}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
@@ -1289,16 +1451,22 @@ mod tests {
             (docker, scratch)
         }
 
-        fn labels(&self, project: &str, service: &str, deployment: &str) -> Labels {
+        pub(crate) fn labels(&self, project: &str, service: &str, deployment: &str) -> Labels {
             Labels {
                 agent: self.agent.clone(),
                 project: project.into(),
                 service: service.into(),
                 deployment: deployment.into(),
+                preview: String::new(),
             }
         }
 
-        fn project(&self, suffix: &str) -> String {
+        /// The labels of a preview's instance.
+        pub(crate) fn preview_labels(&self, project: &str, service: &str, deployment: &str, preview: &str) -> Labels {
+            Labels { preview: preview.into(), ..self.labels(project, service, deployment) }
+        }
+
+        pub(crate) fn project(&self, suffix: &str) -> String {
             format!("{}-{suffix}", self.id)
         }
 
@@ -1307,7 +1475,7 @@ mod tests {
         }
 
         /// Where the agent tags the images of `service` in `project` (from `Scratch::project`).
-        fn repository(&self, project: &str, service: &str) -> String {
+        pub(crate) fn repository(&self, project: &str, service: &str) -> String {
             format!("deployer/{project}/{service}")
         }
 
@@ -1318,7 +1486,7 @@ mod tests {
         }
 
         /// Builds a context with `Dockerfile` (its `{base}` replaced) and `files`.
-        async fn build(
+        pub(crate) async fn build(
             &self,
             docker: &Docker,
             dockerfile: &str,
@@ -1367,7 +1535,7 @@ mod tests {
         }
     }
 
-    fn spec<'a>(
+    pub(crate) fn spec<'a>(
         name: &'a str,
         image: &'a str,
         labels: &'a Labels,
@@ -1398,7 +1566,7 @@ mod tests {
         answer
     }
 
-    const HTTPD_DOCKERFILE: &str = "FROM {base}\nCOPY index.html /www/index.html\n\
+    pub(crate) const HTTPD_DOCKERFILE: &str = "FROM {base}\nCOPY index.html /www/index.html\n\
         CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n";
     const SLEEP_DOCKERFILE: &str = "FROM {base}\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n";
 
@@ -1690,7 +1858,7 @@ mod tests {
         scratch.foreign_containers.push(other_agent.clone());
 
         let mut stopped =
-            stop_service_instances(&docker, &scratch.agent, &project, "api", Some("d2"), Duration::from_secs(2))
+            stop_service_instances(&docker, &scratch.agent, &project, "api", "", Some("d2"), Duration::from_secs(2))
                 .await
                 .unwrap();
         stopped.sort();
@@ -1705,9 +1873,10 @@ mod tests {
         assert_eq!(running.trim(), "true");
 
         // No deployment kept: the new one goes too.
-        let stopped = stop_service_instances(&docker, &scratch.agent, &project, "api", None, Duration::from_secs(2))
-            .await
-            .unwrap();
+        let stopped =
+            stop_service_instances(&docker, &scratch.agent, &project, "api", "", None, Duration::from_secs(2))
+                .await
+                .unwrap();
         assert_eq!(stopped, [name("new-0")]);
         remove_deployment(&docker, &scratch.agent, "d4").await.unwrap();
         assert_eq!(
@@ -1717,9 +1886,170 @@ mod tests {
         docker.api().inspect_container(&other_agent, None).await.unwrap();
     }
 
+    #[tokio::test]
+    async fn a_previews_release_and_the_services_own_replace_only_their_own() {
+        if engine_missing() {
+            return;
+        }
+        let (docker, scratch) = Scratch::new("preview-stop").await;
+        let project = scratch.project("p");
+        let own_old = scratch.labels(&project, "api", "d1");
+        let own_new = scratch.labels(&project, "api", "d2");
+        let preview_old = scratch.preview_labels(&project, "api", "p1", "pr-7");
+        let preview_new = scratch.preview_labels(&project, "api", "p2", "pr-7");
+        let other_preview = scratch.preview_labels(&project, "api", "q1", "pr-8");
+        let tag = scratch.tag("sleep");
+        scratch.build(&docker, SLEEP_DOCKERFILE, &[], &tag).await.0.unwrap();
+        let hardening = Hardening::default();
+        let name = |what: &str| format!("{}-{what}", scratch.id);
+        for (container, labels) in [
+            (name("d1"), &own_old),
+            (name("d2"), &own_new),
+            (name("p1"), &preview_old),
+            (name("p2"), &preview_new),
+            (name("q1"), &other_preview),
+        ] {
+            let network = ensure_network(&docker, &project, labels).await.unwrap();
+            let spec = InstanceSpec { publish: true, ..spec(&container, &tag, labels, &network, &hardening) };
+            start_instance(&docker, &spec).await.unwrap();
+        }
+        // Each preview has a network of its own: its service names are the project's.
+        let networks = |container: String| {
+            let docker = docker.clone();
+            async move {
+                let mut names: Vec<String> =
+                    applied_hardening(&docker, &container).await.unwrap().network_aliases.into_keys().collect();
+                names.sort();
+                names
+            }
+        };
+        assert_eq!(networks(name("d1")).await, [network_name(&project, "")]);
+        assert_eq!(networks(name("p1")).await, [network_name(&project, "pr-7")]);
+        assert_eq!(networks(name("q1")).await, [network_name(&project, "pr-8")]);
+        let labels = applied_hardening(&docker, &name("p1")).await.unwrap().labels;
+        assert_eq!(labels.get(LABEL_PREVIEW).map(String::as_str), Some("pr-7"));
+        let labels = applied_hardening(&docker, &name("d1")).await.unwrap().labels;
+        assert_eq!(labels.get(LABEL_PREVIEW), None);
+
+        let backends = running_backends(&docker, &scratch.agent).await.unwrap();
+        let previews: HashMap<&str, &str> =
+            backends.iter().map(|b| (b.deployment.as_str(), b.preview.as_str())).collect();
+        assert_eq!(previews, HashMap::from([("d1", ""), ("d2", ""), ("p1", "pr-7"), ("p2", "pr-7"), ("q1", "pr-8")]));
+
+        let grace = Duration::from_secs(2);
+        let exists = |container: String| {
+            let docker = docker.clone();
+            async move { docker.api().inspect_container(&container, None).await.is_ok() }
+        };
+        // The preview's new release replaces its old one only.
+        let stopped =
+            stop_service_instances(&docker, &scratch.agent, &project, "api", "pr-7", Some("p2"), grace).await.unwrap();
+        assert_eq!(stopped, [name("p1")]);
+        for kept in ["d1", "d2", "p2", "q1"] {
+            assert!(exists(name(kept)).await, "{kept}");
+        }
+        // The service's new release replaces its old one only.
+        let stopped =
+            stop_service_instances(&docker, &scratch.agent, &project, "api", "", Some("d2"), grace).await.unwrap();
+        assert_eq!(stopped, [name("d1")]);
+        // Stopping the whole service leaves its previews running.
+        let stopped = stop_service_instances(&docker, &scratch.agent, &project, "api", "", None, grace).await.unwrap();
+        assert_eq!(stopped, [name("d2")]);
+        for kept in ["p2", "q1"] {
+            assert!(exists(name(kept)).await, "{kept}");
+        }
+
+        // Removing a preview takes its containers and network, and nothing of another's.
+        assert_eq!(remove_preview(&docker, &scratch.agent, &project, "pr-7", grace).await.unwrap(), [name("p2")]);
+        assert!(!exists(name("p2")).await);
+        assert!(exists(name("q1")).await);
+        let gone = docker.api().inspect_network(&network_name(&project, "pr-7"), None).await.unwrap_err();
+        assert_eq!(status_code(&gone), Some(404));
+        docker.api().inspect_network(&network_name(&project, "pr-8"), None).await.unwrap();
+        docker.api().inspect_network(&network_name(&project, ""), None).await.unwrap();
+        assert_eq!(
+            remove_preview(&docker, &scratch.agent, &project, "pr-7", grace).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(remove_preview(&docker, &scratch.agent, &project, "", grace).await.unwrap(), Vec::<String>::new());
+        assert!(exists(name("q1")).await);
+    }
+
+    #[test]
+    fn only_a_previews_instances_carry_its_label() {
+        let labels = Labels {
+            agent: "a".into(),
+            project: "p".into(),
+            service: "s".into(),
+            deployment: "d".into(),
+            preview: String::new(),
+        };
+        assert_eq!(labels.to_map().get(LABEL_PREVIEW), None);
+        assert_eq!(preview_of(&labels.to_map()), "");
+        let preview = Labels { preview: "pr-7".into(), ..labels };
+        assert_eq!(preview.to_map().get(LABEL_PREVIEW).map(String::as_str), Some("pr-7"));
+        assert_eq!(preview_of(&preview.network_map()), "pr-7");
+    }
+
+    #[test]
+    fn a_release_replaces_the_instances_of_its_own_preview_only() {
+        let labels = |service: &str, deployment: &str, preview: Option<&str>| {
+            let mut labels = HashMap::from([
+                (LABEL_PROJECT.to_string(), "p".to_string()),
+                (LABEL_SERVICE.to_string(), service.to_string()),
+                (LABEL_DEPLOYMENT.to_string(), deployment.to_string()),
+            ]);
+            if let Some(preview) = preview {
+                labels.insert(LABEL_PREVIEW.into(), preview.into());
+            }
+            labels
+        };
+        let own = labels("s", "d1", None);
+        let preview = labels("s", "p1", Some("pr-7"));
+        // The service's own release: instances without the label (as before previews existed).
+        assert!(replaced_instance(&own, "p", "s", "", Some("d2")));
+        assert!(replaced_instance(&own, "p", "s", "", None));
+        assert!(!replaced_instance(&own, "p", "s", "", Some("d1")), "the kept deployment");
+        assert!(!replaced_instance(&preview, "p", "s", "", None), "a preview's, for the service's own");
+        // A preview's release.
+        assert!(replaced_instance(&preview, "p", "s", "pr-7", Some("p2")));
+        assert!(!replaced_instance(&preview, "p", "s", "pr-7", Some("p1")));
+        assert!(!replaced_instance(&own, "p", "s", "pr-7", None), "the service's own, for a preview");
+        assert!(!replaced_instance(&preview, "p", "s", "pr-8", None), "another preview's");
+        assert!(!replaced_instance(&preview, "p", "t", "pr-7", None), "another service's");
+        assert!(!replaced_instance(&preview, "q", "s", "pr-7", None), "another project's");
+    }
+
+    #[test]
+    fn previews_have_networks_of_their_own() {
+        assert_eq!(network_name("p1", ""), "deployer-p1");
+        assert_eq!(network_name("p1", "pr-7"), "deployer-p1-preview-pr-7");
+        assert_eq!(network_name("p1", "feature/x y"), "deployer-p1-preview-feature-x-y");
+    }
+
+    #[test]
+    fn a_previews_image_tags_are_those_of_its_deployments_in_the_project() {
+        let tags: Vec<String> = [
+            "deployer/shop/web:p1",
+            "deployer/shop/api:p1",
+            "deployer/shop/api:p2",
+            "deployer/shop/api:d1",
+            "deployer/shop/nested/api:p1",
+            "deployer/shopping/web:p1",
+            "deployer/other/web:p1",
+            "deployer/shop:p1",
+            "deployer/shop/web:p10",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        let found = deployment_tags(&tags, "deployer/shop", &["p1".to_string(), "p2".to_string()]);
+        assert_eq!(found, ["deployer/shop/api:p1", "deployer/shop/api:p2", "deployer/shop/web:p1"]);
+    }
+
     /// A sleeping image's Dockerfile that no other build shares, so the build cache cannot merge
     /// two of them into one image.
-    fn sleeper(build: &str) -> String {
+    pub(crate) fn sleeper(build: &str) -> String {
         format!("FROM {{base}}\nENV BUILD={build}\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n")
     }
 
@@ -1757,7 +2087,8 @@ mod tests {
         let name = format!("{}-api", scratch.id);
         start_instance(&docker, &spec(&name, &tags[0], &labels, &network, &hardening)).await.unwrap();
 
-        let removed = prune_images(&docker, &api, 1).await.unwrap();
+        let none = HashSet::new();
+        let removed = prune_images(&docker, &api, 1, &none).await.unwrap();
         assert_eq!(removed, [tags[1].clone()]);
         let exists = |tag: String| {
             let docker = docker.clone();
@@ -1771,11 +2102,11 @@ mod tests {
         assert!(exists(shared.clone()).await && exists(shared_elsewhere.clone()).await, "tagged elsewhere too");
 
         remove_deployment(&docker, &scratch.agent, "d1").await.unwrap();
-        let removed = prune_images(&docker, &api, 1).await.unwrap();
+        let removed = prune_images(&docker, &api, 1, &none).await.unwrap();
         assert_eq!(removed, [tags[0].clone()]);
         assert!(exists(tags[2].clone()).await);
-        assert_eq!(prune_images(&docker, &api, 1).await.unwrap(), Vec::<String>::new());
-        assert_eq!(prune_images(&docker, &api, 0).await.unwrap(), [tags[2].clone()]);
+        assert_eq!(prune_images(&docker, &api, 1, &none).await.unwrap(), Vec::<String>::new());
+        assert_eq!(prune_images(&docker, &api, 0, &none).await.unwrap(), [tags[2].clone()]);
         assert!(exists(shared.clone()).await && exists(shared_elsewhere.clone()).await, "tagged elsewhere too");
         assert!(exists(worker.clone()).await, "another service");
         assert!(exists(scratch.base.clone()).await, "the base image is outside deployer/");
@@ -1800,7 +2131,7 @@ mod tests {
             "deployer/p /api",
             "",
         ] {
-            let err = prune_images(&docker, repository, 0).await.unwrap_err();
+            let err = prune_images(&docker, repository, 0, &HashSet::new()).await.unwrap_err();
             assert!(matches!(err, RuntimeError::ForeignRepository { .. }), "{repository:?}: {err:?}");
             assert!(!err.retryable());
             assert!(err.to_string().contains(&format!("{repository:?}")), "{err}");
@@ -1816,7 +2147,7 @@ mod tests {
             repo_tags: tags.iter().map(|tag| tag.to_string()).collect(),
             ..Default::default()
         };
-        let images = vec![
+        let images: Vec<ImageSummary> = vec![
             image("older", 100, &["deployer/p/api:z"]),
             image("tie-a", 200, &["deployer/p/api:a"]),
             image("tie-b", 200, &["deployer/p/api:0", "deployer/p/api:b"]),
@@ -1827,8 +2158,17 @@ mod tests {
             image("dangling", 400, &["<none>:<none>"]),
             image("untagged", 400, &[]),
         ];
-        let ids: Vec<String> = prune_candidates(images, "deployer/p/api").into_iter().map(|i| i.id).collect();
-        assert_eq!(ids, ["newest", "tie-b", "tie-a", "older"]);
+        let ids = |spare: &[&str]| -> Vec<String> {
+            let spare = spare.iter().map(|tag| tag.to_string()).collect();
+            prune_candidates(images.clone(), "deployer/p/api", &spare).into_iter().map(|i| i.id).collect()
+        };
+        assert_eq!(ids(&[]), ["newest", "tie-b", "tie-a", "older"]);
+        // A preview's tags are not the service's: an image only they tag is no candidate, and
+        // one they share with the service's own keeps them.
+        assert_eq!(ids(&["deployer/p/api:m", "deployer/p/api:0"]), ["tie-b", "tie-a", "older"]);
+        let spare = HashSet::from(["deployer/p/api:0".to_string()]);
+        let shared = prune_candidates(images.clone(), "deployer/p/api", &spare);
+        assert_eq!(shared[1].repo_tags, ["deployer/p/api:b"]);
     }
 
     #[tokio::test]
@@ -1870,7 +2210,7 @@ mod tests {
         }
         let (docker, scratch) = Scratch::new("netname").await;
         let project = scratch.project("p");
-        let name = network_name(&project);
+        let name = network_name(&project, "");
         docker_cli(&["network", "create", &name]);
         let err = ensure_network(&docker, &project, &scratch.labels(&project, "web", "d1")).await.unwrap_err();
         docker_quiet(&["network", "rm", &name]);
@@ -1893,9 +2233,12 @@ mod tests {
         send(ensure_image(docker, "i", pull_log));
         send(start_instance(docker, spec));
         send(wait_healthy(docker, instance, 80, "/", Duration::ZERO));
-        send(stop_service_instances(docker, "a", "p", "s", None, Duration::ZERO));
+        send(stop_service_instances(docker, "a", "p", "s", "", None, Duration::ZERO));
         send(remove_deployment(docker, "a", "d"));
-        send(prune_images(docker, "deployer/p/s", 1));
+        send(remove_preview(docker, "a", "p", "pr", Duration::ZERO));
+        send(remove_deployment_images(docker, "p", &[]));
+        let spare = HashSet::new();
+        send(prune_images(docker, "deployer/p/s", 1, &spare));
         send(applied_hardening(docker, "c"));
     }
 
@@ -1952,7 +2295,13 @@ mod tests {
 
     #[test]
     fn container_body_is_hardened_by_default() {
-        let labels = Labels { agent: "a".into(), project: "p".into(), service: "s".into(), deployment: "d".into() };
+        let labels = Labels {
+            agent: "a".into(),
+            project: "p".into(),
+            service: "s".into(),
+            deployment: "d".into(),
+            preview: String::new(),
+        };
         let hardening = Hardening::default();
         let spec = spec("n", "img", &labels, "net", &hardening);
         let body = container_body(&spec, "", true);

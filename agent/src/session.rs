@@ -359,6 +359,7 @@ impl Session {
                         Some(ControllerBody::UpdateAck(ack)) => self.tasks.acked(ack),
                         Some(ControllerBody::UploadChunk(chunk)) => self.tasks.upload_chunk(chunk),
                         Some(ControllerBody::StopService(stop)) => self.tasks.stop_service(stop),
+                        Some(ControllerBody::DestroyPreview(destroy)) => self.tasks.destroy_preview(destroy),
                         Some(ControllerBody::UpdateRoutes(update)) => self.apply_routes(update),
                         Some(ControllerBody::Welcome(_)) | None => {}
                     },

@@ -6,7 +6,7 @@
 //! attempt is run at most once: a repeat of one in progress is ignored, and a repeat of one
 //! that ended (even before a restart of the agent) is answered from its result file.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use std::time::Duration;
 use deployer_proto::agent::agent_message::Body as AgentBody;
 use deployer_proto::agent::run_deployment::Source as RunSource;
 use deployer_proto::agent::{
-    AgentMessage, DeploymentUpdate, FetchUpload, InstanceEvent, LogLine, RunDeployment, StopService, UpdateAck,
-    UploadChunk,
+    AgentMessage, DeploymentUpdate, DestroyPreview, FetchUpload, InstanceEvent, LogLine, PreviewDestroyed,
+    RunDeployment, StopService, UpdateAck, UploadChunk,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,12 @@ const MAX_PENDING_LINES: usize = 20_000;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for a window of upload chunks before asking again.
 const UPLOAD_WAIT: Duration = Duration::from_secs(30);
+/// How long an aborted attempt gets to let go of what it holds before its preview is removed.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// A source directory `<dir>` of a deployment has `<dir>.service` beside it, holding the
+/// service's id, and, for a preview's deployment, `<dir>.preview`, holding the preview.
+const SERVICE_MARKER: &str = "service";
+const PREVIEW_MARKER: &str = "preview";
 
 /// What the agent needs to run deployments.
 #[derive(Clone)]
@@ -78,6 +84,8 @@ struct Inner {
     uploads: HashMap<String, mpsc::Sender<UploadChunk>>,
     /// Messages other than updates, sent once.
     extra: Vec<AgentMessage>,
+    /// Previews being removed, by (project, preview): a repeat of the request waits for the answer.
+    destroying: HashSet<(String, String)>,
 }
 
 pub struct Tasks {
@@ -410,23 +418,27 @@ impl Tasks {
         tokio::spawn(async move {
             let keep = Some(stop.keep_deployment.as_str()).filter(|k| !k.is_empty());
             if let Some(ingress) = &ctx.ingress {
-                ingress.release(&stop.service_id, keep).await;
+                ingress.release(&stop.service_id, &stop.preview, keep).await;
             }
             match runtime::stop_service_instances(
                 &ctx.docker,
                 &ctx.agent_id,
                 &stop.project_id,
                 &stop.service_id,
+                &stop.preview,
                 keep,
                 STOP_GRACE,
             )
             .await
             {
                 Ok(stopped) if !stopped.is_empty() => {
-                    tracing::info!(service = %stop.service_id, ?stopped, "stopped replaced instances")
+                    let (service, preview) = (&stop.service_id, &stop.preview);
+                    tracing::info!(%service, %preview, ?stopped, "stopped replaced instances")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(service = %stop.service_id, error = %e, "cannot stop replaced instances"),
+                Err(e) => tracing::warn!(
+                    service = %stop.service_id, preview = %stop.preview, error = %e, "cannot stop replaced instances"
+                ),
             }
         });
     }
@@ -438,6 +450,7 @@ impl Tasks {
             project: run.project_id.clone(),
             service: run.service_id.clone(),
             deployment: run.deployment_id.clone(),
+            preview: run.preview.clone(),
         };
         let project_dir = ctx.storage.join("projects").join(&run.project_id);
         let source_dir = project_dir.join("sources").join(&run.deployment_id);
@@ -452,14 +465,14 @@ impl Tasks {
         let mut report = Report::default();
         let image = match &run.source {
             Some(RunSource::Git(g)) => {
-                self.fresh_dir(&source_dir, &run.service_id).await?;
+                self.fresh_dir(&source_dir, run).await?;
                 let fetched = self.clone_git(key, g, &source_dir).await?;
                 report.commit = fetched.commit.clone();
                 self.log(key, "info", "source", format!("commit {} {}", short(&fetched.commit), fetched.summary));
                 self.build(key, &source_dir, &g.dockerfile, &tag).await?
             }
             Some(RunSource::Upload(u)) => {
-                self.fresh_dir(&source_dir, &run.service_id).await?;
+                self.fresh_dir(&source_dir, run).await?;
                 let bytes = self.fetch_upload(key, run, u.chunks).await?;
                 let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
                 if digest != u.sha256 || bytes.len() as u64 != u.size {
@@ -601,15 +614,24 @@ impl Tasks {
         Ok(fetched)
     }
 
-    /// An empty directory for the deployment's source, recorded as the service's.
-    async fn fresh_dir(&self, dir: &Path, service_id: &str) -> Result<(), Failure> {
+    /// An empty directory for the deployment's source, recorded as the service's (and the
+    /// preview's, for a preview's deployment).
+    async fn fresh_dir(&self, dir: &Path, run: &RunDeployment) -> Result<(), Failure> {
         if tokio::fs::metadata(dir).await.is_ok() {
             tokio::fs::remove_dir_all(dir).await.map_err(|e| io_failure("cannot clear the source directory", e))?;
         }
         tokio::fs::create_dir_all(dir).await.map_err(|e| io_failure("cannot create the source directory", e))?;
-        let marker = dir.with_extension("service");
-        tokio::fs::write(&marker, service_id).await.map_err(|e| io_failure("cannot write the source directory", e))?;
-        Ok(())
+        let write = |extension: &str, content: String| {
+            let marker = dir.with_extension(extension);
+            async move {
+                tokio::fs::write(&marker, content).await.map_err(|e| io_failure("cannot write the source directory", e))
+            }
+        };
+        // The preview's marker first: the service's cleanup never sees it as the service's own.
+        if !run.preview.is_empty() {
+            write(PREVIEW_MARKER, run.preview.clone()).await?;
+        }
+        write(SERVICE_MARKER, run.service_id.clone()).await
     }
 
     async fn fetch_upload(
@@ -664,62 +686,501 @@ impl Tasks {
         self.ready.notify_one();
     }
 
-    /// Stops this agent's instances of the service other than the deployment's.
+    /// Stops this agent's instances of the service (of the same preview) other than the
+    /// deployment's.
     async fn retire_previous(&self, run: &RunDeployment) {
         let ctx = &self.ctx;
         let keep = Some(run.deployment_id.as_str());
         // Zero downtime: the old instances serve until the routes point at the new ones and
         // what they are answering is done.
         if let Some(ingress) = &ctx.ingress {
-            ingress.release(&run.service_id, keep).await;
+            ingress.release(&run.service_id, &run.preview, keep).await;
         }
         let stopped = runtime::stop_service_instances(
             &ctx.docker,
             &ctx.agent_id,
             &run.project_id,
             &run.service_id,
+            &run.preview,
             keep,
             STOP_GRACE,
         )
         .await;
         match stopped {
-            Ok(stopped) if !stopped.is_empty() => tracing::info!(?stopped, "stopped the previous instances"),
+            Ok(stopped) if !stopped.is_empty() => {
+                tracing::info!(preview = %run.preview, ?stopped, "stopped the previous instances")
+            }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot stop the previous instances"),
+            Err(e) => tracing::warn!(preview = %run.preview, error = %e, "cannot stop the previous instances"),
         }
     }
 
     /// Keeps the newest `keep` sources and images of the service; never touches anything that
-    /// is not ours.
+    /// is not ours. A preview's deployments are neither counted nor removed here: they go all
+    /// together with their preview ([`Tasks::destroy_preview`]).
     async fn cleanup(&self, run: &RunDeployment) {
+        if !run.preview.is_empty() {
+            return;
+        }
         let keep = run.keep.max(1) as usize;
+        let sources = self.ctx.storage.join("projects").join(&run.project_id).join("sources");
+        let markers = source_markers(&sources).await;
         let repository = format!("deployer/{}/{}", run.project_name, run.service_name);
-        match runtime::prune_images(&self.ctx.docker, &repository, keep).await {
+        let spare: HashSet<String> =
+            markers.iter().filter(|m| m.preview.is_some()).map(|m| format!("{repository}:{}", m.deployment)).collect();
+        match runtime::prune_images(&self.ctx.docker, &repository, keep, &spare).await {
             Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old images"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot remove old images"),
         }
-        let sources = self.ctx.storage.join("projects").join(&run.project_id).join("sources");
-        let Ok(mut entries) = tokio::fs::read_dir(&sources).await else { return };
-        let mut mine = Vec::new();
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "service")
-                && tokio::fs::read_to_string(&path).await.is_ok_and(|s| s == run.service_id)
-            {
-                let modified = entry.metadata().await.and_then(|m| m.modified()).ok();
-                mine.push((modified, path));
+        let mut mine: Vec<_> =
+            markers.into_iter().filter(|m| m.preview.is_none() && m.service == run.service_id).collect();
+        mine.sort_by_key(|m| std::cmp::Reverse(m.modified));
+        for marker in mine.into_iter().skip(keep) {
+            let dir = sources.join(&marker.deployment);
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            let _ = tokio::fs::remove_file(dir.with_extension(SERVICE_MARKER)).await;
+        }
+    }
+
+    /// The controller removes a preview environment: its attempts here stop, and its
+    /// containers, network, images and sources go, off the session. The answer,
+    /// `PreviewDestroyed`, goes out through the outbox; a repeat of the request while one runs
+    /// is answered by that one.
+    pub fn destroy_preview(self: &Arc<Self>, destroy: DestroyPreview) {
+        let key = (destroy.project_id.clone(), destroy.preview.clone());
+        if !self.lock().destroying.insert(key.clone()) {
+            return;
+        }
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            let problems = tasks.remove_preview(&destroy).await;
+            let error = if problems.is_empty() {
+                tracing::info!(project = %destroy.project_id, preview = %destroy.preview, "preview removed");
+                String::new()
+            } else {
+                let error = format!("preview {} was not entirely removed: {}", destroy.preview, problems.join("; "));
+                tracing::warn!(project = %destroy.project_id, %error, "cannot remove a preview");
+                error
+            };
+            tasks.lock().destroying.remove(&key);
+            tasks.send(AgentMessage {
+                body: Some(AgentBody::PreviewDestroyed(PreviewDestroyed {
+                    project_id: destroy.project_id,
+                    preview: destroy.preview,
+                    error,
+                })),
+            });
+        });
+    }
+
+    /// Does the work of [`Tasks::destroy_preview`]; returns what could not be removed. Everything
+    /// it removes may be gone already.
+    async fn remove_preview(&self, destroy: &DestroyPreview) -> Vec<String> {
+        let ctx = &self.ctx;
+        let names = [&destroy.project_id, &destroy.preview].into_iter().chain(&destroy.deployment_ids);
+        if let Some(bad) = names.into_iter().find(|name| !is_plain_name(name)) {
+            return vec![format!("{bad:?} is not a valid project, preview or deployment id")];
+        }
+        self.abort_attempts(&destroy.deployment_ids).await;
+        let mut problems = Vec::new();
+        match runtime::remove_preview(&ctx.docker, &ctx.agent_id, &destroy.project_id, &destroy.preview, STOP_GRACE)
+            .await
+        {
+            Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed the preview's containers"),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("cannot remove its containers: {e}")),
+        }
+        if !destroy.deployment_ids.is_empty() {
+            match runtime::remove_deployment_images(&ctx.docker, &destroy.project_name, &destroy.deployment_ids).await {
+                Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed the preview's images"),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("cannot remove its images: {e}")),
             }
         }
-        mine.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
-        for (_, marker) in mine.into_iter().skip(keep) {
-            let dir = marker.with_extension("");
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            let _ = tokio::fs::remove_file(&marker).await;
+        let project_dir = ctx.storage.join("projects").join(&destroy.project_id);
+        let mut dirs = Vec::new();
+        for id in &destroy.deployment_ids {
+            dirs.push(project_dir.join("deployments").join(id));
+            dirs.push(project_dir.join("sources").join(id));
+        }
+        for dir in &dirs {
+            if let Err(e) = remove_dir(dir).await {
+                problems.push(format!("cannot remove {}: {e}", dir.display()));
+            }
+        }
+        // The markers go last: until the images are gone, the service's cleanup spares them.
+        if problems.is_empty() {
+            for id in &destroy.deployment_ids {
+                let source = project_dir.join("sources").join(id);
+                for extension in [SERVICE_MARKER, PREVIEW_MARKER] {
+                    let marker = source.with_extension(extension);
+                    if let Err(e) = tokio::fs::remove_file(&marker).await {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            problems.push(format!("cannot remove {}: {e}", marker.display()));
+                        }
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// Stops the attempts of `deployments` that run here and forgets them, waiting (a little)
+    /// for each to let go, so that nothing of theirs starts after the preview is gone.
+    async fn abort_attempts(&self, deployments: &[String]) {
+        let mut aborted = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.tasks.retain(|(id, _), task| {
+                let doomed = deployments.contains(id);
+                if doomed {
+                    aborted.extend(task.abort.take());
+                }
+                !doomed
+            });
+            for id in deployments {
+                inner.uploads.remove(id);
+            }
+        }
+        for abort in &aborted {
+            abort.abort();
+        }
+        let deadline = tokio::time::Instant::now() + ABORT_WAIT;
+        while aborted.iter().any(|a| !a.is_finished()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
 
+/// A source directory's markers.
+struct SourceMarker {
+    /// The directory's name: the deployment id.
+    deployment: String,
+    service: String,
+    preview: Option<String>,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// The source directories under `sources` that have a service marker.
+async fn source_markers(sources: &Path) -> Vec<SourceMarker> {
+    let Ok(mut entries) = tokio::fs::read_dir(sources).await else { return Vec::new() };
+    let mut markers = Vec::new();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != SERVICE_MARKER) {
+            continue;
+        }
+        let (Some(deployment), Ok(service)) =
+            (path.file_stem().and_then(|s| s.to_str()), tokio::fs::read_to_string(&path).await)
+        else {
+            continue;
+        };
+        let preview = tokio::fs::read_to_string(path.with_extension(PREVIEW_MARKER)).await.ok();
+        let modified = entry.metadata().await.and_then(|m| m.modified()).ok();
+        markers.push(SourceMarker { deployment: deployment.to_owned(), service, preview, modified });
+    }
+    markers
+}
+
+/// Removes a directory and what is in it; one that is not there is fine.
+async fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// An id that is safe as one path component: not empty, no separator, not `.` or `..`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
 fn short(s: &str) -> &str {
     &s[..s.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tests::{docker_cli, engine_missing, sleeper, spec, Scratch, HTTPD_DOCKERFILE};
+    use std::collections::BTreeSet;
+
+    /// How long a test waits for the agent to get somewhere.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    fn tasks(docker: &Docker, scratch: &Scratch, storage: &Path) -> Arc<Tasks> {
+        Tasks::new(TaskContext {
+            docker: docker.clone(),
+            agent_id: scratch.agent.clone(),
+            storage: storage.to_path_buf(),
+            allow_file_git: false,
+            ingress: None,
+        })
+    }
+
+    /// A deployment of `service` (its id and name alike) from the image `image`.
+    fn run(project: &str, service: &str, deployment: &str, preview: &str, image: &str) -> RunDeployment {
+        RunDeployment {
+            deployment_id: deployment.into(),
+            attempt: 1,
+            project_id: project.into(),
+            project_name: project.into(),
+            service_id: service.into(),
+            service_name: service.into(),
+            source: Some(RunSource::Image(image.into())),
+            port: 8080,
+            health_path: "/".into(),
+            health_timeout_s: 20,
+            replicas: 1,
+            keep: 5,
+            preview: preview.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Runs an attempt to its end (retiring what it replaces included) and returns its status.
+    async fn run_to_end(tasks: &Arc<Tasks>, run: RunDeployment) -> String {
+        let key = (run.deployment_id.clone(), run.attempt);
+        tasks.run(run);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(task) = tasks.lock().tasks.get(&key).filter(|t| t.finished) {
+                let (report, _) = task.report.as_ref().expect("a finished attempt has a report");
+                assert_eq!(report.error, "", "{key:?}");
+                return report.status.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "attempt {key:?} did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The deployments this agent has containers of in `project`.
+    fn deployments_running(scratch: &Scratch, project: &str) -> BTreeSet<String> {
+        docker_cli(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=deployer.agent={}", scratch.agent),
+            "--filter",
+            &format!("label=deployer.project={project}"),
+            "--format",
+            "{{.Label \"deployer.deployment\"}}",
+        ])
+        .lines()
+        .map(String::from)
+        .collect()
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Waits for the `PreviewDestroyed` answer in the outbox.
+    async fn preview_destroyed(tasks: &Arc<Tasks>) -> PreviewDestroyed {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            for message in tasks.drain() {
+                if let Some(AgentBody::PreviewDestroyed(answer)) = message.body {
+                    return answer;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no PreviewDestroyed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn image_exists(docker: &Docker, tag: &str) -> bool {
+        docker.api().inspect_image(tag).await.is_ok()
+    }
+
+    /// A source directory with its markers, as `fresh_dir` leaves it, modified `age` seconds ago.
+    fn source_dir(storage: &Path, project: &str, deployment: &str, service: &str, preview: &str, age: u64) {
+        let dir = storage.join("projects").join(project).join("sources").join(deployment);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("Dockerfile"), "FROM x").unwrap();
+        if !preview.is_empty() {
+            std::fs::write(dir.with_extension(PREVIEW_MARKER), preview).unwrap();
+        }
+        let marker = dir.with_extension(SERVICE_MARKER);
+        std::fs::write(&marker, service).unwrap();
+        let modified = std::time::SystemTime::now() - Duration::from_secs(age);
+        std::fs::File::options().write(true).open(&marker).unwrap().set_modified(modified).unwrap();
+    }
+
+    fn sources_left(storage: &Path, project: &str) -> BTreeSet<String> {
+        let dir = storage.join("projects").join(project).join("sources");
+        std::fs::read_dir(dir)
+            .map(|entries| entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_previews_release_replaces_only_the_previews_previous_one() {
+        if engine_missing() {
+            return;
+        }
+        let (docker, scratch) = Scratch::new("task-preview").await;
+        let storage = tempfile::tempdir().unwrap();
+        let tasks = tasks(&docker, &scratch, storage.path());
+        let project = scratch.project("p");
+        let image = format!("{}:base", scratch.repository(&project, "web"));
+        scratch.build(&docker, HTTPD_DOCKERFILE, &[("index.html", "hello")], &image).await.0.unwrap();
+
+        assert_eq!(run_to_end(&tasks, run(&project, "web", "d1", "", &image)).await, "running");
+        assert_eq!(run_to_end(&tasks, run(&project, "web", "p1", "pr-7", &image)).await, "running");
+        assert_eq!(deployments_running(&scratch, &project), set(&["d1", "p1"]), "side by side");
+        assert_eq!(run_to_end(&tasks, run(&project, "web", "p2", "pr-7", &image)).await, "running");
+        assert_eq!(deployments_running(&scratch, &project), set(&["d1", "p2"]), "the preview's p1 retired");
+        assert_eq!(run_to_end(&tasks, run(&project, "web", "d2", "", &image)).await, "running");
+        assert_eq!(deployments_running(&scratch, &project), set(&["d2", "p2"]), "the service's d1 retired");
+
+        // The controller stops the service's old release, then the preview's: each its own.
+        let stop = |preview: &str, keep: &str| StopService {
+            service_id: "web".into(),
+            keep_deployment: keep.into(),
+            project_id: project.clone(),
+            preview: preview.into(),
+        };
+        tasks.stop_service(stop("", ""));
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while deployments_running(&scratch, &project) != set(&["p2"]) {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", deployments_running(&scratch, &project));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tasks.stop_service(stop("pr-7", ""));
+        while !deployments_running(&scratch, &project).is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", deployments_running(&scratch, &project));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn destroying_a_preview_removes_its_containers_images_and_sources_only() {
+        if engine_missing() {
+            return;
+        }
+        let (docker, scratch) = Scratch::new("task-destroy").await;
+        let storage = tempfile::tempdir().unwrap();
+        let tasks = tasks(&docker, &scratch, storage.path());
+        let project = scratch.project("p");
+        let tag = |service: &str, deployment: &str| format!("{}:{deployment}", scratch.repository(&project, service));
+        // The service's own release d1 of web, and preview pr-7's p1 (web) and p2 (api).
+        for (service, deployment, preview) in
+            [("web", "d1", ""), ("web", "p1", "pr-7"), ("api", "p2", "pr-7"), ("api", "q1", "pr-8")]
+        {
+            let image = tag(service, deployment);
+            scratch.build(&docker, &sleeper(deployment), &[], &image).await.0.unwrap();
+            let labels = scratch.preview_labels(&project, service, deployment, preview);
+            let network = runtime::ensure_network(&docker, &project, &labels).await.unwrap();
+            let name = format!("{}-{deployment}", scratch.id);
+            runtime::start_instance(&docker, &spec(&name, &image, &labels, &network, &Hardening::default()))
+                .await
+                .unwrap();
+            source_dir(storage.path(), &project, deployment, service, preview, 0);
+            let results = storage.path().join("projects").join(&project).join("deployments").join(deployment);
+            std::fs::create_dir_all(&results).unwrap();
+            std::fs::write(results.join("attempt-1.json"), "{}").unwrap();
+        }
+        // An attempt of p1 still in progress here.
+        let pending = tokio::spawn(std::future::pending::<()>());
+        tasks.lock().tasks.insert(
+            ("p1".into(), 2),
+            Task {
+                lines: VecDeque::new(),
+                next_seq: 0,
+                sent_upto: 0,
+                report: None,
+                report_sent: false,
+                finished: false,
+                abort: Some(pending.abort_handle()),
+            },
+        );
+
+        let destroy = DestroyPreview {
+            project_id: project.clone(),
+            preview: "pr-7".into(),
+            deployment_ids: vec!["p1".into(), "p2".into()],
+            project_name: project.clone(),
+        };
+        tasks.destroy_preview(destroy.clone());
+        let answer = preview_destroyed(&tasks).await;
+        assert_eq!(
+            answer,
+            PreviewDestroyed { project_id: project.clone(), preview: "pr-7".into(), error: String::new() }
+        );
+        assert!(pending.await.unwrap_err().is_cancelled(), "the attempt in progress was aborted");
+        assert!(tasks.lock().tasks.is_empty());
+        assert_eq!(deployments_running(&scratch, &project), set(&["d1", "q1"]));
+        assert!(!image_exists(&docker, &tag("web", "p1")).await);
+        assert!(!image_exists(&docker, &tag("api", "p2")).await);
+        assert!(image_exists(&docker, &tag("web", "d1")).await, "the service's own");
+        assert!(image_exists(&docker, &tag("api", "q1")).await, "another preview's");
+        assert_eq!(
+            sources_left(storage.path(), &project),
+            set(&["d1", "d1.service", "q1", "q1.preview", "q1.service"])
+        );
+        let results = storage.path().join("projects").join(&project).join("deployments");
+        assert_eq!(
+            std::fs::read_dir(results)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect::<BTreeSet<_>>(),
+            set(&["d1", "q1"])
+        );
+
+        // Again (the answer was lost, say): nothing left to remove, and that is a success.
+        tasks.destroy_preview(destroy.clone());
+        assert_eq!(preview_destroyed(&tasks).await.error, "");
+        assert_eq!(deployments_running(&scratch, &project), set(&["d1", "q1"]));
+
+        // A request that would reach outside the preview is refused, and says why.
+        let escape = DestroyPreview { deployment_ids: vec!["..".into()], ..destroy.clone() };
+        tasks.destroy_preview(escape);
+        let answer = preview_destroyed(&tasks).await;
+        assert!(answer.error.contains("\"..\" is not a valid"), "{answer:?}");
+        let everything = DestroyPreview { preview: String::new(), ..destroy };
+        tasks.destroy_preview(everything);
+        assert!(!preview_destroyed(&tasks).await.error.is_empty());
+        assert_eq!(deployments_running(&scratch, &project), set(&["d1", "q1"]));
+        assert_eq!(sources_left(storage.path(), &project).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_services_cleanup_leaves_its_previews_images_and_sources() {
+        if engine_missing() {
+            return;
+        }
+        let (docker, scratch) = Scratch::new("task-cleanup").await;
+        let storage = tempfile::tempdir().unwrap();
+        let tasks = tasks(&docker, &scratch, storage.path());
+        let project = scratch.project("p");
+        let tag = |deployment: &str| format!("{}:{deployment}", scratch.repository(&project, "web"));
+        // Oldest first: d1 and d2 are the service's own, p1 a preview's, newer than both; p0 an
+        // older preview's that shares its image with d1 (the same build).
+        for (deployment, preview, age) in [("d1", "", 40), ("p0", "pr-6", 35), ("d2", "", 30), ("p1", "pr-7", 20)] {
+            if deployment == "p0" {
+                docker_cli(&["tag", &tag("d1"), &tag("p0")]);
+            } else {
+                scratch.build(&docker, &sleeper(deployment), &[], &tag(deployment)).await.0.unwrap();
+            }
+            source_dir(storage.path(), &project, deployment, "web", preview, age);
+        }
+        let service = RunDeployment { keep: 1, ..run(&project, "web", "d2", "", &tag("d2")) };
+        tasks.cleanup(&service).await;
+        assert!(image_exists(&docker, &tag("d2")).await, "the newest of the service's own");
+        assert!(!image_exists(&docker, &tag("d1")).await, "beyond keep");
+        assert!(image_exists(&docker, &tag("p0")).await, "a preview's, sharing the image");
+        assert!(image_exists(&docker, &tag("p1")).await, "a preview's");
+        assert_eq!(
+            sources_left(storage.path(), &project),
+            set(&["d2", "d2.service", "p0", "p0.preview", "p0.service", "p1", "p1.preview", "p1.service"])
+        );
+
+        // A preview's release cleans nothing up: its preview goes all at once.
+        let preview = RunDeployment { keep: 1, ..run(&project, "web", "p1", "pr-7", &tag("p1")) };
+        tasks.cleanup(&preview).await;
+        assert!(image_exists(&docker, &tag("p0")).await && image_exists(&docker, &tag("d2")).await);
+        assert_eq!(sources_left(storage.path(), &project).len(), 8);
+    }
 }

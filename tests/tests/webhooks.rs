@@ -398,7 +398,11 @@ async fn a_pull_request_gets_a_preview_that_follows_its_pushes_and_is_gone_when_
     let body = github_pull_request(&daemon.url("web"), "closed", 7, "feature/login", &head(&web), true);
     let (_, answer) = hooks.github("pull_request", "pr-3", &body, Some(sign(SECRET, &body))).await;
     assert_eq!(answer["outcome"], "destroyed", "{answer}");
-    assert_eq!(get_host(&preview_host, port).await.0, 404);
+    deployer_tests::wait_for("the preview's host to stop answering", std::time::Duration::from_secs(10), || async {
+        (get_host(&preview_host, port).await.0 == 404).then_some(())
+    })
+    .await
+    .unwrap();
     let destroyed =
         deployer_tests::wait_for("the preview to be destroyed", std::time::Duration::from_secs(30), || async {
             (preview(&hooks, "pr-7").await?["status"] == "destroyed").then_some(())

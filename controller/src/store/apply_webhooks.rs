@@ -35,6 +35,9 @@ pub(super) async fn apply(
                     command @ Command::CreateDeployment { .. } => {
                         super::apply_deploy::apply(tx, command, events).await?
                     }
+                    command @ (Command::PutPreview { .. } | Command::DestroyPreview { .. }) => {
+                        super::apply_previews::apply(tx, command, events).await?
+                    }
                     other => CommandResponse::rejected(
                         Rejection::Invalid,
                         format!("a webhook delivery creates deployments and previews only, not {}", other.kind()),
