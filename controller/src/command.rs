@@ -157,6 +157,9 @@ pub enum Command {
         /// The preview environment it belongs to ("" for the service's own releases).
         #[serde(default)]
         preview: String,
+        /// Where its status is reported (JSON of `githost::Notify`; "" for nowhere).
+        #[serde(default)]
+        notify: String,
         at: UnixMillis,
     },
     /// One chunk of an uploaded source tarball, stored before its deployment is created.

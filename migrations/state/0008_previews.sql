@@ -2,6 +2,8 @@
 -- every service of the project deployed again from its head at `<service>-<project>-<key>`.
 -- A preview's deployments carry its key; the service's own have ''.
 ALTER TABLE deployments ADD COLUMN preview TEXT NOT NULL DEFAULT '';
+-- Where to report the deployment's status (JSON: provider, repo, sha, number), '' for nowhere.
+ALTER TABLE deployments ADD COLUMN notify TEXT NOT NULL DEFAULT '';
 CREATE INDEX deployments_preview ON deployments (project_id, preview) WHERE preview != '';
 
 ALTER TABLE projects ADD COLUMN previews_enabled INTEGER NOT NULL DEFAULT 1;

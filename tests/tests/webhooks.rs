@@ -194,6 +194,38 @@ async fn a_signed_push_deploys_the_matching_service_at_its_commit_and_nothing_el
     let (status, answer) = hooks.gitlab("uuid-1", &gl, SECRET).await;
     assert_eq!((status, answer["outcome"].as_str()), (200, Some("duplicate")), "{answer}");
     assert_eq!(hooks.deployments(&other_id).await.len(), 1);
+
+    // A preview made by hand for a branch follows that branch's pushes.
+    let url = format!("{}/api/v1/projects/{}/previews", hooks.setup.url(), hooks.setup.project_id);
+    let (status, made) = hooks.setup.cluster.api.post(&url, &json!({"branch": "hotfix"})).await.unwrap();
+    assert_eq!(status, 201, "{made}");
+    let fix = "1234567890abcdef1234567890abcdef12345678";
+    let body = github_push(&daemon.url("web"), "hotfix", fix);
+    let (status, answer) = hooks.github("push", "d-5", &body, Some(sign(SECRET, &body))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("deployed")), "{answer}");
+    let mut previewed = Vec::new();
+    for id in answer["deployments"].as_array().unwrap() {
+        let (_, d) = hooks
+            .setup
+            .cluster
+            .api
+            .get(&format!("{}/api/v1/deployments/{}", hooks.setup.url(), id.as_str().unwrap()))
+            .await
+            .unwrap();
+        previewed.push((
+            d["preview"].as_str().unwrap_or("").to_string(),
+            d["service_id"].as_str().unwrap().to_string(),
+            d["ref"].as_str().unwrap_or("").to_string(),
+        ));
+    }
+    previewed.sort();
+    let mut expected = vec![
+        ("hotfix".to_string(), web_id.clone(), fix.to_string()),
+        ("hotfix".to_string(), staging_id.clone(), fix.to_string()),
+        ("hotfix".to_string(), other_id.clone(), "main".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(previewed, expected, "every service of the project, the pushed repository's at the pushed commit");
 }
 
 #[tokio::test]

@@ -212,6 +212,7 @@ async fn create(
         reference,
         created_by: caller.actor(),
         preview: String::new(),
+        notify: String::new(),
         at: now_ms(),
     };
     super::error::applied(c.propose(caller.audited(action, &target.name, Some(&target.project_id), command)).await?)?;

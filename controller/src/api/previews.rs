@@ -101,6 +101,7 @@ pub(super) async fn open_command(
     commit: Option<&str>,
     repo: Option<&BTreeSet<String>>,
     created_by: &str,
+    notify: Option<crate::deploy::Notify>,
 ) -> Result<Command, ApiError> {
     let at = now_ms();
     let mut deployments = Vec::new();
@@ -130,9 +131,18 @@ pub(super) async fn open_command(
             project_id: project_id.to_string(),
             service_id: service.id,
             source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
-            reference: Some(commit.unwrap_or(branch).to_string()),
+            reference: match &source {
+                DeploySource::Git { commit: Some(commit), .. } => Some(commit.clone()),
+                DeploySource::Git { branch, .. } => Some(branch.clone()),
+                _ => None,
+            },
             created_by: created_by.to_string(),
             preview: key.to_string(),
+            // Only the deployments built from the request's repository report to it.
+            notify: match (&source, &notify) {
+                (DeploySource::Git { commit: Some(_), .. }, Some(n)) => n.json(),
+                _ => String::new(),
+            },
             at,
         });
     }
@@ -239,9 +249,19 @@ async fn create(
         return Err(ApiError::validation("previews are turned off for this project (PUT .../previews/settings)"));
     }
     let key = payload::branch_slug(&input.branch);
-    let command =
-        open_command(&c, &project_id, &key, "api", None, &input.branch, input.commit.as_deref(), None, &caller.actor())
-            .await?;
+    let command = open_command(
+        &c,
+        &project_id,
+        &key,
+        "api",
+        None,
+        &input.branch,
+        input.commit.as_deref(),
+        None,
+        &caller.actor(),
+        None,
+    )
+    .await?;
     applied(c.propose(caller.audited("preview.create", &key, Some(&project_id), command)).await?)?;
     c.deploys.wake();
     let row = c

@@ -29,7 +29,7 @@ use super::json::ApiJson;
 use super::services::{ServiceSpec, Source};
 use super::AppState;
 use crate::command::{Command, CommandResponse, Rejection};
-use crate::deploy::DeploySource;
+use crate::deploy::{DeploySource, Notify};
 use crate::store::queries::RotatedSecret;
 use crate::util::{new_id, now_ms, rfc3339};
 use crate::webhooks::payload::{self, Event, PrAction, PullRequest, Push};
@@ -258,14 +258,37 @@ async fn handle(
             format!("a push to {} that is not a new commit on a branch (a tag, or a deletion)", push.repo.full_name);
         return Ok(delivery(StatusCode::ACCEPTED, "ignored", Vec::new(), Some(message)));
     };
-    let commands = deployments_for(c, &push, &branch, &commit, scope, own, provider).await?;
-    let ids: Vec<String> = commands
-        .iter()
-        .filter_map(|command| match command {
-            Command::CreateDeployment { id, .. } => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
+    let mut commands = deployments_for(c, &push, &branch, &commit, scope, own, provider).await?;
+    // A preview made by hand for this branch follows it too.
+    let repo: BTreeSet<String> = push.repo.urls.iter().filter_map(|u| payload::normalize_repo_url(u)).collect();
+    let projects = projects_building(c, &repo, scope, own).await?;
+    for (project_id, key) in c.state.branch_previews(&branch).await? {
+        if projects.contains(&project_id) {
+            let notify = Notify {
+                provider: provider.to_string(),
+                repo: push.repo.full_name.clone(),
+                sha: commit.to_lowercase(),
+                number: None,
+            };
+            let created_by = format!("webhook:{provider}");
+            commands.push(
+                super::previews::open_command(
+                    c,
+                    &project_id,
+                    &key,
+                    "api",
+                    None,
+                    &branch,
+                    Some(&commit),
+                    Some(&repo),
+                    &created_by,
+                    Some(notify),
+                )
+                .await?,
+            );
+        }
+    }
+    let ids: Vec<Vec<String>> = commands.iter().map(deployment_ids).collect();
     let command =
         Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
     match c.propose(command).await? {
@@ -277,7 +300,7 @@ async fn handle(
                 .into_iter()
                 .zip(responses)
                 .filter(|(_, r)| matches!(r, CommandResponse::Applied))
-                .map(|(id, _)| id)
+                .flat_map(|(ids, _)| ids)
                 .collect();
             c.deploys.wake();
             if created.is_empty() {
@@ -314,18 +337,7 @@ async fn pull_request(
         ));
     }
     let repo: BTreeSet<String> = pr.repo.urls.iter().filter_map(|u| payload::normalize_repo_url(u)).collect();
-    let mut projects = BTreeSet::new();
-    for (_, project_id, _, spec) in c.state.git_services().await? {
-        let allowed = match scope {
-            Scope::Default => !own.contains(&project_id),
-            Scope::Project(p) => *p == project_id,
-        };
-        let Ok(spec) = serde_json::from_str::<ServiceSpec>(&spec) else { continue };
-        let Source::Git { url, .. } = spec.source else { continue };
-        if allowed && payload::normalize_repo_url(&url).is_some_and(|u| repo.contains(&u)) {
-            projects.insert(project_id);
-        }
-    }
+    let projects = projects_building(c, &repo, scope, own).await?;
     let key = format!("pr-{}", pr.number);
     let mut commands = Vec::new();
     for project_id in projects {
@@ -344,6 +356,12 @@ async fn pull_request(
                     Some(&pr.head_commit),
                     Some(&repo),
                     &format!("webhook:{provider}"),
+                    Some(Notify {
+                        provider: provider.to_string(),
+                        repo: pr.repo.full_name.clone(),
+                        sha: pr.head_commit.to_lowercase(),
+                        number: Some(pr.number),
+                    }),
                 )
                 .await?;
                 commands.push(command);
@@ -361,19 +379,7 @@ async fn pull_request(
     if commands.is_empty() {
         return ignored(format!("no project previews pull request #{} of {}", pr.number, pr.repo.full_name));
     }
-    let deployments: Vec<Vec<String>> = commands
-        .iter()
-        .map(|command| match command {
-            Command::PutPreview { deployments, .. } => deployments
-                .iter()
-                .filter_map(|d| match d {
-                    Command::CreateDeployment { id, .. } => Some(id.clone()),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let deployments: Vec<Vec<String>> = commands.iter().map(deployment_ids).collect();
     let closing = matches!(pr.action, PrAction::Closed);
     let command =
         Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
@@ -407,6 +413,38 @@ async fn pull_request(
             ignored("nothing was done".into())
         }
     }
+}
+
+/// The deployments a command creates.
+fn deployment_ids(command: &Command) -> Vec<String> {
+    match command {
+        Command::CreateDeployment { id, .. } => vec![id.clone()],
+        Command::PutPreview { deployments, .. } => deployments.iter().flat_map(deployment_ids).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The projects with a git service built from the repository `repo` (normalized URLs) that
+/// `scope` speaks for.
+async fn projects_building(
+    c: &AppState,
+    repo: &BTreeSet<String>,
+    scope: &Scope,
+    own: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, ApiError> {
+    let mut projects = BTreeSet::new();
+    for (_, project_id, _, spec) in c.state.git_services().await? {
+        let allowed = match scope {
+            Scope::Default => !own.contains(&project_id),
+            Scope::Project(p) => *p == project_id,
+        };
+        let Ok(spec) = serde_json::from_str::<ServiceSpec>(&spec) else { continue };
+        let Source::Git { url, .. } = spec.source else { continue };
+        if allowed && payload::normalize_repo_url(&url).is_some_and(|u| repo.contains(&u)) {
+            projects.insert(project_id);
+        }
+    }
+    Ok(projects)
 }
 
 /// A deployment of every git service that builds this repository's pushed branch, in the
@@ -446,6 +484,13 @@ async fn deployments_for(
             reference: Some(commit.to_lowercase()),
             created_by: format!("webhook:{provider}"),
             preview: String::new(),
+            notify: Notify {
+                provider: provider.to_string(),
+                repo: push.repo.full_name.clone(),
+                sha: commit.to_lowercase(),
+                number: None,
+            }
+            .json(),
             at: now_ms(),
         });
     }
@@ -555,6 +600,7 @@ async fn deploy_hook(
         reference: input.reference,
         created_by: "webhook:deploy".into(),
         preview: String::new(),
+        notify: String::new(),
         at: now_ms(),
     };
     let delivery_id =

@@ -17,6 +17,25 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Where a deployment's status is reported: the git host, repository and commit of the push or
+/// pull request that asked for it (stored as JSON in `deployments.notify`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notify {
+    /// `github` or `gitlab`.
+    pub provider: String,
+    /// `owner/name` (GitHub) or the project's path (GitLab).
+    pub repo: String,
+    pub sha: String,
+    /// The pull or merge request, for a preview.
+    pub number: Option<u64>,
+}
+
+impl Notify {
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// What a deployment deploys, fixed when it is asked for (stored as JSON in `deployments.source`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

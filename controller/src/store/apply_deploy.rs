@@ -15,7 +15,17 @@ pub(super) async fn apply(
     events: &mut Vec<StateEvent>,
 ) -> Result<CommandResponse, sqlx::Error> {
     match command {
-        Command::CreateDeployment { id, project_id, service_id, source, reference, created_by, preview, at } => {
+        Command::CreateDeployment {
+            id,
+            project_id,
+            service_id,
+            source,
+            reference,
+            created_by,
+            preview,
+            notify,
+            at,
+        } => {
             let service: Option<String> = sqlx::query_scalar("SELECT project_id FROM services WHERE id = ?")
                 .bind(&service_id)
                 .fetch_optional(&mut **tx)
@@ -40,8 +50,8 @@ pub(super) async fn apply(
             .await?;
             let done = sqlx::query(
                 "INSERT INTO deployments (id, seq, project_id, service_id, status, source, ref, created_by, \
-                 created_at, updated_at, preview) \
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments), ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?7, ?8) \
+                 created_at, updated_at, preview, notify) \
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments), ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?7, ?8, ?9) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(&id)
@@ -52,6 +62,7 @@ pub(super) async fn apply(
             .bind(created_by)
             .bind(at)
             .bind(&preview)
+            .bind(&notify)
             .execute(&mut **tx)
             .await?;
             if done.rows_affected() == 0 {
@@ -272,6 +283,7 @@ mod tests {
             reference: None,
             created_by: "test".into(),
             preview: String::new(),
+            notify: String::new(),
             at,
         }
     }

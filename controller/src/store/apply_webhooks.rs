@@ -134,6 +134,7 @@ mod tests {
             reference: None,
             created_by: "webhook".into(),
             preview: String::new(),
+            notify: String::new(),
             at: 1,
         }
     }

@@ -499,6 +499,8 @@ pub struct DeploymentRow {
     pub updated_at: UnixMillis,
     /// The preview environment's key ("" for the service's own releases).
     pub preview: String,
+    /// Where its status is reported (JSON; "" for nowhere).
+    pub notify: String,
 }
 
 impl DeploymentRow {
@@ -813,5 +815,18 @@ impl StateReader {
             .bind(project_id)
             .fetch_optional(&self.pool)
             .await
+    }
+}
+
+impl StateReader {
+    /// Active previews made by hand for this branch, in every project: (project id, key).
+    pub async fn branch_previews(&self, branch: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT project_id, key FROM previews WHERE status = 'active' AND origin = 'api' AND branch = ? \
+             ORDER BY project_id",
+        )
+        .bind(branch)
+        .fetch_all(&self.pool)
+        .await
     }
 }
