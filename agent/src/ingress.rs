@@ -22,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -120,8 +120,7 @@ impl RouteEntry {
     /// lately last.
     fn order(&self, now: u64) -> impl Iterator<Item = &Backend> {
         let n = self.backends.len();
-        // One backend: nothing to rotate, and no shared counter to bump per request.
-        let start = if n > 1 { self.next.fetch_add(1, Relaxed) } else { 0 };
+        let start = self.next.fetch_add(1, Relaxed);
         let ring = (0..n).map(move |i| &self.backends[(start + i) % n]);
         ring.clone().filter(move |b| b.is_up(now)).chain(ring.filter(move |b| !b.is_up(now)))
     }
@@ -154,23 +153,16 @@ impl Backend {
 /// thread: a connection's task runs where it was opened, so a thread reusing its own connections
 /// wakes no other (and with a runtime per thread, nothing crosses threads).
 struct Pool {
-    shards: [Arc<Shard>; POOL_SHARDS],
+    shards: [Shard; POOL_SHARDS],
+    /// Requests to this backend in flight now (see [`InFlight`]).
+    in_flight: AtomicUsize,
 }
 
 /// A connection to a backend, as requests are sent on it.
 type Sender = backend_http1::SendRequest<RequestBody>;
 
-/// One thread's share of a [`Pool`]: what it touches per request (the idle list, the in-flight
-/// count, the `Arc` count of its guards) sits on cache lines of its own, so that threads serving
-/// the same backend do not bounce them between cores.
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard {
-    /// Idle connections, with when each was last used.
-    idle: Mutex<VecDeque<(Sender, u64)>>,
-    /// Requests to this backend in flight now that started on this shard (see [`InFlight`]).
-    in_flight: AtomicUsize,
-}
+/// Idle connections, with when each was last used.
+type Shard = Mutex<VecDeque<(Sender, u64)>>;
 
 const POOL_SHARDS: usize = 8;
 
@@ -179,7 +171,7 @@ const MAX_IDLE_PER_BACKEND: usize = 128;
 
 impl Default for Pool {
     fn default() -> Pool {
-        Pool { shards: std::array::from_fn(|_| Arc::default()) }
+        Pool { shards: std::array::from_fn(|_| Mutex::default()), in_flight: AtomicUsize::new(0) }
     }
 }
 
@@ -190,26 +182,10 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// This thread's shard.
-    fn shard(&self) -> &Arc<Shard> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
-        }
-        &self.shards[SHARD.with(|shard| *shard)]
-    }
-
-    /// Requests to this backend in flight now.
-    fn in_flight(&self) -> usize {
-        self.shards.iter().map(|shard| shard.in_flight.load(Relaxed)).sum()
-    }
-}
-
-impl Shard {
     /// The most recently used connection that is still open, if any; those idle for longer than
     /// `max_idle_ms` are closed.
     fn take(&self, now: u64, max_idle_ms: u64) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|(_, since)| now.saturating_sub(*since) >= max_idle_ms) {
             idle.pop_front();
         }
@@ -222,22 +198,30 @@ impl Shard {
     }
 
     fn put(&self, sender: Sender) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() >= MAX_IDLE_PER_BACKEND {
             idle.pop_front();
         }
         idle.push_back((sender, now_ms()));
     }
+
+    fn shard(&self) -> &Shard {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
+        }
+        &self.shards[SHARD.with(|shard| *shard)]
+    }
 }
 
 /// One request counted in flight to a backend, from when the backend is picked until the guard
 /// is dropped: with the response body once it is done, or with the tunnel once it closes.
-struct InFlight(Arc<Shard>);
+struct InFlight(Arc<Pool>);
 
 impl InFlight {
-    fn start(shard: &Arc<Shard>) -> InFlight {
-        shard.in_flight.fetch_add(1, Relaxed);
-        InFlight(shard.clone())
+    fn start(pool: &Arc<Pool>) -> InFlight {
+        pool.in_flight.fetch_add(1, Relaxed);
+        InFlight(pool.clone())
     }
 }
 
@@ -254,8 +238,8 @@ struct Lent {
 }
 
 impl Lent {
-    /// The exchange ended cleanly: the connection goes back to the shard it came from (before
-    /// the count drops, so that a drained backend has its connections idle).
+    /// The exchange ended cleanly: the connection goes back to its pool (before the count drops,
+    /// so that a drained backend has its connections idle).
     fn give_back(self) {
         self.in_flight.0.put(self.sender);
     }
@@ -446,9 +430,6 @@ const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 pub struct Proxy {
     settings: ProxySettings,
     table: RwLock<Arc<RouteTable>>,
-    /// Bumped with every new table (under its write lock), so that a connection can tell that
-    /// the route it cached is still current without taking the lock.
-    generation: AtomicU64,
     /// Every backend's pool, by address, so that a new table keeps the connections of the old.
     pools: Mutex<HashMap<SocketAddr, std::sync::Weak<Pool>>>,
     certificates: Arc<Certificates>,
@@ -464,17 +445,14 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(settings: ProxySettings) -> Arc<Proxy> {
         let mut http = http1::Builder::new();
-        // The connection's watchdog times request heads: hyper's timer would be a new one,
-        // allocated, registered and removed, for every request.
         http.timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(None)
+            .header_read_timeout(settings.request_header_timeout)
             .max_header_size(settings.max_header_bytes);
         Arc::new(Proxy {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             table: RwLock::new(Arc::new(RouteTable::default())),
-            generation: AtomicU64::new(0),
             pools: Mutex::new(HashMap::new()),
             certificates: Arc::default(),
             challenges: RwLock::default(),
@@ -502,20 +480,12 @@ impl Proxy {
                 });
             }
         }
-        let mut current = self.table.write().unwrap_or_else(PoisonError::into_inner);
-        *current = Arc::new(table);
-        self.generation.fetch_add(1, Release);
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
     }
 
     /// The table requests are routed by now.
     pub fn routes(&self) -> Arc<RouteTable> {
         self.table.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// The table requests are routed by now, with its generation.
-    fn routes_with_generation(&self) -> (u64, Arc<RouteTable>) {
-        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        (self.generation.load(Acquire), table.clone())
     }
 
     /// How many requests are being proxied to any of `backends` now: each from when its backend
@@ -532,7 +502,7 @@ impl Proxy {
             }
             counted.push(*addr);
             if let Some(pool) = pools.get(addr).and_then(std::sync::Weak::upgrade) {
-                total += pool.in_flight();
+                total += pool.in_flight.load(Relaxed);
             }
         }
         total
@@ -854,7 +824,6 @@ impl Proxy {
             from_peer: AtomicBool::new(false),
             tls: scheme == Scheme::Https,
             proto: HeaderValue::from_static(scheme.as_str()),
-            head_waiting_since: AtomicU64::new(now_ms()),
             write_blocked_since: AtomicU64::new(0),
             request_waiting_since: AtomicU64::new(0),
             response_waiting_since: AtomicU64::new(0),
@@ -864,23 +833,17 @@ impl Proxy {
             last_io: AtomicU64::new(0),
             tunnel: Mutex::new(None),
             unread_body: AtomicBool::new(false),
-            last_route: Mutex::new(None),
-            response_timer: Mutex::new(None),
         });
         let io = TokioIo::new(ClientIo { stream, state: state.clone() });
         let service = {
             let state = state.clone();
             hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move {
-                    state.head_waiting_since.store(0, Relaxed);
-                    let response = state.clone().handle(req).await;
-                    Ok::<_, Infallible>(response.map(|body| body.served_on(state)))
-                }
+                async move { Ok::<_, Infallible>(state.handle(req).await) }
             })
         };
         let mut conn = self.http.serve_connection(io, service).with_upgrades();
-        let watchdog = state.watchdog(idle_timeout, self.settings.request_header_timeout);
+        let watchdog = state.watchdog(idle_timeout);
         tokio::pin!(watchdog);
         let mut drain_started = false;
         loop {
@@ -910,7 +873,6 @@ impl Proxy {
         let tunnel = state.tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(tunnel) = tunnel {
             state.last_io.store(now_ms(), Relaxed);
-            state.head_waiting_since.store(0, Relaxed);
             state.tunnelling.store(true, Relaxed);
             tokio::select! {
                 result = tunnel.run() => {
@@ -954,9 +916,6 @@ struct ConnState {
     tls: bool,
     /// For `X-Forwarded-Proto`.
     proto: HeaderValue,
-    /// Since when the connection has been waiting for a request head (from its start, and from
-    /// the end of each response); 0: a request is being served.
-    head_waiting_since: AtomicU64,
     /// Since when ([`now_ms`]) a write to the client has been blocked; 0: not blocked.
     write_blocked_since: AtomicU64,
     /// Since when the request body has been waiting for the client; 0: not waiting.
@@ -975,62 +934,16 @@ struct ConnState {
     /// A request was answered before its body was read: hyper will close the connection, and
     /// the client may still be sending.
     unread_body: AtomicBool,
-    /// The route the last request took (see [`LastRoute`]).
-    last_route: Mutex<Option<LastRoute>>,
-    /// The timer of `response_header_timeout`, kept from one request to the next: moving a
-    /// registered timer's deadline later costs no more than an atomic, where a new timer per
-    /// request is registered and removed.
-    response_timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
-}
-
-/// The route a connection's last request took, reused by the next request for the same host
-/// while the table is the same: a keep-alive client sends many, and the references are the
-/// connection's own, so that threads serving other connections do not bounce the shared
-/// reference counts (and the table's lock) between cores for each request.
-struct LastRoute {
-    generation: u64,
-    /// Normalized.
-    host: String,
-    table: Arc<RouteTable>,
-    entry: Arc<Routed>,
-}
-
-/// A route entry as one connection holds it (see [`LastRoute`]).
-struct Routed(Arc<RouteEntry>);
-
-impl std::ops::Deref for Routed {
-    type Target = RouteEntry;
-
-    fn deref(&self) -> &RouteEntry {
-        &self.0
-    }
 }
 
 impl ConnState {
-    /// Resolves, with the reason, when the connection has stalled for `idle`, or has waited for
-    /// a request head (or the rest of one: the slowloris guard) for `head`.
-    async fn watchdog(&self, idle: Duration, head: Duration) -> &'static str {
+    /// Resolves, with the reason, when the connection has stalled for `idle`.
+    async fn watchdog(&self, idle: Duration) -> &'static str {
         let idle_ms = idle.as_millis() as u64;
-        let head_ms = head.as_millis() as u64;
-        let tick_ms = (idle_ms / 4).max(10);
-        let mut next_tick = now_ms() + tick_ms;
-        let timer = tokio::time::sleep_until(instant_at(next_tick));
-        tokio::pin!(timer);
+        let tick = (idle / 4).max(Duration::from_millis(10));
         loop {
-            // Wakes at the next tick, or when the head being waited for now would be late; a head
-            // that comes in time leaves one spurious wake-up, not a timer per request.
-            let waiting_since = self.head_waiting_since.load(Relaxed);
-            let wake = if waiting_since == 0 { next_tick } else { next_tick.min(waiting_since + head_ms) };
-            timer.as_mut().reset(instant_at(wake));
-            timer.as_mut().await;
+            tokio::time::sleep(tick).await;
             let now = now_ms();
-            if now >= next_tick {
-                next_tick = now + tick_ms;
-            }
-            let since = self.head_waiting_since.load(Relaxed);
-            if since != 0 && now.saturating_sub(since) >= head_ms {
-                return "the client sent no request head in time";
-            }
             let stalled = |since: &AtomicU64| {
                 let since = since.load(Relaxed);
                 since != 0 && now.saturating_sub(since) >= idle_ms
@@ -1064,7 +977,7 @@ impl ConnState {
 
     /// The route a request takes, or the page that answers it. On plain HTTP, an ACME challenge
     /// is answered for any host, and a host with a certificate is redirected to HTTPS.
-    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<Routed>, Response<ResponseBody>> {
+    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<RouteEntry>, Response<ResponseBody>> {
         let settings = &self.proxy.settings;
         let challenge = !self.tls && req.uri().path().starts_with(ACME_CHALLENGE);
         if challenge {
@@ -1074,29 +987,17 @@ impl ConnState {
         }
         let entry = {
             let host = request_host(req).map_err(|message| page(StatusCode::BAD_REQUEST, message.to_string()))?;
-            let (entry, from_peer) = {
-                let mut last = self.last_route.lock().unwrap_or_else(PoisonError::into_inner);
-                let generation = self.proxy.generation.load(Acquire);
-                let last = match &mut *last {
-                    Some(last) if last.generation == generation && last.host == host => last,
-                    last => {
-                        let (generation, table) = self.proxy.routes_with_generation();
-                        let entry = match table.routes.get(host.as_ref()) {
-                            Some(entry) => Arc::new(Routed(entry.clone())),
-                            None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
-                        };
-                        last.insert(LastRoute { generation, host: host.clone().into_owned(), table, entry })
-                    }
-                };
-                let forwarded = req.headers().contains_key(X_DEPLOYER_HOP);
-                if forwarded && last.entry.route.via_peer {
-                    let text =
-                        format!("{} is being moved between hosts; try again in a moment\n", last.entry.route.service);
-                    return Err(page(StatusCode::LOOP_DETECTED, text));
-                }
-                (last.entry.clone(), forwarded && last.table.peers.contains(&self.client_addr))
+            let table = self.proxy.routes();
+            let entry = match table.routes.get(host.as_ref()) {
+                Some(entry) => entry.clone(),
+                None => return Err(page(StatusCode::NOT_FOUND, format!("no service answers at {host}\n"))),
             };
-            self.from_peer.store(from_peer, Relaxed);
+            let forwarded = req.headers().contains_key(X_DEPLOYER_HOP);
+            if forwarded && entry.route.via_peer {
+                let text = format!("{} is being moved between hosts; try again in a moment\n", entry.route.service);
+                return Err(page(StatusCode::LOOP_DETECTED, text));
+            }
+            self.from_peer.store(forwarded && table.peers.contains(&self.client_addr), Relaxed);
             if !self.tls && !challenge {
                 if let Some(redirect) = self.proxy.https_redirect(&host, req.uri()) {
                     return Err(redirect);
@@ -1124,7 +1025,7 @@ impl ConnState {
         Ok(entry)
     }
 
-    async fn forward(self: Arc<Self>, entry: Arc<Routed>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn forward(self: Arc<Self>, entry: Arc<RouteEntry>, mut req: Request<Incoming>) -> Response<ResponseBody> {
         let settings = &self.proxy.settings;
         let route = &entry.route;
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -1214,14 +1115,13 @@ impl ConnState {
         mut req: Request<RequestBody>,
         started: u64,
     ) -> Result<(Response<Incoming>, Lent), Failure> {
-        let shard = backend.pool().shard();
-        let in_flight = InFlight::start(shard);
+        let pool = backend.pool();
+        let in_flight = InFlight::start(pool);
         let max_idle_ms = self.proxy.settings.idle_timeout.as_millis() as u64;
         loop {
-            let (mut sender, reused) = match shard.take(started, max_idle_ms) {
+            let (mut sender, reused) = match pool.take(started, max_idle_ms) {
                 Some(sender) => (sender, true),
-                // Boxed: the exchange future is moved with every request, and most reuse a connection.
-                None => (Box::pin(self.proxy.connect(backend.addr)).await?, false),
+                None => (self.proxy.connect(backend.addr).await?, false),
             };
             // Its last exchange ended; hyper may not have noticed yet.
             if !sender.is_ready() && sender.ready().await.is_err() {
@@ -1247,20 +1147,14 @@ impl ConnState {
         let timeout = self.proxy.settings.response_header_timeout;
         tokio::pin!(response);
         let mut since = started;
-        let kept = self.response_timer.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(instant_at(since) + timeout)));
         loop {
-            timer.as_mut().reset(instant_at(since) + timeout);
             tokio::select! {
                 biased;
-                result = &mut response => {
-                    *self.response_timer.lock().unwrap_or_else(PoisonError::into_inner) = Some(timer);
-                    return result.map_err(|mut e| match e.take_message() {
-                        Some(request) => Unsent::Request(Box::new(request)),
-                        None => Unsent::Failed(Failure::from(e.into_error())),
-                    });
-                }
-                () = timer.as_mut() => {
+                result = &mut response => return result.map_err(|mut e| match e.take_message() {
+                    Some(request) => Unsent::Request(Box::new(request)),
+                    None => Unsent::Failed(Failure::from(e.into_error())),
+                }),
+                () = tokio::time::sleep_until(instant_at(since) + timeout) => {
                     let progress = self.body_progress.load(Relaxed);
                     if self.request_waiting_since.load(Relaxed) != 0 {
                         // The client's turn: the watchdog deals with a client that stalls.
@@ -1352,7 +1246,7 @@ fn too_large(limit: u64) -> Response<ResponseBody> {
 
 /// A plain-text page of the proxy's own.
 fn page(status: StatusCode, text: String) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::page(Some(Bytes::from(text))));
+    let mut response = Response::new(ResponseBody(ResponseKind::Page(Some(Bytes::from(text)))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -1622,12 +1516,7 @@ impl Drop for RequestBody {
 }
 
 /// What the proxy answers with: a page of its own or the backend's body, streamed.
-struct ResponseBody {
-    kind: ResponseKind,
-    /// The client connection it answers on, which waits for the next request head once this
-    /// body is done (dropped by hyper).
-    served_on: Option<Arc<ConnState>>,
-}
+struct ResponseBody(ResponseKind);
 
 enum ResponseKind {
     Page(Option<Bytes>),
@@ -1635,27 +1524,18 @@ enum ResponseKind {
 }
 
 impl ResponseBody {
-    fn page(text: Option<Bytes>) -> ResponseBody {
-        ResponseBody { kind: ResponseKind::Page(text), served_on: None }
-    }
-
     fn empty() -> ResponseBody {
-        ResponseBody::page(None)
+        ResponseBody(ResponseKind::Page(None))
     }
 
     fn backend(body: Incoming, conn: Arc<ConnState>, lent: Lent) -> ResponseBody {
-        ResponseBody { kind: ResponseKind::Backend { body, conn, lent: Some(lent) }, served_on: None }
-    }
-
-    fn served_on(mut self, conn: Arc<ConnState>) -> ResponseBody {
-        self.served_on = Some(conn);
-        self
+        ResponseBody(ResponseKind::Backend { body, conn, lent: Some(lent) })
     }
 
     /// Ends the exchange: the backend connection goes back to its pool if the exchange ended
     /// cleanly (the whole response read, the whole request sent), and stops counting in flight.
     fn release(&mut self) {
-        if let ResponseKind::Backend { body, conn, lent } = &mut self.kind {
+        if let ResponseKind::Backend { body, conn, lent } = &mut self.0 {
             if let Some(lent) = lent.take() {
                 if body.is_end_stream() && !conn.request_body_open.load(Relaxed) {
                     lent.give_back();
@@ -1670,7 +1550,7 @@ impl Body for ResponseBody {
     type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.kind {
+        match &mut self.0 {
             ResponseKind::Page(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
             ResponseKind::Backend { body, conn, lent } => {
                 let polled = Pin::new(body).poll_frame(cx);
@@ -1696,14 +1576,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        match &self.0 {
             ResponseKind::Page(text) => text.is_none(),
             ResponseKind::Backend { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        match &self.0 {
             ResponseKind::Page(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
             ResponseKind::Backend { body, .. } => body.size_hint(),
         }
@@ -1714,11 +1594,8 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Bodies known to be empty or complete are not always polled to their end.
         self.release();
-        if let ResponseKind::Backend { conn, .. } = &self.kind {
+        if let ResponseKind::Backend { conn, .. } = &self.0 {
             conn.response_waiting_since.store(0, Relaxed);
-        }
-        if let Some(conn) = &self.served_on {
-            conn.head_waiting_since.store(now_ms(), Relaxed);
         }
     }
 }

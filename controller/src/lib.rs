@@ -7,6 +7,7 @@ pub mod command;
 pub mod controller;
 pub mod deploy;
 pub use deployer_common::files;
+pub mod githost;
 pub mod grpc;
 pub mod ingress;
 pub mod node;

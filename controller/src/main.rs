@@ -98,6 +98,23 @@ struct DeployArgs {
     /// Seconds without a push after which a preview environment is destroyed.
     #[arg(long, env = "DEPLOYER_PREVIEW_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
     preview_ttl_s: u64,
+    /// A GitHub token to set commit statuses and comment on pull requests with.
+    #[arg(long, env = "GITHUB_TOKEN", hide_env_values = true)]
+    github_token: Option<String>,
+    /// A GitHub App to do it as instead (with --github-app-private-key, its PEM key).
+    #[arg(long, env = "GITHUB_APP_ID")]
+    github_app_id: Option<String>,
+    #[arg(long, env = "GITHUB_APP_PRIVATE_KEY", hide_env_values = true, requires = "github_app_id")]
+    github_app_private_key: Option<String>,
+    /// GitHub's API (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(long, env = "DEPLOYER_GITHUB_API_URL", default_value = "https://api.github.com")]
+    github_api_url: String,
+    /// A GitLab access token to set commit statuses and comment on merge requests with.
+    #[arg(long, env = "GITLAB_ACCESS_TOKEN", hide_env_values = true)]
+    gitlab_access_token: Option<String>,
+    /// The GitLab instance.
+    #[arg(long, env = "DEPLOYER_GITLAB_URL", default_value = "https://gitlab.com")]
+    gitlab_url: String,
 }
 
 #[derive(Args, Clone)]
@@ -154,6 +171,14 @@ impl From<DeployArgs> for DeploySettings {
             webhook_grace: Duration::from_secs(a.webhook_grace_s),
             webhook_max_bytes: a.webhook_max_bytes,
             preview_ttl: Duration::from_secs(a.preview_ttl_s),
+            git_hosts: deployer_controller::deploy::notify::GitHostSettings {
+                github_token: a.github_token.filter(|t| !t.is_empty()),
+                github_app: a.github_app_id.zip(a.github_app_private_key),
+                github_api_url: a.github_api_url,
+                gitlab_token: a.gitlab_access_token.filter(|t| !t.is_empty()),
+                gitlab_url: a.gitlab_url,
+                roots_pem: None,
+            },
         }
     }
 }

@@ -223,6 +223,7 @@ pub async fn serve(
     let dispatch_task = tokio::spawn(crate::deploy::dispatch::run(controller.clone(), state_events.subscribe()));
     let ingress_task = tokio::spawn(crate::ingress::run(controller.clone(), state_events.subscribe()));
     let previews_task = tokio::spawn(crate::deploy::previews::run(controller.clone(), state_events.subscribe()));
+    let notify_task = tokio::spawn(crate::deploy::notify::run(controller.clone(), state_events.subscribe()));
     let certify_task = tokio::spawn(crate::ingress::certify::run(controller.clone(), state_events.subscribe()));
     let batcher = tokio::spawn(batcher.run(controller.clone()));
     let contact = Arc::new(crate::raft::detector::LeaderContact::default());
@@ -331,6 +332,7 @@ pub async fn serve(
     dispatch_task.abort();
     ingress_task.abort();
     previews_task.abort();
+    notify_task.abort();
     certify_task.abort();
     let deadline = Duration::from_secs(10);
     match tokio::time::timeout(deadline, http_task).await {

@@ -486,3 +486,125 @@ async fn a_forgotten_preview_expires_and_is_torn_down() {
     assert_eq!(get_host(&host, port).await.0, 404);
     assert_eq!(leftovers(&hooks, "try-this", &[id]), Vec::<String>::new());
 }
+
+/// A request the fake git host received.
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Recorded {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A stand-in for GitHub's REST API on loopback: records every request and answers as GitHub
+/// does (201 with the created object; an empty list of comments).
+async fn fake_github() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, path) =
+                        (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut h = String::new();
+                        stream.read_line(&mut h).await.unwrap();
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some((n, v)) = h.split_once(':') {
+                            headers.push((n.trim().to_lowercase(), v.trim().to_string()));
+                        }
+                    }
+                    let length: usize =
+                        headers.iter().find(|(n, _)| n == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+                    let mut body = vec![0; length];
+                    stream.read_exact(&mut body).await.unwrap();
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let answer =
+                        if method == "GET" { "[]".to_string() } else { json!({"id": 1, "url": "x"}).to_string() };
+                    let status = if method == "GET" { "200 OK" } else { "201 Created" };
+                    record.lock().unwrap().push(Recorded { method, path, headers, body });
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if stream.get_mut().write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_previews_status_and_where_it_answers_go_back_to_the_pull_request() {
+    let (api_port, seen) = fake_github().await;
+    let api = format!("http://127.0.0.1:{api_port}");
+    let setup =
+        Setup::start(1, 1, &["--webhook-secret", SECRET, "--github-token", "ghp_test_token", "--github-api-url", &api])
+            .await;
+    let repos = setup.cluster.root.join("repos");
+    let web = repos.join("web");
+    make_repo(&web, &setup.base, "main\n");
+    git(&web, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(web.join("index.html"), "feature\n").unwrap();
+    commit(&web, "feature");
+    let sha = head(&web);
+    let daemon = GitDaemon::start(&repos).await;
+    setup.create_service(json!({"name": "web", "source": {"git": {"url": daemon.url("web")}}, "port": 8080})).await;
+    let hooks = Hooks { setup, client: reqwest::Client::new() };
+    let body = github_pull_request(&daemon.url("web"), "opened", 9, "feature", &sha, false);
+    let (_, answer) = hooks.github("pull_request", "s-1", &body, Some(sign(SECRET, &body))).await;
+    let id = answer["deployments"][0].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+    let done = hooks.setup.finished(&id).await;
+    assert_eq!(done["status"], "running", "{done:#}");
+    let url = done["url"].as_str().unwrap().to_string();
+
+    let requests =
+        deployer_tests::wait_for("a success status and a comment", std::time::Duration::from_secs(15), || {
+            let seen = seen.clone();
+            async move {
+                let requests = seen.lock().unwrap().clone();
+                let success = requests.iter().any(|r| r.body["state"] == "success");
+                let comment = requests.iter().any(|r| r.path.ends_with("/issues/9/comments") && r.method == "POST");
+                (success && comment).then_some(requests)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}: {:#?}\n{}", seen.lock().unwrap(), hooks.setup.diagnostics()));
+    let statuses: Vec<&Recorded> =
+        requests.iter().filter(|r| r.path == format!("/repos/acme/web/statuses/{sha}")).collect();
+    assert_eq!(statuses.iter().map(|r| r.body["state"].as_str().unwrap()).collect::<Vec<_>>(), ["pending", "success"]);
+    for r in &statuses {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.header("authorization"), Some("Bearer ghp_test_token"));
+        assert_eq!(r.header("accept"), Some("application/vnd.github+json"));
+        assert!(r.header("user-agent").is_some_and(|u| !u.is_empty()));
+        assert_eq!(r.body["context"], "deployer/web (pr-9)");
+    }
+    assert_eq!(statuses[1].body["target_url"], url.as_str());
+    let comment = requests.iter().find(|r| r.method == "POST" && r.path.ends_with("/issues/9/comments")).unwrap();
+    assert!(comment.body["body"].as_str().unwrap().contains(&url), "{:#}", comment.body);
+}

@@ -9,6 +9,7 @@
 //! stands, so no deployment is lost or run twice.
 
 pub mod dispatch;
+pub mod notify;
 pub mod previews;
 
 use std::collections::HashMap;
@@ -84,6 +85,8 @@ pub struct DeploySettings {
     pub webhook_max_bytes: usize,
     /// A preview without a push for this long is destroyed.
     pub preview_ttl: Duration,
+    /// Where deployment statuses are reported.
+    pub git_hosts: notify::GitHostSettings,
 }
 
 impl Default for DeploySettings {
@@ -99,6 +102,11 @@ impl Default for DeploySettings {
             webhook_grace: Duration::from_secs(24 * 3600),
             webhook_max_bytes: 5 << 20,
             preview_ttl: Duration::from_secs(7 * 24 * 3600),
+            git_hosts: notify::GitHostSettings {
+                github_api_url: "https://api.github.com".into(),
+                gitlab_url: "https://gitlab.com".into(),
+                ..Default::default()
+            },
         }
     }
 }

@@ -220,7 +220,8 @@ pub(super) fn next_link(link: &str) -> Option<&str> {
         let end = start + rest[start..].find('>')?;
         let url = &rest[start + 1..end];
         rest = &rest[end + 1..];
-        let params = &rest[..rest.find('<').unwrap_or(rest.len())];
+        // The parameters run to the comma before the next link.
+        let params = rest[..rest.find('<').unwrap_or(rest.len())].trim_end().trim_end_matches(',');
         let is_next = params.split(';').any(|param| {
             let Some((name, value)) = param.split_once('=') else { return false };
             name.trim().eq_ignore_ascii_case("rel")
@@ -259,11 +260,17 @@ mod tests {
     #[test]
     fn the_next_page_is_found_among_other_relations() {
         let github = r#"<https://api.github.com/repositories/1/issues/2/comments?per_page=100&page=2>; rel="next", <https://api.github.com/repositories/1/issues/2/comments?per_page=100&page=5>; rel="last""#;
-        assert_eq!(next_link(github), Some("https://api.github.com/repositories/1/issues/2/comments?per_page=100&page=2"));
+        assert_eq!(
+            next_link(github),
+            Some("https://api.github.com/repositories/1/issues/2/comments?per_page=100&page=2")
+        );
         let last_page = r#"<https://x/a?page=1>; rel="prev", <https://x/a?page=1>; rel="first""#;
         assert_eq!(next_link(last_page), None);
         let gitlab = r#"<https://gitlab.example/api/v4/projects/1/merge_requests/3/notes?page=1&per_page=100>; rel="first", <https://gitlab.example/api/v4/projects/1/merge_requests/3/notes?page=2&per_page=100>; rel="next""#;
-        assert_eq!(next_link(gitlab), Some("https://gitlab.example/api/v4/projects/1/merge_requests/3/notes?page=2&per_page=100"));
+        assert_eq!(
+            next_link(gitlab),
+            Some("https://gitlab.example/api/v4/projects/1/merge_requests/3/notes?page=2&per_page=100")
+        );
         assert_eq!(next_link("<https://x/a?page=3>; rel=next"), Some("https://x/a?page=3"));
         assert_eq!(next_link(""), None);
         assert_eq!(next_link("<broken"), None);
@@ -273,10 +280,7 @@ mod tests {
     fn pagination_links_to_another_origin_are_refused() {
         let client = HttpClient::new("http://127.0.0.1:8080/api/v3/", None).unwrap();
         assert_eq!(client.endpoint("/repos/a/b"), "/api/v3/repos/a/b");
-        assert_eq!(
-            client.path_on_origin("http://127.0.0.1:8080/api/v3/x?page=2").as_deref(),
-            Some("/api/v3/x?page=2")
-        );
+        assert_eq!(client.path_on_origin("http://127.0.0.1:8080/api/v3/x?page=2").as_deref(), Some("/api/v3/x?page=2"));
         assert_eq!(client.path_on_origin("http://127.0.0.1:9090/api/v3/x?page=2"), None);
         assert_eq!(client.path_on_origin("https://127.0.0.1:8080/api/v3/x?page=2"), None);
         assert_eq!(client.path_on_origin("http://evil.example/api/v3/x"), None);
