@@ -24,6 +24,10 @@ use serde_json::json;
 
 const TARGET_READS: f64 = 20_000.0;
 const TARGET_READ_P99_MS: f64 = 10.0;
+/// Issue 7: signed deliveries verified per second, accepted or refused, without a 5xx.
+const TARGET_WEBHOOKS: f64 = 10_000.0;
+/// The default webhook secret of the benchmark's controller.
+const WEBHOOK_SECRET: &str = "bench-webhook-secret";
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -37,6 +41,8 @@ struct Run {
     p99_ms: f64,
     non_2xx: u64,
     errors: u64,
+    /// Answers 500 and up, when the script counts them (`5xx: N`).
+    server_errors: u64,
 }
 
 /// `1.23ms`, `456.78us`, `1.02s` -> milliseconds.
@@ -59,7 +65,7 @@ fn parse_duration_ms(s: &str) -> Option<f64> {
 fn parse_wrk(out: &str) -> anyhow::Result<Run> {
     let mut rps = None;
     let (mut p50, mut p99) = (None, None);
-    let (mut non_2xx, mut errors) = (0, 0);
+    let (mut non_2xx, mut errors, mut server_errors) = (0, 0, 0);
     for line in out.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
@@ -67,6 +73,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Run> {
             ["50%", v] => p50 = parse_duration_ms(v),
             ["99%", v] => p99 = parse_duration_ms(v),
             ["Non-2xx", "or", "3xx", "responses:", v] => non_2xx = v.parse().unwrap_or(0),
+            ["5xx:", v] => server_errors = v.parse().unwrap_or(0),
             ["Socket", "errors:", rest @ ..] => {
                 errors = rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum();
             }
@@ -79,6 +86,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Run> {
         p99_ms: p99.context("no 99% latency in wrk's output (--latency)")?,
         non_2xx,
         errors,
+        server_errors,
     })
 }
 
@@ -140,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         scripts: tempfile::tempdir()?,
     };
     let reps: usize = env("API_BENCH_REPS").unwrap_or(if quick { 1 } else { 3 });
-    let cluster = Cluster::start(1, &[]).await.context("start a controller")?;
+    let cluster = Cluster::start(1, &["--webhook-secret", WEBHOOK_SECRET]).await.context("start a controller")?;
     let base = cluster.nodes[0].url();
     let pid = cluster.nodes[0].pid().context("controller pid")?;
     for i in 0..200 {
@@ -161,6 +169,30 @@ async fn main() -> anyhow::Result<()> {
          request = function()\n  counter = counter + 1\n  \
          return wrk.format(nil, nil, nil, '{{\"name\":\"w' .. prefix .. '-' .. counter .. '\"}}')\nend\n"
     );
+    // Webhook deliveries: a forged signature (401), and a signed push of a repository no service
+    // builds (202, ignored): both verified before anything else, neither writes.
+    let push = serde_json::to_string(&json!({
+        "ref": "refs/heads/main",
+        "after": "0123456789abcdef0123456789abcdef01234567",
+        "deleted": false,
+        "repository": {"full_name": "acme/none", "clone_url": "https://git.example.invalid/acme/none.git", "default_branch": "main"}
+    }))?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, WEBHOOK_SECRET.as_bytes());
+    let signature = format!("sha256={}", hex::encode(ring::hmac::sign(&key, push.as_bytes()).as_ref()));
+    let count_5xx = "local threads = {}\nfunction setup(thread)\n  table.insert(threads, thread)\nend\n\
+         function init(args)\n  fivexx = 0\nend\n\
+         function response(status, headers, body)\n  if status >= 500 then fivexx = fivexx + 1 end\nend\n\
+         function done(summary, latency, requests)\n  local n = 0\n  \
+         for _, t in ipairs(threads) do n = n + t:get(\"fivexx\") end\n  io.write(\"5xx: \" .. n .. \"\\n\")\nend\n";
+    let hook = |signature: &str| {
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"X-GitHub-Event\"] = \"push\"\nwrk.headers[\"X-GitHub-Delivery\"] = \"bench\"\n\
+             wrk.headers[\"X-Hub-Signature-256\"] = \"{signature}\"\nwrk.body = [[{push}]]\n{count_5xx}"
+        )
+    };
+    let forged_script = hook(&format!("sha256={}", "0".repeat(64)));
+    let signed_script = hook(&signature);
     println!(
         "api bench: 1 controller (release), wrk -t{} -c{} for {} s per run, {reps} run(s) each, interleaved",
         wrk.threads, wrk.connections, wrk.secs
@@ -169,12 +201,16 @@ async fn main() -> anyhow::Result<()> {
         ("GET /api/v1/health (baseline)", vec![], vec![]),
         ("GET /api/v1/projects", vec![], vec![]),
         ("POST /api/v1/projects", vec![], vec![]),
+        ("POST /webhooks/github, forged", vec![], vec![]),
+        ("POST /webhooks/github, signed", vec![], vec![]),
     ];
     for rep in 0..reps {
         for (i, (name, url, script)) in [
             ("health", format!("{base}/api/v1/health"), None),
             ("reads", format!("{base}/api/v1/projects"), Some(read_script.as_str())),
             ("writes", format!("{base}/api/v1/projects"), Some(write_script.as_str())),
+            ("forged", format!("{base}/webhooks/github"), Some(forged_script.as_str())),
+            ("signed", format!("{base}/webhooks/github"), Some(signed_script.as_str())),
         ]
         .into_iter()
         .enumerate()
@@ -183,12 +219,13 @@ async fn main() -> anyhow::Result<()> {
             let run = wrk.run(&url, script)?;
             let cpu = (cpu_seconds(pid) - cpu0) / wrk.secs as f64 * 100.0;
             println!(
-                "  run {}/{reps} {name:<7} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  non-2xx {}  errors {}  controller cpu {:.0}%",
+                "  run {}/{reps} {name:<7} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  non-2xx {}  5xx {}  errors {}  controller cpu {:.0}%",
                 rep + 1,
                 run.rps,
                 run.p50_ms,
                 run.p99_ms,
                 run.non_2xx,
+                run.server_errors,
                 run.errors,
                 cpu
             );
@@ -203,13 +240,21 @@ async fn main() -> anyhow::Result<()> {
         let rps = median(runs.iter().map(|r| r.rps).collect());
         let p50 = median(runs.iter().map(|r| r.p50_ms).collect());
         let p99 = median(runs.iter().map(|r| r.p99_ms).collect());
-        let bad: u64 = runs.iter().map(|r| r.non_2xx + r.errors).sum();
+        // A forged delivery is refused by design: its 401s are not failures.
+        let bad: u64 = runs.iter().map(|r| if i == 3 { r.errors } else { r.non_2xx + r.errors }).sum();
         let verdict = match i {
             1 => format!(
                 "  targets >= {TARGET_READS:.0}/s: {}, p99 <= {TARGET_READ_P99_MS:.0} ms: {}",
                 if rps >= TARGET_READS { "met" } else { "MISSED" },
                 if p99 <= TARGET_READ_P99_MS { "met" } else { "MISSED" }
             ),
+            3 | 4 => {
+                let fives: u64 = runs.iter().map(|r| r.server_errors).sum();
+                format!(
+                    "  target >= {TARGET_WEBHOOKS:.0}/s without a 5xx: {} ({fives} 5xx)",
+                    if rps >= TARGET_WEBHOOKS && fives == 0 { "met" } else { "MISSED" }
+                )
+            }
             _ => String::new(),
         };
         println!(
@@ -232,12 +277,12 @@ mod tests {
     fn wrk_output_is_parsed() {
         let out = "Running 5s test\n  Latency Distribution\n     50%  1.20ms\n     99%  12.50ms\n  \
                    Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\n\
-                   Requests/sec:  21234.56\n";
+                   Requests/sec:  21234.56\n5xx: 2\n";
         let run = super::parse_wrk(out).unwrap();
         assert_eq!(run.rps, 21234.56);
         assert_eq!(run.p50_ms, 1.2);
         assert_eq!(run.p99_ms, 12.5);
-        assert_eq!((run.non_2xx, run.errors), (4, 3));
+        assert_eq!((run.non_2xx, run.errors, run.server_errors), (4, 3, 2));
         assert_eq!(super::parse_duration_ms("850.00us"), Some(0.85));
     }
 }

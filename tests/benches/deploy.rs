@@ -2,6 +2,9 @@
 //! for a small app, against doing the same by hand in the same run: `docker build`, `docker run`,
 //! then polling the page until it answers.
 //!
+//! A third side is push-to-deploy: from a signed GitHub push webhook for a new commit to the new
+//! page answering at the service's host name through the ingress (issue 7's webhook-to-live).
+//!
 //! Both sides build the same Dockerfile from a context that changed since the last build (the
 //! page carries the iteration number), so both rebuild the same layers. Run with
 //! `cargo build --release --bins && cargo bench -p deployer-tests --bench deploy`. Prints the
@@ -15,6 +18,7 @@ use deployer_tests::{busybox_image, wait_for, Agent, Cluster};
 use serde_json::json;
 
 const ITERATIONS: usize = 7;
+const SECRET: &str = "bench-webhook-secret";
 
 fn run(dir: &Path, program: &str, args: &[&str]) -> String {
     let out = Command::new(program).current_dir(dir).args(args).stderr(Stdio::inherit()).output().expect(program);
@@ -59,7 +63,7 @@ fn main() {
 
 async fn bench() {
     let base = busybox_image().expect("busybox image");
-    let cluster = Cluster::start(1, &[]).await.expect("cluster");
+    let cluster = Cluster::start(1, &["--webhook-secret", SECRET]).await.expect("cluster");
     let token = cluster.agent_token().await.unwrap();
     let mut agent = Agent::new(cluster.root.join("agent"));
     agent
@@ -85,15 +89,17 @@ async fn bench() {
     let project = format!("bench{}", std::process::id());
     let (_, p) = api.post(&format!("{url}/api/v1/projects"), &json!({"name": project})).await.unwrap();
     let project_id = p["id"].as_str().unwrap().to_string();
-    let repo = cluster.root.join("repo");
+    let repos = cluster.root.join("repos");
+    let repo = repos.join("web");
     std::fs::create_dir_all(&repo).unwrap();
     git(&repo, &["init", "-q", "-b", "main"]);
     write_app(&repo, &base, "start");
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-qm", "start"]);
+    let daemon = deployer_tests::deploy::GitDaemon::start(&repos).await;
     let spec = json!({
         "name": "web",
-        "source": {"git": {"url": format!("file://{}", repo.display())}},
+        "source": {"git": {"url": daemon.url("web")}},
         "port": 8080,
         "health_check": {"timeout_s": 30},
     });
@@ -102,9 +108,11 @@ async fn bench() {
     let service_id = s["id"].as_str().unwrap().to_string();
     let hand = cluster.root.join("hand");
     std::fs::create_dir_all(&hand).unwrap();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    // Deployments answer at `<service>-<project>.localhost`, through the agent's ingress.
+    let http = deployer_tests::web_client();
 
     let mut platform = Vec::new();
+    let mut webhook = Vec::new();
     let mut by_hand = Vec::new();
     for i in 0..ITERATIONS {
         // The platform: deploy call to a running deployment whose page answers.
@@ -129,6 +137,37 @@ async fn bench() {
         assert!(answers(&http, &deployed_url, &page).await);
         platform.push(start.elapsed());
 
+        // Push to deploy: the signed webhook of a new commit, until its page answers at the host.
+        let page = format!("pushed {i}\n");
+        write_app(&repo, &base, &page);
+        git(&repo, &["commit", "-qam", &format!("push {i}")]);
+        let sha = run(&repo, "git", &["rev-parse", "HEAD"]);
+        let body = serde_json::to_vec(&json!({
+            "ref": "refs/heads/main",
+            "after": sha,
+            "deleted": false,
+            "repository": {"full_name": "bench/web", "git_url": format!("{}.git", daemon.url("web")), "default_branch": "main"}
+        }))
+        .unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+        let signature = format!("sha256={}", hex::encode(ring::hmac::sign(&key, &body).as_ref()));
+        let start = Instant::now();
+        let answer = api
+            .client
+            .post(format!("{url}/webhooks/github"))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("bench-{i}"))
+            .header("x-hub-signature-256", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 202);
+        while !answers(&http, &deployed_url, &page).await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        webhook.push(start.elapsed());
+
         // By hand: the same build and run with the docker CLI, then poll until the page answers.
         let page = format!("by hand {i}\n");
         write_app(&hand, &base, &page);
@@ -145,11 +184,15 @@ async fn bench() {
         by_hand.push(start.elapsed());
         run(&hand, "docker", &["rm", "-f", &name]);
         run(&hand, "docker", &["rmi", "-f", &tag]);
-        eprintln!("iteration {i}: platform {:?}, by hand {:?}", platform[i], by_hand[i]);
+        eprintln!("iteration {i}: platform {:?}, webhook {:?}, by hand {:?}", platform[i], webhook[i], by_hand[i]);
     }
-    let (p, h) = (median(platform), median(by_hand));
+    let (p, w, h) = (median(platform), median(webhook), median(by_hand));
     println!("deploy call -> healthy container, median of {ITERATIONS}:");
     println!("  platform: {p:?}");
+    println!(
+        "  push webhook -> new page at the service's host: {w:?} ({:+.0} ms against by hand; target: under +1000 ms)",
+        w.as_secs_f64() * 1000.0 - h.as_secs_f64() * 1000.0
+    );
     println!("  by hand (docker build + docker run + poll): {h:?}");
     println!(
         "  the platform adds {:+.0} ms (ratio {:.2}); target: at most +1000 ms",

@@ -288,6 +288,11 @@ async fn handle(
             );
         }
     }
+    if commands.is_empty() {
+        // Nothing to deploy, nothing to remember: no write for a push no service follows.
+        let message = format!("no service deploys branch {branch} of {}", push.repo.full_name);
+        return Ok(delivery(StatusCode::ACCEPTED, "ignored", Vec::new(), Some(message)));
+    }
     let ids: Vec<Vec<String>> = commands.iter().map(deployment_ids).collect();
     let command =
         Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
