@@ -608,3 +608,66 @@ async fn a_previews_status_and_where_it_answers_go_back_to_the_pull_request() {
     let comment = requests.iter().find(|r| r.method == "POST" && r.path.ends_with("/issues/9/comments")).unwrap();
     assert!(comment.body["body"].as_str().unwrap().contains(&url), "{:#}", comment.body);
 }
+
+#[tokio::test]
+async fn a_teardown_that_cannot_finish_says_why_and_finishes_once_the_agent_is_back() {
+    let mut setup = Setup::start(1, 1, &["--webhook-secret", SECRET]).await;
+    let repos = setup.cluster.root.join("repos");
+    let web = repos.join("web");
+    make_repo(&web, &setup.base, "main\n");
+    git(&web, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(web.join("index.html"), "feature\n").unwrap();
+    commit(&web, "feature");
+    let sha = head(&web);
+    let daemon = GitDaemon::start(&repos).await;
+    setup.create_service(json!({"name": "web", "source": {"git": {"url": daemon.url("web")}}, "port": 8080})).await;
+    let url = setup.url();
+    let client = reqwest::Client::new();
+    let send = |body: Vec<u8>, delivery: &'static str| {
+        let request = client
+            .post(format!("{url}/webhooks/github"))
+            .header("x-github-event", "pull_request")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", sign(SECRET, &body))
+            .body(body);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let answer = send(github_pull_request(&daemon.url("web"), "opened", 3, "feature", &sha, false), "t-1").await;
+    let id = answer["deployments"][0].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+    assert_eq!(setup.finished(&id).await["status"], "running");
+
+    // The agent that runs it goes away; the request is closed meanwhile.
+    setup.agents[0].kill9();
+    let answer = send(github_pull_request(&daemon.url("web"), "closed", 3, "feature", &sha, false), "t-2").await;
+    assert_eq!(answer["outcome"], "destroyed", "{answer}");
+    let previews = format!("{url}/api/v1/projects/{}/previews", setup.project_id);
+    let api = setup.cluster.api.clone();
+    let stuck =
+        deployer_tests::wait_for("the teardown to say what is left", std::time::Duration::from_secs(30), || {
+            let (api, previews) = (api.clone(), previews.clone());
+            async move {
+                let (_, list) = api.get(&previews).await.ok()?;
+                let p = list.as_array()?.iter().find(|p| p["key"] == "pr-3")?.clone();
+                (p["status"] == "destroying" && p["teardown_error"].is_string()).then_some(p)
+            }
+        })
+        .await
+        .unwrap();
+    assert!(stuck["teardown_error"].as_str().unwrap().contains("not connected"), "{stuck:#}");
+    assert!(!docker(&["ps", "-aq", "--filter", "label=deployer.preview=pr-3"]).trim().is_empty(), "still there");
+
+    // Back: the teardown finishes, and nothing of the preview is left.
+    let controller = setup.cluster.nodes[0].grpc_addr();
+    setup.agents[0].start(&[format!("--controller=https://{controller}"), "--allow-local-git".into()]).unwrap();
+    deployer_tests::wait_for("the teardown to finish", std::time::Duration::from_secs(60), || {
+        let (api, previews) = (api.clone(), previews.clone());
+        async move {
+            let (_, list) = api.get(&previews).await.ok()?;
+            (list.as_array()?.iter().find(|p| p["key"] == "pr-3")?["status"] == "destroyed").then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", setup.diagnostics()));
+    assert_eq!(docker(&["ps", "-aq", "--filter", "label=deployer.preview=pr-3"]).trim(), "");
+    assert!(!setup.storage(0).join("sources").join(&id).exists());
+}

@@ -161,6 +161,7 @@ pub(super) async fn open_command(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     /// At most this many (default 50, at most 200).
     limit: Option<u32>,
