@@ -260,9 +260,13 @@ async fn handle(
     };
     let mut commands = deployments_for(c, &push, &branch, &commit, scope, own, provider).await?;
     // A preview made by hand for this branch follows it too.
+    let hand_made = c.state.branch_previews(&branch).await?;
     let repo: BTreeSet<String> = push.repo.urls.iter().filter_map(|u| payload::normalize_repo_url(u)).collect();
-    let projects = projects_building(c, &repo, scope, own).await?;
-    for (project_id, key) in c.state.branch_previews(&branch).await? {
+    let projects = match hand_made.is_empty() {
+        true => BTreeSet::new(),
+        false => projects_building(c, &repo, scope, own).await?,
+    };
+    for (project_id, key) in hand_made {
         if projects.contains(&project_id) {
             let notify = Notify {
                 provider: provider.to_string(),
