@@ -300,6 +300,26 @@ async fn a_project_secret_replaces_the_default_and_deploy_hooks_serve_ci() {
     let (status, answer) = call(Some(hook_secret), None, r#"{"ref": "--upload-pack=x"}"#).await;
     assert_eq!(status, 422, "{answer}");
     assert_eq!(hooks.deployments(&service).await.len(), 5);
+
+    // Previews turned off for the project: a pull request opens none; on again, it does.
+    let settings = format!("{url}/api/v1/projects/{}/previews/settings", hooks.setup.project_id);
+    let set = |enabled: bool| {
+        let request = api.client.put(&settings).bearer_auth(&api.token).json(&json!({"enabled": enabled}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(set(false).await, 204);
+    let sha = "89abcdef0123456789abcdef0123456789abcdef";
+    let pr = github_pull_request("git://git.example.invalid/acme/api", "opened", 4, "topic", sha, false);
+    let (status, answer) = hooks.github("pull_request", "p-5", &pr, Some(sign(second, &pr))).await;
+    assert_eq!((status, answer["outcome"].as_str()), (202, Some("ignored")), "{answer}");
+    let previews = format!("{url}/api/v1/projects/{}/previews", hooks.setup.project_id);
+    let (_, list) = api.get(&previews).await.unwrap();
+    assert_eq!(list, json!([]), "previews are off");
+    assert_eq!(set(true).await, 204);
+    let (_, answer) = hooks.github("pull_request", "p-6", &pr, Some(sign(second, &pr))).await;
+    assert_eq!(answer["outcome"], "deployed", "{answer}");
+    let (_, list) = api.get(&previews).await.unwrap();
+    assert_eq!(list[0]["key"], "pr-4", "{list:#}");
 }
 
 /// GitHub's pull_request payload (trimmed to what a receiver reads, with the real nesting).
