@@ -226,8 +226,7 @@ struct CertificateView {
 /// What the views need to show hosts and certificates.
 struct IngressInfo {
     project_name: String,
-    base_domain: String,
-    acme: bool,
+    ingress: std::sync::Arc<crate::ingress::Ingress>,
     certificates: std::collections::HashMap<String, crate::store::queries::CertificateRow>,
 }
 
@@ -235,16 +234,11 @@ impl IngressInfo {
     async fn load(c: &AppState, project_id: &str) -> Result<IngressInfo, ApiError> {
         let project_name = c.state.project(project_id).await?.map(|p| p.name).unwrap_or_default();
         let certificates = c.state.certificates().await?.into_iter().map(|r| (r.domain.clone(), r)).collect();
-        Ok(IngressInfo {
-            project_name,
-            base_domain: c.ingress.settings.base_domain.clone(),
-            acme: c.ingress.settings.acme.is_some(),
-            certificates,
-        })
+        Ok(IngressInfo { project_name, ingress: c.ingress.clone(), certificates })
     }
 
     fn host(&self, service: &str) -> String {
-        format!("{}.{}", crate::ingress::default_label(service, &self.project_name), self.base_domain)
+        self.ingress.default_host(service, &self.project_name, "")
     }
 
     fn certificates(&self, domains: &[String]) -> Vec<CertificateView> {
@@ -257,7 +251,7 @@ impl IngressInfo {
                 let status = match (&error, issued) {
                     (Some(_), _) => "failed",
                     (None, Some(_)) => "issued",
-                    (None, None) if self.acme => "pending",
+                    (None, None) if self.ingress.settings.acme.is_some() => "pending",
                     (None, None) => "none",
                 };
                 CertificateView {

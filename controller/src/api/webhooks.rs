@@ -211,14 +211,8 @@ async fn gitlab(State(c): State<AppState>, headers: HeaderMap, body: Result<Byte
     })?;
     c.read_barrier().await?;
     let (secrets, scopes, own) = candidate_secrets(&c).await?;
-    // Every candidate is compared, so the time taken does not tell which one matched.
-    let mut found = None;
-    for (i, secret) in secrets.iter().enumerate() {
-        if verify::token_valid(secret, token.as_bytes()) && found.is_none() {
-            found = Some(i);
-        }
-    }
-    let index = found.ok_or_else(|| ApiError::unauthorized("the token matches no webhook secret"))?;
+    let index = verify::which_token(&secrets, token.as_bytes())
+        .ok_or_else(|| ApiError::unauthorized("the token matches no webhook secret"))?;
     let event = header(&headers, "x-gitlab-event").ok_or_else(|| ApiError::bad_request("X-Gitlab-Event is missing"))?;
     // Without an id, the body stands for it: the same payload sent again is the same delivery.
     let delivery_id = header(&headers, "x-gitlab-event-uuid")
@@ -297,32 +291,52 @@ async fn handle(
         let message = format!("no service deploys branch {branch} of {}", push.repo.full_name);
         return Ok(delivery(StatusCode::ACCEPTED, "ignored", Vec::new(), Some(message)));
     }
+    match commit_delivery(c, provider, delivery_id, commands).await? {
+        Committed::Duplicate(message) => Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message))),
+        Committed::Done { created, .. } if created.is_empty() => {
+            let message = format!("no service deploys branch {branch} of {}", push.repo.full_name);
+            Ok(delivery(StatusCode::ACCEPTED, "ignored", created, Some(message)))
+        }
+        Committed::Done { created, .. } => Ok(delivery(StatusCode::ACCEPTED, "deployed", created, None)),
+    }
+}
+
+/// What committing a delivery did.
+enum Committed {
+    /// Handled before: nothing done again.
+    Duplicate(String),
+    /// The deployments created (of commands applied), and why the others were refused.
+    Done { created: Vec<String>, refused: Vec<ApiError> },
+}
+
+/// Commits a delivery with what it asks for, all at once, exactly once per delivery id.
+async fn commit_delivery(
+    c: &AppState,
+    provider: &str,
+    delivery_id: String,
+    commands: Vec<Command>,
+) -> Result<Committed, ApiError> {
     let ids: Vec<Vec<String>> = commands.iter().map(deployment_ids).collect();
     let command =
         Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
-    match c.propose(command).await? {
-        CommandResponse::Rejected { reason: Rejection::Conflict, message } => {
-            Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message)))
-        }
-        CommandResponse::Batch { responses } => {
-            let created: Vec<String> = ids
-                .into_iter()
-                .zip(responses)
-                .filter(|(_, r)| matches!(r, CommandResponse::Applied))
-                .flat_map(|(ids, _)| ids)
-                .collect();
-            c.deploys.wake();
-            if created.is_empty() {
-                let message = format!("no service deploys branch {branch} of {}", push.repo.full_name);
-                return Ok(delivery(StatusCode::ACCEPTED, "ignored", created, Some(message)));
-            }
-            Ok(delivery(StatusCode::ACCEPTED, "deployed", created, None))
-        }
+    let responses = match c.propose(command).await? {
+        CommandResponse::Rejected { reason: Rejection::Conflict, message } => return Ok(Committed::Duplicate(message)),
+        CommandResponse::Batch { responses } => responses,
         other => {
             applied(other)?;
-            Ok(delivery(StatusCode::ACCEPTED, "ignored", Vec::new(), None))
+            Vec::new()
+        }
+    };
+    c.deploys.wake();
+    let mut created = Vec::new();
+    let mut refused = Vec::new();
+    for (response, ids) in responses.into_iter().zip(ids) {
+        match applied(response) {
+            Ok(()) => created.extend(ids),
+            Err(e) => refused.push(e),
         }
     }
+    Ok(Committed::Done { created, refused })
 }
 
 /// Opens, moves or closes the preview `pr-<n>` of every project that builds the repository and
@@ -388,38 +402,18 @@ async fn pull_request(
     if commands.is_empty() {
         return ignored(format!("no project previews pull request #{} of {}", pr.number, pr.repo.full_name));
     }
-    let deployments: Vec<Vec<String>> = commands.iter().map(deployment_ids).collect();
     let closing = matches!(pr.action, PrAction::Closed);
-    let command =
-        Command::WebhookDelivery { provider: provider.into(), delivery_id, deployments: commands, at: now_ms() };
-    match c.propose(command).await? {
-        CommandResponse::Rejected { reason: Rejection::Conflict, message } => {
-            Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message)))
-        }
-        CommandResponse::Batch { responses } => {
-            c.deploys.wake();
-            let mut created = Vec::new();
-            let mut refused = Vec::new();
-            for (response, ids) in responses.into_iter().zip(deployments) {
-                match response {
-                    CommandResponse::Applied => created.extend(ids),
-                    CommandResponse::Rejected { message, .. } => refused.push(message),
-                    _ => {}
-                }
-            }
-            let message = (!refused.is_empty()).then(|| refused.join("; "));
-            let outcome = if closing {
-                "destroyed"
-            } else if created.is_empty() {
-                "ignored"
-            } else {
-                "deployed"
+    match commit_delivery(c, provider, delivery_id, commands).await? {
+        Committed::Duplicate(message) => Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message))),
+        Committed::Done { created, refused } => {
+            let message =
+                (!refused.is_empty()).then(|| refused.into_iter().map(|e| e.message).collect::<Vec<_>>().join("; "));
+            let outcome = match (closing, created.is_empty()) {
+                (true, _) => "destroyed",
+                (false, true) => "ignored",
+                (false, false) => "deployed",
             };
             Ok(delivery(StatusCode::ACCEPTED, outcome, created, message))
-        }
-        other => {
-            applied(other)?;
-            ignored("nothing was done".into())
         }
     }
 }
@@ -560,16 +554,12 @@ async fn deploy_hook(
     let project_id = c.state.service_project(&service_id).await?;
     let (Some(hook), Some(project_id)) = (hook, project_id) else { return Err(refused()) };
     let secrets = valid_secrets(&c, &hook, format!("deploy-hook:{service_id}").as_bytes(), now_ms());
-    let mut valid = false;
-    for secret in &secrets {
-        let ok = match (token, signature) {
-            (Some(token), _) => verify::token_valid(secret, token.as_bytes()),
-            (None, Some(signature)) => verify::github_signature_valid(secret, &body, signature),
-            (None, None) => false,
-        };
-        valid |= ok;
-    }
-    if !valid {
+    let valid = match (token, signature) {
+        (Some(token), _) => verify::which_token(&secrets, token.as_bytes()),
+        (None, Some(signature)) => verify::which_secret(&secrets, &body, signature),
+        (None, None) => None,
+    };
+    if valid.is_none() {
         return Err(refused());
     }
     let input: HookInput = if body.iter().all(u8::is_ascii_whitespace) {
@@ -600,9 +590,8 @@ async fn deploy_hook(
             ))
         }
     };
-    let id = new_id();
     let create = Command::CreateDeployment {
-        id: id.clone(),
+        id: new_id(),
         project_id,
         service_id: service_id.clone(),
         source: serde_json::to_value(&source).map_err(|e| ApiError::internal("deployment source", e))?,
@@ -617,26 +606,10 @@ async fn deploy_hook(
     if delivery_id.len() > 300 {
         return Err(ApiError::bad_request("X-Deployer-Delivery is longer than 200 characters"));
     }
-    let command =
-        Command::WebhookDelivery { provider: "deploy".into(), delivery_id, deployments: vec![create], at: now_ms() };
-    match c.propose(command).await? {
-        CommandResponse::Rejected { reason: Rejection::Conflict, message } => {
-            Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message)))
-        }
-        CommandResponse::Batch { responses } if matches!(responses.first(), Some(CommandResponse::Applied)) => {
-            c.deploys.wake();
-            Ok(delivery(StatusCode::ACCEPTED, "deployed", vec![id], None))
-        }
-        CommandResponse::Batch { mut responses } => Err(match responses.pop() {
-            Some(other) => {
-                applied(other).err().unwrap_or_else(|| ApiError::unavailable("the deployment was not created"))
-            }
-            None => ApiError::unavailable("the deployment was not created"),
-        }),
-        other => {
-            applied(other)?;
-            Err(ApiError::unavailable("the deployment was not created"))
-        }
+    match commit_delivery(&c, "deploy", delivery_id, vec![create]).await? {
+        Committed::Duplicate(message) => Ok(delivery(StatusCode::OK, "duplicate", Vec::new(), Some(message))),
+        Committed::Done { mut refused, .. } if !refused.is_empty() => Err(refused.remove(0)),
+        Committed::Done { created, .. } => Ok(delivery(StatusCode::ACCEPTED, "deployed", created, None)),
     }
 }
 

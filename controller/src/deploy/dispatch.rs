@@ -469,6 +469,7 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     }
     let mut status_command = None;
     let mut running = false;
+    let mut routed = None;
     if let Some(status) = DeploymentStatus::parse(&u.status) {
         let (status, not_before, error) = match status {
             DeploymentStatus::Failed if u.retryable && u.attempt <= c.deploys.settings.retries => {
@@ -485,10 +486,12 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
         };
         running = status == DeploymentStatus::Running;
         // It answers at its service's host name, through the ingress.
-        let url = match running {
-            true => crate::ingress::deployment_url(c, &d.project_id, &d.service_id, &d.preview, agent_id).await,
-            false => None,
-        };
+        if running {
+            routed = crate::ingress::routed_row(c, &d, agent_id).await;
+        }
+        let url = routed.as_ref().and_then(|r| {
+            crate::ingress::url_for(&c.ingress, &r.service_name, &r.project_name, &r.preview, &r.ingress)
+        });
         status_command = Some(commands.len());
         commands.push(Command::UpdateDeployment {
             id: d.id.clone(),
@@ -508,10 +511,13 @@ async fn on_update(c: &SharedController, agent_id: &str, serial: u64, u: Deploym
     }
     // Traffic goes to the new release before it is declared running (not for an attempt that
     // moved elsewhere meanwhile).
-    let pinned = running && !moved_off;
-    if pinned {
-        crate::ingress::pin_running(c, &d, agent_id, ROUTES_SYNC).await;
-    }
+    let pinned = match routed.filter(|_| !moved_off) {
+        Some(row) => {
+            crate::ingress::pin_running(c, row, ROUTES_SYNC).await;
+            true
+        }
+        None => false,
+    };
     let response = c.propose(Command::Batch { commands }).await;
     if pinned {
         c.ingress.unpin(&d.service_id, &d.preview);

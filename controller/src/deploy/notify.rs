@@ -136,10 +136,11 @@ async fn report(
     }
     let (Some(number), true, Some(url)) = (notify.number, success, d.url.as_deref()) else { return };
     // Where every service of the preview answers: this one's URL with each one's host.
-    let own_host = c.ingress.default_host(&service, &project_name(c, &d.project_id).await, &d.preview);
+    let project = c.state.project(&d.project_id).await.ok().flatten().map(|p| p.name).unwrap_or_default();
+    let own_host = c.ingress.default_host(&service, &project, &d.preview);
     let mut lines = Vec::new();
     for other in c.state.services(&d.project_id).await.unwrap_or_default() {
-        let host = c.ingress.default_host(&other.name, &project_name(c, &d.project_id).await, &d.preview);
+        let host = c.ingress.default_host(&other.name, &project, &d.preview);
         lines.push(format!("- **{}**: {}", other.name, url.replacen(&own_host, &host, 1)));
     }
     let body = format!(
@@ -152,8 +153,4 @@ async fn report(
     if let Err(e) = host.upsert_comment(&notify.repo, number, &body).await {
         tracing::warn!(deployment = %d.id, repo = %notify.repo, error = %e, "cannot comment on the request");
     }
-}
-
-async fn project_name(c: &SharedController, project_id: &str) -> String {
-    c.state.project(project_id).await.ok().flatten().map(|p| p.name).unwrap_or_default()
 }

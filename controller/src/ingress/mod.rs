@@ -219,41 +219,29 @@ pub fn url_for(ingress: &Ingress, service: &str, project: &str, preview: &str, a
     Some(if port == 80 { format!("http://{host}") } else { format!("http://{host}:{port}") })
 }
 
-/// The URL of a deployment that runs on `agent_id` (None when that agent runs no ingress).
-pub async fn deployment_url(
-    c: &Controller,
-    project_id: &str,
-    service_id: &str,
-    preview: &str,
-    agent_id: &str,
-) -> Option<String> {
-    let service = c.state.service(project_id, service_id).await.ok()??;
-    let project = c.state.project(project_id).await.ok()??;
+/// How a deployment that runs on `agent_id` is routed: its service's and project's names and the
+/// agent's ingress (None when one of them is gone).
+pub async fn routed_row(c: &Controller, d: &crate::store::queries::DeploymentRow, agent_id: &str) -> Option<RoutedRow> {
+    let service = c.state.service(&d.project_id, &d.service_id).await.ok()??;
+    let project = c.state.project(&d.project_id).await.ok()??;
     let ingress = c.state.agent_ingress(agent_id).await.ok()??;
-    url_for(&c.ingress, &service.name, &project.name, preview, &ingress)
+    Some(RoutedRow {
+        service_id: d.service_id.clone(),
+        service_name: service.name,
+        project_name: project.name,
+        deployment_id: d.id.clone(),
+        agent_id: agent_id.to_string(),
+        ingress,
+        ingress_https_port: 0,
+        preview: d.preview.clone(),
+    })
 }
 
-/// Routes a service to a release whose instances just turned healthy, before its `running` is
-/// committed, and waits (at most `max`) until every agent in session serves it: once the API
-/// says `running`, its URL answers everywhere. The caller unpins after the commit.
-pub async fn pin_running(c: &Controller, d: &crate::store::queries::DeploymentRow, agent_id: &str, max: Duration) {
-    let lookup = async {
-        let service = c.state.service(&d.project_id, &d.service_id).await.ok()??;
-        let project = c.state.project(&d.project_id).await.ok()??;
-        let ingress = c.state.agent_ingress(agent_id).await.ok()??;
-        Some(RoutedRow {
-            service_id: d.service_id.clone(),
-            service_name: service.name,
-            project_name: project.name,
-            deployment_id: d.id.clone(),
-            agent_id: agent_id.to_string(),
-            ingress,
-            ingress_https_port: 0,
-            preview: d.preview.clone(),
-        })
-    };
-    let Some(row) = lookup.await else { return };
-    c.ingress.lock().pins.insert((d.service_id.clone(), d.preview.clone()), row);
+/// Routes a service to a release whose instances just turned healthy (`row`), before its
+/// `running` is committed, and waits (at most `max`) until every agent in session serves it:
+/// once the API says `running`, its URL answers everywhere. The caller unpins after the commit.
+pub async fn pin_running(c: &Controller, row: RoutedRow, max: Duration) {
+    c.ingress.lock().pins.insert((row.service_id.clone(), row.preview.clone()), row);
     c.ingress.sync(max, &c.agents.all_sessions()).await;
 }
 
@@ -403,33 +391,25 @@ async fn default_certificates(c: &Controller, routed: &[RoutedRow]) -> anyhow::R
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let hosts: Vec<String> =
+    // A pinned release's host may also be a committed one's: each host once.
+    let hosts: std::collections::BTreeSet<String> =
         routed.iter().map(|r| c.ingress.default_host(&r.service_name, &r.project_name, &r.preview)).collect();
-    let missing = {
+    let due: Vec<&String> = {
         let inner = c.ingress.lock();
-        hosts.iter().any(|h| inner.default_certs.get(h).is_none_or(|(_, _, renew)| *renew <= now))
+        hosts.iter().filter(|h| inner.default_certs.get(*h).is_none_or(|(_, _, renew)| *renew <= now)).collect()
     };
-    if missing {
+    if !due.is_empty() {
         let ca = ingress_ca(c).await?;
-        let mut made = Vec::new();
-        {
-            let inner = c.ingress.lock();
-            for host in &hosts {
-                if inner.default_certs.get(host).is_none_or(|(_, _, renew)| *renew <= now) {
-                    made.push(host.clone());
-                }
-            }
-        }
-        let mut issued = Vec::new();
-        for host in made {
-            let (cert, key) = ca.issue_server_cert(std::slice::from_ref(&host), DEFAULT_CERT_VALIDITY)?;
-            let renew = now + (DEFAULT_CERT_VALIDITY.as_millis() as i64) * 2 / 3;
-            issued.push((host, (cert, key, renew)));
+        let renew = now + (DEFAULT_CERT_VALIDITY.as_millis() as i64) * 2 / 3;
+        let mut issued = Vec::with_capacity(due.len());
+        for host in due {
+            let (cert, key) = ca.issue_server_cert(std::slice::from_ref(host), DEFAULT_CERT_VALIDITY)?;
+            issued.push((host.clone(), (cert, key, renew)));
         }
         c.ingress.lock().default_certs.extend(issued);
     }
     let inner = c.ingress.lock();
-    let mut certificates: Vec<Certificate> = hosts
+    Ok(hosts
         .iter()
         .filter_map(|h| inner.default_certs.get(h).map(|(cert, key, _)| (h, cert, key)))
         .map(|(h, cert, key)| Certificate {
@@ -438,9 +418,7 @@ async fn default_certificates(c: &Controller, routed: &[RoutedRow]) -> anyhow::R
             key_pem: key.clone(),
             redirect_http: false,
         })
-        .collect();
-    certificates.dedup_by(|a, b| a.names == b.names);
-    Ok(certificates)
+        .collect())
 }
 
 /// The ingress CA, made and committed by the first leader that needs it.

@@ -65,18 +65,7 @@ pub(super) async fn apply(
             let Ok(sealed) = hex::decode(sealed_hex) else {
                 return Ok(CommandResponse::rejected(Rejection::Invalid, "the sealed secret is not hex"));
             };
-            sqlx::query(
-                "INSERT INTO project_webhook_secrets (project_id, sealed, previous_sealed, previous_until, updated_at) \
-                 VALUES (?1, ?2, NULL, 0, ?4) \
-                 ON CONFLICT (project_id) DO UPDATE SET previous_sealed = sealed, previous_until = ?3, \
-                 sealed = ?2, updated_at = ?4",
-            )
-            .bind(&project_id)
-            .bind(sealed)
-            .bind(previous_until)
-            .bind(at)
-            .execute(&mut **tx)
-            .await?;
+            rotate(tx, "project_webhook_secrets", "project_id", &project_id, sealed, previous_until, at).await?;
             Ok(CommandResponse::Applied)
         }
         Command::SetDeployHook { project_id, service_id, sealed_hex, previous_until, at } => {
@@ -90,18 +79,7 @@ pub(super) async fn apply(
             let Ok(sealed) = hex::decode(sealed_hex) else {
                 return Ok(CommandResponse::rejected(Rejection::Invalid, "the sealed secret is not hex"));
             };
-            sqlx::query(
-                "INSERT INTO service_deploy_hooks (service_id, sealed, previous_sealed, previous_until, updated_at) \
-                 VALUES (?1, ?2, NULL, 0, ?4) \
-                 ON CONFLICT (service_id) DO UPDATE SET previous_sealed = sealed, previous_until = ?3, \
-                 sealed = ?2, updated_at = ?4",
-            )
-            .bind(&service_id)
-            .bind(sealed)
-            .bind(previous_until)
-            .bind(at)
-            .execute(&mut **tx)
-            .await?;
+            rotate(tx, "service_deploy_hooks", "service_id", &service_id, sealed, previous_until, at).await?;
             Ok(CommandResponse::Applied)
         }
         Command::PruneWebhookDeliveries { before } => {
@@ -110,6 +88,26 @@ pub(super) async fn apply(
         }
         other => Ok(CommandResponse::rejected(Rejection::Invalid, format!("not a webhook command: {}", other.kind()))),
     }
+}
+
+/// Stores `owner`'s new sealed secret in `table`; the one it replaces stays valid until
+/// `previous_until`. `table` and `column` are this module's constants, never input.
+async fn rotate(
+    tx: &mut Transaction<'_, Sqlite>,
+    table: &'static str,
+    column: &'static str,
+    owner: &str,
+    sealed: Vec<u8>,
+    previous_until: i64,
+    at: i64,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {table} ({column}, sealed, previous_sealed, previous_until, updated_at) \
+         VALUES (?1, ?2, NULL, 0, ?4) \
+         ON CONFLICT ({column}) DO UPDATE SET previous_sealed = sealed, previous_until = ?3, sealed = ?2, updated_at = ?4"
+    );
+    sqlx::query(&sql).bind(owner).bind(sealed).bind(previous_until).bind(at).execute(&mut **tx).await?;
+    Ok(())
 }
 
 #[cfg(test)]

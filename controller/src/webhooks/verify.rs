@@ -52,6 +52,17 @@ pub fn which_secret(secrets: &[Vec<u8>], body: &[u8], header: &str) -> Option<us
     first
 }
 
+/// The index of the first of `secrets` equal to the token `given`, checking every one whatever the
+/// outcome (as [`which_secret`] does for signatures).
+pub fn which_token(secrets: &[Vec<u8>], given: &[u8]) -> Option<usize> {
+    let mut first = None;
+    for (index, secret) in secrets.iter().enumerate() {
+        let valid = token_valid(secret, given);
+        first = first.or(valid.then_some(index));
+    }
+    first
+}
+
 /// The 32 bytes of a `sha256=<64 hex digits>` header value, or None if it is anything else.
 fn parse_signature(header: &str) -> Option<[u8; 32]> {
     let digits = header.strip_prefix(SHA256_PREFIX)?;
@@ -133,6 +144,15 @@ mod tests {
         assert!(!token_valid(b"s3cret-token", b""));
         assert!(!token_valid(b"", b""), "an unset token must not accept an empty header");
         assert!(!token_valid(b"", b"anything"));
+    }
+
+    #[test]
+    fn which_token_finds_the_first_secret_it_equals() {
+        let secrets = vec![b"old-token".to_vec(), b"new-token".to_vec(), b"new-token".to_vec()];
+        assert_eq!(which_token(&secrets, b"new-token"), Some(1));
+        assert_eq!(which_token(&secrets, b"old-token"), Some(0));
+        assert_eq!(which_token(&secrets, b"other"), None);
+        assert_eq!(which_token(&[], b"new-token"), None);
     }
 
     #[test]
