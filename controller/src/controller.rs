@@ -246,7 +246,10 @@ impl Controller {
         }
         let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
         let count = commands.len();
-        match self.propose_now(Command::Batch { commands }).await {
+        let started = std::time::Instant::now();
+        let result = self.propose_now(Command::Batch { commands }).await;
+        tracing::debug!(writes = count, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+        match result {
             Ok(CommandResponse::Batch { responses }) if responses.len() == count => {
                 for (reply, response) in replies.into_iter().zip(responses) {
                     let _ = reply.send(Ok(response));

@@ -44,7 +44,10 @@ impl RaftRpc for RaftService {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         require_controller(&request)?;
+        let started = std::time::Instant::now();
         let rpc: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> = decode(&request)?;
+        let entries = rpc.entries.len();
+        let decoded_us = started.elapsed().as_micros() as u64;
         // Count the leader as heard on receipt, as openraft does: an append can then wait a
         // while behind a busy log writer without the detector calling the leader dead.
         let current_term = self.raft.metrics().borrow().current_term;
@@ -52,6 +55,12 @@ impl RaftRpc for RaftService {
             self.contact.heard();
         }
         let result = self.raft.append_entries(rpc).await;
+        tracing::debug!(
+            entries,
+            decoded_us,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "append entries served"
+        );
         reply(result)
     }
 

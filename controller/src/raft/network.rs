@@ -142,9 +142,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ControllerNode, RaftError<NodeId>>> {
+        let started = std::time::Instant::now();
         let payload = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if payload.len() <= APPEND_BYTES_MAX || rpc.entries.len() <= 1 {
-            return self.call_raw(Rpc::Append, payload, &option).await;
+            let (entries, bytes, encoded_us) = (rpc.entries.len(), payload.len(), started.elapsed().as_micros() as u64);
+            let result = self.call_raw(Rpc::Append, payload, &option).await;
+            let elapsed_us = started.elapsed().as_micros() as u64;
+            tracing::debug!(peer = self.target, entries, bytes, encoded_us, elapsed_us, "append entries sent");
+            return result;
         }
         // Too large for one message (uploads are replicated in chunks, and a lagging follower
         // gets up to `max_payload_entries` of them at once): send consecutive parts, each

@@ -1,22 +1,29 @@
-//! The Raft log in SQLite, with group commit.
+//! The Raft log in SQLite, written by one thread of its own, with group commit.
 //!
-//! openraft hands each append over and learns of its durability through a callback. A single
-//! writer task takes every pending operation, writes them in one transaction and fsyncs once
+//! openraft hands each append over and learns of its durability through a callback. The writer
+//! thread takes every pending operation, writes them in one transaction and fsyncs once
 //! (`synchronous=FULL`), then fires the callbacks in order: under load many appends share one
 //! fsync. Entries are also kept in a bounded in-memory tail, so replication can read entries
 //! that are still being flushed, and recent reads skip the database.
+//!
+//! The writer calls SQLite directly (rusqlite) rather than through sqlx: an append is then one
+//! hand-over to the writer thread and one callback back, where sqlx's worker thread added a
+//! round trip per statement behind a task of our own. openraft 0.9 waits for every log flush
+//! before it replicates, so these hand-overs sit on the path of every write, on the leader and
+//! on a follower; on a busy two-core machine each one also waits for a core. The schema is still
+//! applied with `sqlx::migrate!`, and the state database stays on sqlx.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, OptionalSend, RaftLogId, RaftLogReader, Vote};
-use sqlx::sqlite::{SqlitePool, SqliteSynchronous};
-use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::OptionalExtension;
+use sqlx::sqlite::SqliteSynchronous;
+use tokio::sync::oneshot;
 
 use super::{open_pool, read_err, write_err};
 use crate::raft::{Entry, LogId, NodeId, StorageError, TypeConfig};
@@ -44,39 +51,80 @@ struct Tail {
 
 #[derive(Clone)]
 pub struct LogStore {
-    pool: SqlitePool,
+    /// Reads (a lagging follower's entries, the vote, the log state at start) on a connection
+    /// of their own, from the blocking pool, so they never wait behind an fsync.
+    reader: Arc<Mutex<rusqlite::Connection>>,
     _checkpointer: Arc<super::Checkpointer>,
-    ops: mpsc::UnboundedSender<Op>,
+    ops: mpsc::Sender<Op>,
     tail: Arc<Mutex<Tail>>,
+}
+
+/// Opens a connection with the settings every connection to the log has.
+fn connect(path: &Path) -> anyhow::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // The same settings as `super::connect_options` gives the sqlx pools: WAL, checkpoints left
+    // to the `Checkpointer`, statement journals in memory; FULL: a commit is fsynced.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        anyhow::bail!("the Raft log could not switch to WAL (it is in {mode} mode)");
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", super::WAL_SIZE_LIMIT)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(conn)
 }
 
 impl LogStore {
     pub async fn open(path: &Path) -> anyhow::Result<LogStore> {
-        let pool = open_pool(path, SqliteSynchronous::Full, 4, Some(&MIGRATOR)).await?;
-        let (ops, rx) = mpsc::unbounded_channel();
+        // The schema: applied once by sqlx's migrator, which keeps its own record of it.
+        open_pool(path, SqliteSynchronous::Full, 1, Some(&MIGRATOR)).await?.close().await;
+        let writer = connect(path)?;
+        let reader = Arc::new(Mutex::new(connect(path)?));
+        let (ops, rx) = mpsc::channel();
         let tail = Arc::new(Mutex::new(Tail::default()));
         // The writer ends when the last LogStore handle (owned by openraft) is dropped.
-        tokio::spawn(writer(pool.clone(), rx, tail.clone()));
-        let checkpointer = Arc::new(super::Checkpointer::start(pool.clone()));
-        Ok(LogStore { pool, _checkpointer: checkpointer, ops, tail })
+        let writer_tail = tail.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_loop(writer, rx, writer_tail))?;
+        let checkpointer = Arc::new(super::Checkpointer::start(path).await?);
+        Ok(LogStore { reader, _checkpointer: checkpointer, ops, tail })
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let row = sqlx::query("SELECT value FROM log_meta WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| read_err(ErrorSubject::Store, e))?;
-        match row {
+    /// Runs `read` on the reading connection, off the async threads.
+    async fn read<T, F>(&self, subject: ErrorSubject<NodeId>, read: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            read(&conn)
+        })
+        .await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(read_err(subject, e)),
+            Err(e) => Err(read_err(subject, MessageError(format!("a log read stopped: {e}")))),
+        }
+    }
+
+    async fn meta<T: serde::de::DeserializeOwned>(&self, key: &'static str) -> Result<Option<T>, StorageError> {
+        let bytes: Option<Vec<u8>> = self
+            .read(ErrorSubject::Store, move |conn| {
+                conn.query_row("SELECT value FROM log_meta WHERE key = ?1", [key], |row| row.get(0)).optional()
+            })
+            .await?;
+        match bytes {
             None => Ok(None),
-            Some(row) => {
-                let bytes: Vec<u8> = row.get(0);
-                serde_json::from_slice(&bytes).map(Some).map_err(|e| read_err(ErrorSubject::Store, e))
-            }
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| read_err(ErrorSubject::Store, e)),
         }
     }
 
@@ -89,9 +137,9 @@ impl LogStore {
     }
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc<Mutex<Tail>>) {
+fn write_loop(mut conn: rusqlite::Connection, rx: mpsc::Receiver<Op>, tail: Arc<Mutex<Tail>>) {
     let mut batch = Vec::new();
-    while let Some(op) = rx.recv().await {
+    while let Ok(op) = rx.recv() {
         batch.push(op);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -99,7 +147,9 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc
                 Err(_) => break,
             }
         }
-        let result = write_batch(&pool, &batch).await.map_err(|e| e.to_string());
+        let started = std::time::Instant::now();
+        let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
+        tracing::debug!(ops = batch.len(), elapsed_us = started.elapsed().as_micros() as u64, "log written");
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the Raft log failed");
         }
@@ -123,75 +173,38 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Op>, tail: Arc
     }
 }
 
-/// Rows per INSERT statement (two bound values each, well under SQLite's limit).
-const ROWS_PER_STATEMENT: usize = 400;
-
-async fn write_batch(pool: &SqlitePool, batch: &[Op]) -> Result<(), sqlx::Error> {
-    // The common case, appends only: one multi-row INSERT is one round trip to SQLite and, in
-    // autocommit, one atomic fsynced commit.
-    let rows: Vec<&(i64, Vec<u8>)> = batch
-        .iter()
-        .filter_map(|op| match op {
-            Op::Append { rows, .. } => Some(rows.iter()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let only_appends = batch.iter().all(|op| matches!(op, Op::Append { .. }));
-    if only_appends && rows.len() <= ROWS_PER_STATEMENT {
-        return insert_rows(pool, &rows).await;
-    }
-    let mut tx = pool.begin().await?;
+/// Writes every operation of `batch` in one transaction; its commit is the one fsync.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[Op]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in batch {
         match op {
             Op::Append { rows, .. } => {
-                let rows: Vec<&(i64, Vec<u8>)> = rows.iter().collect();
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    insert_rows(&mut *tx, chunk).await?;
+                let mut insert = tx.prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)")?;
+                for (index, bytes) in rows {
+                    insert.execute(rusqlite::params![index, bytes])?;
                 }
             }
             Op::Truncate { from, .. } => {
-                sqlx::query("DELETE FROM log WHERE idx >= ?").bind(*from as i64).execute(&mut *tx).await?;
+                tx.prepare_cached("DELETE FROM log WHERE idx >= ?1")?.execute([*from as i64])?;
             }
             Op::Purge { log_id, .. } => {
                 let value = serde_json::to_vec(log_id).unwrap_or_default();
-                set_meta(&mut tx, "last_purged", value).await?;
-                sqlx::query("DELETE FROM log WHERE idx <= ?").bind(log_id.index as i64).execute(&mut *tx).await?;
+                set_meta(&tx, "last_purged", &value)?;
+                tx.prepare_cached("DELETE FROM log WHERE idx <= ?1")?.execute([log_id.index as i64])?;
             }
-            Op::SaveVote { vote, .. } => set_meta(&mut tx, "vote", vote.clone()).await?,
+            Op::SaveVote { vote, .. } => set_meta(&tx, "vote", vote)?,
         }
     }
-    // synchronous=FULL: the commit returns once the WAL is fsynced.
-    tx.commit().await
+    // synchronous=FULL: the commit returns once the WAL is fsynced. A failed batch rolls back
+    // when `tx` is dropped.
+    tx.commit()
 }
 
-async fn insert_rows<'e, E>(executor: E, rows: &[&(i64, Vec<u8>)]) -> Result<(), sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut sql = String::from("INSERT OR REPLACE INTO log (idx, entry) VALUES (?, ?)");
-    for _ in 1..rows.len() {
-        sql.push_str(", (?, ?)");
-    }
-    let mut query = sqlx::query(&sql);
-    for (index, bytes) in rows {
-        query = query.bind(*index).bind(bytes.as_slice());
-    }
-    query.execute(executor).await?;
-    Ok(())
-}
-
-async fn set_meta(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &str, value: Vec<u8>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO log_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-    )
-    .bind(key)
-    .bind(value)
-    .execute(&mut **tx)
-    .await?;
+fn set_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO log_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(rusqlite::params![key, value])?;
     Ok(())
 }
 
@@ -208,6 +221,10 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     };
     // SQLite integers are signed; log indexes never come near i64::MAX.
     (start.min(i64::MAX as u64), end.min(i64::MAX as u64))
+}
+
+fn decode(bytes: &[u8]) -> Result<Entry, StorageError> {
+    serde_json::from_slice::<Entry>(bytes).map_err(|e| read_err(ErrorSubject::Logs, e))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -232,19 +249,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(from_tail);
         }
         let db_end = end.min(tail_first);
-        let rows = sqlx::query("SELECT entry FROM log WHERE idx >= ? AND idx < ? ORDER BY idx")
-            .bind(start as i64)
-            .bind(db_end as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| read_err(ErrorSubject::Logs, e))?;
-        let mut entries = rows
-            .iter()
-            .map(|row| {
-                let bytes: &[u8] = row.get(0);
-                serde_json::from_slice::<Entry>(bytes).map_err(|e| read_err(ErrorSubject::Logs, e))
+        let rows: Vec<Vec<u8>> = self
+            .read(ErrorSubject::Logs, move |conn| {
+                let mut select =
+                    conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+                let rows = select.query_map([start as i64, db_end as i64], |row| row.get(0))?;
+                rows.collect()
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .await?;
+        let mut entries = rows.iter().map(|bytes| decode(bytes)).collect::<Result<Vec<_>, _>>()?;
         entries.extend(from_tail);
         Ok(entries)
     }
@@ -258,16 +271,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(last) = self.tail().entries.values().next_back() {
             return Ok(LogState { last_purged_log_id: last_purged, last_log_id: Some(*last.get_log_id()) });
         }
-        let row = sqlx::query("SELECT entry FROM log ORDER BY idx DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| read_err(ErrorSubject::Logs, e))?;
-        let last = match row {
-            Some(row) => {
-                let bytes: &[u8] = row.get(0);
-                let entry: Entry = serde_json::from_slice(bytes).map_err(|e| read_err(ErrorSubject::Logs, e))?;
-                Some(*entry.get_log_id())
-            }
+        let newest: Option<Vec<u8>> = self
+            .read(ErrorSubject::Logs, |conn| {
+                conn.query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |row| row.get(0)).optional()
+            })
+            .await?;
+        let last = match newest {
+            Some(bytes) => Some(*decode(&bytes)?.get_log_id()),
             None => last_purged,
         };
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })

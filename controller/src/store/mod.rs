@@ -19,6 +19,28 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use crate::raft::StorageError;
 
+/// Connection settings of every database of a node: WAL, the given durability, checkpoints left
+/// to the [`Checkpointer`].
+fn connect_options(path: &Path, synchronous: SqliteSynchronous) -> Result<SqliteConnectOptions, sqlx::Error> {
+    Ok(SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(10))
+        // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
+        .pragma("wal_autocheckpoint", "0")
+        // When the WAL starts over from its beginning, a file that grew past this is cut back.
+        .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
+        // Statement journals (a multi-row INSERT inside a transaction keeps one, to undo just
+        // that statement) stay in memory instead of temporary files created and deleted on
+        // every such statement.
+        .pragma("temp_store", "memory")
+        // Pages kept per connection, in KiB (SQLite's default is 2 MiB): an apply touches the
+        // recent end of every index, and the API reads the same hot pages.
+        .pragma("cache_size", "-16384")
+        .foreign_keys(true))
+}
+
 /// Opens (creating if needed) a WAL-mode SQLite database and applies `migrator` first, on a
 /// single connection, so that no two connections race to switch a new file to WAL.
 pub(crate) async fn open_pool(
@@ -27,14 +49,7 @@ pub(crate) async fn open_pool(
     max_connections: u32,
     migrator: Option<&sqlx::migrate::Migrator>,
 ) -> Result<SqlitePool, sqlx::Error> {
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(synchronous)
-        .busy_timeout(Duration::from_secs(10))
-        // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
-        .pragma("wal_autocheckpoint", "0")
-        .foreign_keys(true);
+    let options = connect_options(path, synchronous)?;
     let first = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
     if let Some(m) = migrator {
         m.run(&first).await?;
@@ -51,26 +66,42 @@ pub(crate) async fn open_pool(
 
 /// Copies the WAL back into the database file every `CHECKPOINT_EVERY`, off the commit path,
 /// until dropped.
+///
+/// A PASSIVE checkpoint never waits for anyone, but under a constant write load it never finds
+/// the WAL fully copied with no reader on it, so the WAL is never started over and grows. Once
+/// it passes `WAL_RESTART_FRAMES`, a RESTART checkpoint makes it start over. That one holds the
+/// write lock while it copies and waits for readers, so it runs on a connection of its own whose
+/// busy timeout is a few milliseconds: if readers or the writer are busy for longer it gives up
+/// (SQLite then finishes it as a PASSIVE one) and tries again at the next tick. A commit (and
+/// with it the Raft core, which waits for each log flush) is never held up for long, which a
+/// checkpoint waiting on SQLite's busy handler with a 10 s timeout once did for 1.5 s, long
+/// enough for followers to call an election.
 pub(crate) struct Checkpointer(tokio::task::AbortHandle);
 
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-/// WAL size (in 4 KiB pages) above which the checkpointer empties it: 16 MiB.
-const WAL_TRUNCATE_FRAMES: i64 = 4096;
+/// WAL size (in 4 KiB pages) above which the checkpointer makes it start over: 4 MiB.
+const WAL_RESTART_FRAMES: i64 = 1024;
+/// Bytes the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+/// Longest a RESTART checkpoint waits for the writer or readers before it gives up.
+const RESTART_PATIENCE: Duration = Duration::from_millis(5);
 
 impl Checkpointer {
-    pub(crate) fn start(pool: SqlitePool) -> Checkpointer {
+    pub(crate) async fn start(path: &Path) -> Result<Checkpointer, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        // `synchronous` only matters to commits; the checkpoint itself always syncs the file.
+        let mut conn =
+            connect_options(path, SqliteSynchronous::Normal)?.busy_timeout(RESTART_PATIENCE).connect().await?;
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                // PASSIVE never waits, but under constant writes it cannot reset the WAL; once
-                // the WAL is large, TRUNCATE waits briefly for writers and empties it.
                 let frames: Result<(i64, i64, i64), sqlx::Error> =
-                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&pool).await;
+                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut conn).await;
                 let result = match frames {
-                    Ok((_, log_frames, _)) if log_frames > WAL_TRUNCATE_FRAMES => {
-                        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await.map(|_| ())
+                    Ok((_, log_frames, _)) if log_frames > WAL_RESTART_FRAMES => {
+                        sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut conn).await.map(|_| ())
                     }
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),
@@ -80,7 +111,7 @@ impl Checkpointer {
                 }
             }
         });
-        Checkpointer(task.abort_handle())
+        Ok(Checkpointer(task.abort_handle()))
     }
 }
 

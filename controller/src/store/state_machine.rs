@@ -72,7 +72,7 @@ impl StateMachine {
         let reader = open_pool(&db, SqliteSynchronous::Normal, 8, None).await?;
         let (applied, _) = watch::channel(0);
         let mut sm = StateMachine {
-            _checkpointer: super::Checkpointer::start(reader.clone()),
+            _checkpointer: super::Checkpointer::start(&db).await?,
             writer,
             reader,
             files: Arc::new(SnapshotFiles { dir: snapshot_dir.clone(), publish_lock: tokio::sync::Mutex::new(()) }),
@@ -212,6 +212,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let err = |e: sqlx::Error| write_err(ErrorSubject::StateMachine, e);
+        let started = std::time::Instant::now();
         let mut tx = self.writer.begin().await.map_err(err)?;
         let mut responses = Vec::new();
         let mut last = None;
@@ -257,6 +258,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         tx.commit().await.map_err(err)?;
+        tracing::debug!(
+            upto = last.index,
+            entries = responses.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "applied"
+        );
         if tokens_changed {
             self.tokens_changed();
         }
