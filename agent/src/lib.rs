@@ -128,8 +128,14 @@ pub async fn run(
     };
     let storage = config.storage.clone().unwrap_or_else(|| config.data_dir.clone());
     let (stop_ingress, ingress_stopped) = tokio::sync::watch::channel(false);
-    let ingress =
-        routing::Ingress::start(&config.ingress, docker.clone(), credentials.agent_id.clone(), ingress_stopped).await?;
+    let ingress = routing::Ingress::start(
+        &config.ingress,
+        docker.clone(),
+        credentials.agent_id.clone(),
+        &paths.dir,
+        ingress_stopped,
+    )
+    .await?;
     let tasks = tasks::Tasks::new(tasks::TaskContext {
         docker: docker.clone(),
         agent_id: credentials.agent_id.clone(),

@@ -6,10 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use deployer_proto::agent::UpdateRoutes;
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -21,6 +23,9 @@ use crate::runtime::{self, LocalBackend};
 const ROUTES_WAIT: Duration = Duration::from_secs(10);
 /// How often draining looks at the requests in flight.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// The last table from a leader, in the data dir, served again after a restart until a leader
+/// sends its own. It holds certificate keys: mode 0600.
+const SAVED_TABLE: &str = "ingress-routes.pb";
 
 /// Where the ingress listens.
 #[derive(Clone, Debug)]
@@ -66,6 +71,8 @@ pub struct Ingress {
     applied: Mutex<Applied>,
     /// Bumped every time a table is applied.
     changed: watch::Sender<u64>,
+    /// Where the last table is kept, and the version kept there (writes never go backwards).
+    saved: tokio::sync::Mutex<(PathBuf, u64)>,
 }
 
 #[derive(Default)]
@@ -77,10 +84,14 @@ struct Applied {
 impl Ingress {
     /// Binds the listeners (a port that cannot be bound is an error that names it) and starts
     /// serving on threads of their own. Serving stops with `shutdown`.
+    ///
+    /// The table saved by the last run in `data_dir` is applied at once, so the services this
+    /// agent routes answer even while no controller can be reached (see [`Ingress::restore`]).
     pub async fn start(
         config: &IngressConfig,
         docker: Docker,
         agent_id: String,
+        data_dir: &Path,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Option<Arc<Ingress>>, crate::AgentError> {
         let Some(http_addr) = config.http else { return Ok(None) };
@@ -132,7 +143,7 @@ impl Ingress {
             });
         }
         tracing::info!(http = http_port, https = https_port, "ingress listening");
-        Ok(Some(Arc::new(Ingress {
+        let ingress = Arc::new(Ingress {
             proxy,
             docker,
             agent_id,
@@ -142,7 +153,59 @@ impl Ingress {
             drain_grace: config.drain_grace,
             applied: Mutex::new(Applied::default()),
             changed: watch::channel(0).0,
-        })))
+            saved: tokio::sync::Mutex::new((data_dir.join(SAVED_TABLE), 0)),
+        });
+        ingress.restore().await;
+        Ok(Some(ingress))
+    }
+
+    /// Applies the table saved by the last run, as version 0 so that the first one a leader
+    /// sends replaces it. Until then this agent routes what it routed when it stopped, to the
+    /// instances that run here now: a host rebooted while the controllers are unreachable
+    /// serves its services again as soon as Docker has restarted their containers (and the
+    /// controllers' view replaces a stale table the moment a session is up).
+    async fn restore(&self) {
+        let path = self.saved.lock().await.0.clone();
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the saved route table; starting with none");
+                return;
+            }
+        };
+        let mut update = match UpdateRoutes::decode(bytes.as_slice()) {
+            Ok(update) => update,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "the saved route table does not decode; starting with none");
+                return;
+            }
+        };
+        update.version = 0;
+        let routes = update.routes.len();
+        for problem in self.apply(update).await {
+            tracing::warn!(%problem, "ingress (saved table)");
+        }
+        tracing::info!(routes, "serving the route table saved by the last run until a leader sends its own");
+    }
+
+    /// Keeps the table in force in the data dir (atomically, 0600), unless it is the saved one
+    /// or older than what is there. Called once a table is in force and acknowledged, so the
+    /// write never delays a switch of routes.
+    pub async fn keep(&self) {
+        let mut saved = self.saved.lock().await;
+        let Some(update) = self.lock().update.clone() else { return };
+        if update.version == 0 || update.version <= saved.1 {
+            return;
+        }
+        let (path, bytes) = (saved.0.clone(), update.encode_to_vec());
+        let written =
+            tokio::task::spawn_blocking(move || deployer_common::files::write_atomic(&path, &bytes, true)).await;
+        match written {
+            Ok(Ok(())) => saved.1 = update.version,
+            Ok(Err(e)) => tracing::warn!(file = %saved.0.display(), error = %e, "cannot save the route table"),
+            Err(e) => tracing::warn!(error = %e, "saving the route table stopped"),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Applied> {

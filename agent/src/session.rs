@@ -392,6 +392,7 @@ impl Session {
             }
             let error = problems.join("; ");
             tasks.send(AgentMessage { body: Some(AgentBody::RoutesApplied(RoutesApplied { version, error })) });
+            ingress.keep().await;
         });
     }
 

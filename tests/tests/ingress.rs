@@ -203,6 +203,61 @@ async fn hosts_reach_their_service_through_every_agent_over_http_and_https() {
     assert!(body.to_string().contains(&format!("web-{other}-x")), "the error names the host: {body}");
 }
 
+#[tokio::test]
+async fn an_agent_restarted_while_no_controller_is_up_serves_its_routes_again() {
+    let mut setup = Setup::start(1, 1, &[]).await;
+    let (web, _) = web_service(&setup, &setup.project_id, "web", "still here\n", json!({})).await;
+    deploy(&setup, &setup.project_id, &web).await;
+    let (http, _) = ingresses(&setup).await.remove(0);
+    let host = format!("web-{}.localhost", setup.project);
+    assert_eq!(get(&host, port_of(&http)).await, (200, "still here\n".to_string()));
+    // The table holds certificate keys: only the agent's user may read it.
+    let saved = setup.agents[0].dir.join("ingress-routes.pb");
+    let mode = wait_for("the route table to be saved", Duration::from_secs(10), || {
+        let mode = std::fs::metadata(&saved).ok().map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        async move { mode }
+    })
+    .await
+    .unwrap();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The control plane goes away, then the agent restarts (a reboot of the host, say). Its
+    // container keeps running; the agent finds no controller to ask for routes.
+    let controller = setup.cluster.nodes[0].grpc_addr();
+    setup.cluster.nodes[0].kill9();
+    setup.agents[0].kill9();
+    setup.agents[0]
+        .start(&[
+            "--controller".into(),
+            format!("https://{controller}"),
+            "--hostname".into(),
+            "agent0".into(),
+            "--allow-local-git".into(),
+            "--ingress-http".into(),
+            http.clone(),
+        ])
+        .unwrap();
+    let answer = wait_for("the restarted agent to serve the saved route", Duration::from_secs(30), || {
+        let host = host.clone();
+        let port = port_of(&http);
+        async move {
+            let client = reqwest::Client::builder()
+                .resolve(&host, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .timeout(Duration::from_secs(2))
+                .build()
+                .ok()?;
+            let response = client.get(format!("http://{host}:{port}/")).send().await.ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.text().await.ok()?))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer, (200, "still here\n".to_string()), "{}", setup.diagnostics());
+    let (status, body) = get(&format!("nothing-{}.localhost", setup.project), port_of(&http)).await;
+    assert_eq!(status, 404, "an unknown host is still unknown: {body}");
+}
+
 /// Sends requests without pause until stopped; counts what a user would notice.
 #[derive(Default)]
 struct Traffic {

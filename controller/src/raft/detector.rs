@@ -6,7 +6,8 @@
 //! jitter, the detector starts the election itself. Other voters still refuse to vote while their
 //! own lease runs, so this never elects earlier than Raft allows; it only removes the slack.
 //! A node that has not heard from any leader since it started is left to openraft's timer, so a
-//! restarting node does not disrupt a healthy leader.
+//! restarting node does not disrupt a healthy leader. Granting a vote restarts the count, as in
+//! Raft, so the new leader has a lease to send its first heartbeat.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -63,8 +64,23 @@ pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitte
     let mut attempts: u32 = 0;
     let mut last_attempt: Option<Instant> = None;
     let mut last_heard = contact.silence();
+    let mut last_vote = raft.metrics().borrow().vote;
     loop {
         tick.tick().await;
+        // Granting a vote counts as hearing from a leader (Raft's rule for the election timer):
+        // the candidate that won gets a whole lease to send its first heartbeat. Without this
+        // the other follower, whose timer still ran from the old leader, often stood a moment
+        // after the winner was elected and deposed it, and a failover took a second, not 300 ms.
+        {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.vote != last_vote {
+                if metrics.vote > last_vote && metrics.vote.leader_id().voted_for() != Some(metrics.id) {
+                    contact.heard();
+                }
+                last_vote = metrics.vote;
+            }
+        }
         if held_back && (contact.silence().is_some() || started.elapsed() > grace) {
             raft.runtime_config().elect(true);
             held_back = false;

@@ -60,8 +60,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// Largest append-entries message sent in one piece (the receiver accepts 64 MiB).
-const APPEND_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most bytes of entries in one append RPC (a single larger entry goes alone; the receiver
+/// accepts 64 MiB). openraft gives every append the heartbeat interval (50 ms) to complete: a
+/// lagging or restarted follower offered `max_payload_entries` at once, megabytes under load,
+/// timed out on every try and could only catch up through a snapshot.
+const APPEND_BYTES_PER_RPC: usize = 512 * 1024;
+/// Offers of more entries than this are probed first (see `append_entries`); steady replication
+/// sends a few at a time and is never probed.
+const PROBE_ABOVE_ENTRIES: usize = 64;
+/// How far from the end of a large offer the probes ask, in turn.
+const PROBE_BACK: [usize; 4] = [1, 8, 64, 512];
 
 pub struct PeerClient {
     target: NodeId,
@@ -137,52 +145,80 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         openraft::network::Backoff::new(std::iter::repeat(std::time::Duration::from_millis(50)))
     }
 
+    /// Sends the entries in one message of at most [`APPEND_BYTES_PER_RPC`] (or the first entry
+    /// alone, if it is larger): when openraft offers more, only a prefix goes and the answer is
+    /// `PartialSuccess` up to its last entry, so openraft sends the rest in the next round.
+    ///
+    /// A new leader does not know where a follower's log ends: openraft offers it thousands of
+    /// entries from far back, most of which the follower already has. A large offer is probed
+    /// first, from its end backwards (does the follower have the last entry, the 8th from last,
+    /// the 64th, ...?); by Raft's log matching, a follower that has one has every entry before
+    /// it, so only what follows is sent.
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ControllerNode, RaftError<NodeId>>> {
         let started = std::time::Instant::now();
-        let payload = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if payload.len() <= APPEND_BYTES_MAX || rpc.entries.len() <= 1 {
-            let (entries, bytes, encoded_us) = (rpc.entries.len(), payload.len(), started.elapsed().as_micros() as u64);
-            let result = self.call_raw(Rpc::Append, payload, &option).await;
-            let elapsed_us = started.elapsed().as_micros() as u64;
-            tracing::debug!(peer = self.target, entries, bytes, encoded_us, elapsed_us, "append entries sent");
-            return result;
-        }
-        // Too large for one message (uploads are replicated in chunks, and a lagging follower
-        // gets up to `max_payload_entries` of them at once): send consecutive parts, each
-        // starting where the previous one ended. A follower caps what it commits at what it
-        // has accepted, so every part may carry the leader's commit index.
-        let AppendEntriesRequest { vote, prev_log_id, leader_commit, entries } = rpc;
-        let sizes: Vec<usize> = entries.iter().map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0)).collect();
-        let mut prev = prev_log_id;
-        let mut part = Vec::new();
-        let mut part_bytes = 0usize;
-        let mut entries = entries.into_iter().enumerate().peekable();
-        while let Some((i, entry)) = entries.next() {
-            part_bytes += sizes[i];
-            part.push(entry);
-            let full = entries.peek().is_none_or(|(next, _)| part_bytes + sizes[*next] > APPEND_BYTES_MAX);
-            if !full {
-                continue;
+        let AppendEntriesRequest { vote, mut prev_log_id, leader_commit, mut entries } = rpc;
+        let offered = entries.len();
+        if offered > PROBE_ABOVE_ENTRIES {
+            for back in PROBE_BACK {
+                let Some(at) = offered.checked_sub(back) else { break };
+                let probe = AppendEntriesRequest::<TypeConfig> {
+                    vote,
+                    prev_log_id: Some(entries[at].log_id),
+                    leader_commit,
+                    entries: Vec::new(),
+                };
+                match self.call(Rpc::Append, &probe, &option).await? {
+                    AppendEntriesResponse::Conflict => continue,
+                    AppendEntriesResponse::Success if at + 1 == offered => return Ok(AppendEntriesResponse::Success),
+                    AppendEntriesResponse::Success => {
+                        prev_log_id = Some(entries[at].log_id);
+                        entries.drain(..=at);
+                        break;
+                    }
+                    answer => return Ok(answer),
+                }
             }
-            let last = part.last().map(|e| e.log_id);
-            let request = AppendEntriesRequest::<TypeConfig> {
-                vote,
-                prev_log_id: prev,
-                leader_commit,
-                entries: std::mem::take(&mut part),
-            };
-            part_bytes = 0;
-            let response: AppendEntriesResponse<NodeId> = self.call(Rpc::Append, &request, &option).await?;
-            if !response.is_success() || entries.peek().is_none() {
-                return Ok(response);
-            }
-            prev = last;
         }
-        Ok(AppendEntriesResponse::Success)
+        let encode = |r: &AppendEntriesRequest<TypeConfig>| {
+            serde_json::to_vec(r).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        };
+        let mut request = AppendEntriesRequest::<TypeConfig> { vote, prev_log_id, leader_commit, entries };
+        let mut payload = encode(&request)?;
+        let mut partial = None;
+        if payload.len() > APPEND_BYTES_PER_RPC && request.entries.len() > 1 {
+            let mut bytes = 0;
+            let mut keep = 0;
+            for entry in &request.entries {
+                bytes += serde_json::to_vec(entry).map(|b| b.len()).unwrap_or(0);
+                if keep > 0 && bytes > APPEND_BYTES_PER_RPC {
+                    break;
+                }
+                keep += 1;
+            }
+            request.entries.truncate(keep);
+            partial = request.entries.last().map(|e| e.log_id);
+            // A follower commits no further than what it has accepted, so the prefix may carry
+            // the leader's commit index.
+            payload = encode(&request)?;
+        }
+        let bytes = payload.len();
+        let result = self.call_raw(Rpc::Append, payload, &option).await;
+        tracing::debug!(
+            peer = self.target,
+            offered,
+            sent = request.entries.len(),
+            bytes,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "append entries sent"
+        );
+        match (result, partial) {
+            (Ok(AppendEntriesResponse::Success), Some(upto)) => Ok(AppendEntriesResponse::PartialSuccess(Some(upto))),
+            (result, _) => result,
+        }
     }
 
     async fn install_snapshot(
