@@ -519,7 +519,10 @@ impl Tasks {
         };
         let port = u16::try_from(run.port)
             .map_err(|_| Failure { message: format!("port {} is out of range", run.port), retryable: false })?;
-        let short_id: String = run.deployment_id.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
+        // The id's last characters: ids are UUIDv7, whose leading ones are the time, the same for
+        // every deployment made within a minute.
+        let alnum: Vec<char> = run.deployment_id.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        let short_id: String = alnum[alnum.len().saturating_sub(12)..].iter().collect();
         let mut instances = Vec::new();
         for replica in 0..run.replicas.max(1) {
             let name = format!("deployer-{}-{}-{short_id}-{replica}", run.service_name, run.project_name);

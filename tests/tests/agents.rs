@@ -380,7 +380,7 @@ async fn managed_containers_report_their_usage_and_others_are_left_alone() {
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
 
-    let name = format!("deployer-test-{}", &id[..8]);
+    let name = format!("deployer-test-{}", &id[id.len() - 12..]);
     let foreign = format!("{name}-foreign");
     let run = |name: &str, labels: &[String]| {
         let mut cmd = Command::new("docker");

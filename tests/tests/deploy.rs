@@ -476,10 +476,6 @@ async fn the_queue_runs_in_order_within_its_limit_and_one_release_per_service_at
     let services = [setup.slow_service("first", 3).await, setup.slow_service("second", 3).await];
     let a = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
     let b = setup.deploy(&services[1], json!({})).await["id"].as_str().unwrap().to_string();
-    // Two more of the first service: the newer replaces the older while both wait.
-    let a2 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
-    let a3 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
-    assert_eq!(setup.deployment(&a2).await.unwrap()["status"], "superseded");
     // While the first builds, the other waits: the limit is one at a time.
     wait_for("the first deployment to build", Duration::from_secs(30), || async {
         (setup.deployment(&a).await?["status"] == "building").then_some(())
@@ -487,6 +483,11 @@ async fn the_queue_runs_in_order_within_its_limit_and_one_release_per_service_at
     .await
     .unwrap();
     assert_eq!(setup.deployment(&b).await.unwrap()["status"], "queued");
+    // Two more of the first service (asked for once the first is under way, or they would
+    // replace it while it waits too): the newer replaces the older while both wait.
+    let a2 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
+    let a3 = setup.deploy(&services[0], json!({})).await["id"].as_str().unwrap().to_string();
+    assert_eq!(setup.deployment(&a2).await.unwrap()["status"], "superseded");
     let done_a = setup.finished(&a).await;
     let done_b = setup.finished(&b).await;
     let done_a3 = setup.finished(&a3).await;
