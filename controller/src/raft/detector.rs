@@ -69,8 +69,9 @@ pub async fn run(raft: Raft, contact: Arc<LeaderContact>, lease: Duration, jitte
         tick.tick().await;
         // Granting a vote counts as hearing from a leader (Raft's rule for the election timer):
         // the candidate that won gets a whole lease to send its first heartbeat. Without this
-        // the other follower, whose timer still ran from the old leader, often stood a moment
-        // after the winner was elected and deposed it, and a failover took a second, not 300 ms.
+        // the other follower, whose timer still ran from the old leader, could stand a moment
+        // after the winner was elected and depose it, and the failover waited for a second
+        // election.
         {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();

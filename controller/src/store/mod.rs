@@ -73,9 +73,9 @@ pub(crate) async fn open_pool(
 /// write lock while it copies and waits for readers, so it runs on a connection of its own whose
 /// busy timeout is a few milliseconds: if readers or the writer are busy for longer it gives up
 /// (SQLite then finishes it as a PASSIVE one) and tries again at the next tick. A commit (and
-/// with it the Raft core, which waits for each log flush) is never held up for long, which a
-/// checkpoint waiting on SQLite's busy handler with a 10 s timeout once did for 1.5 s, long
-/// enough for followers to call an election.
+/// with it the Raft core, which waits for each log flush) is never held up for long; a
+/// checkpoint that waits on SQLite's busy handler with a 10 s timeout could hold it long enough
+/// for followers to call an election.
 pub(crate) struct Checkpointer(tokio::task::AbortHandle);
 
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
