@@ -71,8 +71,10 @@ pub struct Ingress {
     applied: Mutex<Applied>,
     /// Bumped every time a table is applied.
     changed: watch::Sender<u64>,
-    /// Where the last table is kept, and the version kept there (writes never go backwards).
-    saved: tokio::sync::Mutex<(PathBuf, u64)>,
+    /// Where the last table is kept.
+    saved_path: PathBuf,
+    /// The version kept there (writes never go backwards); held while one is written.
+    saved_version: tokio::sync::Mutex<u64>,
 }
 
 #[derive(Default)]
@@ -153,7 +155,8 @@ impl Ingress {
             drain_grace: config.drain_grace,
             applied: Mutex::new(Applied::default()),
             changed: watch::channel(0).0,
-            saved: tokio::sync::Mutex::new((data_dir.join(SAVED_TABLE), 0)),
+            saved_path: data_dir.join(SAVED_TABLE),
+            saved_version: tokio::sync::Mutex::new(0),
         });
         ingress.restore().await;
         Ok(Some(ingress))
@@ -165,8 +168,8 @@ impl Ingress {
     /// serves its services again as soon as Docker has restarted their containers (and the
     /// controllers' view replaces a stale table the moment a session is up).
     async fn restore(&self) {
-        let path = self.saved.lock().await.0.clone();
-        let bytes = match tokio::fs::read(&path).await {
+        let path = &self.saved_path;
+        let bytes = match tokio::fs::read(path).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
             Err(e) => {
@@ -193,17 +196,17 @@ impl Ingress {
     /// or older than what is there. Called once a table is in force and acknowledged, so the
     /// write never delays a switch of routes.
     pub async fn keep(&self) {
-        let mut saved = self.saved.lock().await;
+        let mut saved = self.saved_version.lock().await;
         let Some(update) = self.lock().update.clone() else { return };
-        if update.version == 0 || update.version <= saved.1 {
+        if update.version == 0 || update.version <= *saved {
             return;
         }
-        let (path, bytes) = (saved.0.clone(), update.encode_to_vec());
+        let (path, bytes) = (self.saved_path.clone(), update.encode_to_vec());
         let written =
             tokio::task::spawn_blocking(move || deployer_common::files::write_atomic(&path, &bytes, true)).await;
         match written {
-            Ok(Ok(())) => saved.1 = update.version,
-            Ok(Err(e)) => tracing::warn!(file = %saved.0.display(), error = %e, "cannot save the route table"),
+            Ok(Ok(())) => *saved = update.version,
+            Ok(Err(e)) => tracing::warn!(file = %self.saved_path.display(), error = %e, "cannot save the route table"),
             Err(e) => tracing::warn!(error = %e, "saving the route table stopped"),
         }
     }

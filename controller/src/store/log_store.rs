@@ -63,16 +63,15 @@ pub struct LogStore {
 fn connect(path: &Path) -> anyhow::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // The same settings as `super::connect_options` gives the sqlx pools: WAL, checkpoints left
-    // to the `Checkpointer`, statement journals in memory; FULL: a commit is fsynced.
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         anyhow::bail!("the Raft log could not switch to WAL (it is in {mode} mode)");
     }
+    // FULL: a commit returns once it is fsynced.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "journal_size_limit", super::WAL_SIZE_LIMIT)?;
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    for (name, value) in super::SHARED_PRAGMAS {
+        conn.pragma_update(None, name, value)?;
+    }
     Ok(conn)
 }
 

@@ -22,24 +22,29 @@ use crate::raft::StorageError;
 /// Connection settings of every database of a node: WAL, the given durability, checkpoints left
 /// to the [`Checkpointer`].
 fn connect_options(path: &Path, synchronous: SqliteSynchronous) -> Result<SqliteConnectOptions, sqlx::Error> {
-    Ok(SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
-        .busy_timeout(Duration::from_secs(10))
-        // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
-        .pragma("wal_autocheckpoint", "0")
-        // When the WAL starts over from its beginning, a file that grew past this is cut back.
-        .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
-        // Statement journals (a multi-row INSERT inside a transaction keeps one, to undo just
-        // that statement) stay in memory instead of temporary files created and deleted on
-        // every such statement.
-        .pragma("temp_store", "memory")
+        .busy_timeout(Duration::from_secs(10));
+    let options = SHARED_PRAGMAS.iter().fold(options, |o, (name, value)| o.pragma(*name, *value));
+    Ok(options
         // Pages kept per connection, in KiB (SQLite's default is 2 MiB): an apply touches the
         // recent end of every index, and the API reads the same hot pages.
         .pragma("cache_size", "-16384")
         .foreign_keys(true))
 }
+
+/// Settings every connection of a node has, sqlx's and the Raft log writer's (rusqlite) alike.
+pub(crate) const SHARED_PRAGMAS: [(&str, &str); 3] = [
+    // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
+    ("wal_autocheckpoint", "0"),
+    // When the WAL starts over from its beginning, a file that grew past 16 MiB is cut back.
+    ("journal_size_limit", "16777216"),
+    // Statement journals (a multi-row INSERT inside a transaction keeps one, to undo just that
+    // statement) stay in memory instead of temporary files created and deleted every time.
+    ("temp_store", "memory"),
+];
 
 /// Opens (creating if needed) a WAL-mode SQLite database and applies `migrator` first, on a
 /// single connection, so that no two connections race to switch a new file to WAL.
@@ -81,8 +86,6 @@ pub(crate) struct Checkpointer(tokio::task::AbortHandle);
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// WAL size (in 4 KiB pages) above which the checkpointer makes it start over: 4 MiB.
 const WAL_RESTART_FRAMES: i64 = 1024;
-/// Bytes the WAL file is cut back to when it starts over.
-const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 /// Longest a RESTART checkpoint waits for the writer or readers before it gives up.
 const RESTART_PATIENCE: Duration = Duration::from_millis(5);
 
