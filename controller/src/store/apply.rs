@@ -2,6 +2,7 @@
 
 use sqlx::{Sqlite, Transaction};
 
+use super::apply_previews::HostOwner;
 use super::state_machine::StateEvent;
 use crate::command::{AuditEntry, Command, CommandResponse, Rejection};
 
@@ -556,7 +557,8 @@ async fn check_service(
             format!("a service named \"{}\" already exists in this project", s.name),
         )));
     }
-    // Host names are `<service>-<project>`: `a-b` in `c` and `a` in `b-c` would share one.
+    // Host names are `<service>-<project>`: `a-b` in `c` and `a` in `b-c` would share one. The
+    // service's previews get hosts too, `<service>-<project>-<preview>`, for each live preview.
     let project_name: Option<String> = sqlx::query_scalar("SELECT name FROM projects WHERE id = ?")
         .bind(&s.project_id)
         .fetch_optional(&mut **tx)
@@ -567,23 +569,17 @@ async fn check_service(
             format!("no project with id {}", s.project_id),
         )));
     };
-    let label = crate::ingress::default_label(&s.name, &project_name);
-    let others: Vec<(String, String)> = sqlx::query_as(
-        "SELECT s.name, p.name FROM services s JOIN projects p ON p.id = s.project_id \
-         WHERE s.id != ? AND length(s.name) + 1 + length(p.name) = ?",
-    )
-    .bind(&s.id)
-    .bind(format!("{}-{project_name}", s.name).len() as i64)
-    .fetch_all(&mut **tx)
-    .await?;
-    if let Some((service, project)) = others.iter().find(|(svc, prj)| crate::ingress::default_label(svc, prj) == label)
-    {
+    let previews: Vec<String> =
+        sqlx::query_scalar("SELECT key FROM previews WHERE project_id = ? AND status != 'destroyed'")
+            .bind(&s.project_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut hosts = vec![format!("{}-{project_name}", s.name)];
+    hosts.extend(previews.iter().map(|key| format!("{}-{project_name}-{key}", s.name)));
+    if let Some(taken) = super::apply_previews::host_taken(tx, &hosts, HostOwner::Service(&s.id)).await? {
         return Ok(Some(CommandResponse::rejected(
             Rejection::Conflict,
-            format!(
-                "the host name {label}.<base domain> is taken by service \"{service}\" of project \"{project}\"; \
-                 choose another service name"
-            ),
+            format!("{taken}; choose another service name"),
         )));
     }
     for domain in &s.domains {

@@ -58,6 +58,22 @@ pub(super) async fn apply(
                         format!("preview {key} is still being torn down; try again in a moment"),
                     ));
                 }
+                // Each of the project's services gets a host `<service>-<project>-<key>`, which a
+                // service of another project (`web` in `shop-pr-1`) may already have.
+                let hosts: Vec<String> = sqlx::query_scalar(
+                    "SELECT s.name || '-' || p.name || '-' || ?1 FROM services s JOIN projects p ON p.id = s.project_id \
+                     WHERE s.project_id = ?2",
+                )
+                .bind(&key)
+                .bind(&project_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                if let Some(taken) = host_taken(tx, &hosts, HostOwner::Preview).await? {
+                    return Ok(CommandResponse::rejected(
+                        Rejection::Conflict,
+                        format!("preview {key} cannot be created: {taken}"),
+                    ));
+                }
                 sqlx::query(
                     "INSERT INTO previews (id, project_id, key, origin, number, branch, commit_sha, status, expires_at, \
                      created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
@@ -167,5 +183,159 @@ pub(super) async fn apply(
             Ok(CommandResponse::Applied)
         }
         other => Ok(CommandResponse::rejected(Rejection::Invalid, format!("not a preview command: {}", other.kind()))),
+    }
+}
+
+/// Who asks for new default hosts.
+pub(super) enum HostOwner<'a> {
+    /// A service being created or changed (by id): its own hosts and its previews' are no clash.
+    Service(&'a str),
+    /// A new preview.
+    Preview,
+}
+
+/// Says who already has one of `hosts`, default host labels written out in full
+/// (`<service>-<project>`, `<service>-<project>-<preview>`), among every service and live
+/// preview but `owner`'s own. Labels are compared before they are shortened to 63 characters:
+/// a shortened label ends in a hash of the whole, so two are equal when the whole ones are.
+pub(super) async fn host_taken(
+    tx: &mut Transaction<'_, Sqlite>,
+    hosts: &[String],
+    owner: HostOwner<'_>,
+) -> Result<Option<String>, sqlx::Error> {
+    if hosts.is_empty() {
+        return Ok(None);
+    }
+    let own = match owner {
+        HostOwner::Service(id) => id,
+        HostOwner::Preview => "",
+    };
+    let wanted = serde_json::to_string(hosts).unwrap_or_default();
+    let holder: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT s.name, p.name, '' FROM services s JOIN projects p ON p.id = s.project_id \
+         WHERE s.id != ?1 AND s.name || '-' || p.name IN (SELECT value FROM json_each(?2)) \
+         UNION ALL \
+         SELECT s.name, p.name, v.key FROM previews v JOIN services s ON s.project_id = v.project_id \
+         JOIN projects p ON p.id = v.project_id WHERE v.status != 'destroyed' AND s.id != ?1 \
+         AND s.name || '-' || p.name || '-' || v.key IN (SELECT value FROM json_each(?2)) LIMIT 1",
+    )
+    .bind(own)
+    .bind(wanted)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(holder.map(|(service, project, preview)| {
+        let label = crate::ingress::host_label(&service, &project, &preview);
+        if preview.is_empty() {
+            format!("the host name {label}.<base domain> is taken by service \"{service}\" of project \"{project}\"")
+        } else {
+            format!(
+                "the host name {label}.<base domain> is taken by preview {preview} of service \"{service}\" in \
+                 project \"{project}\""
+            )
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::apply::apply;
+    use super::super::test_state as state;
+    use crate::command::{Command, CommandResponse, Rejection};
+
+    async fn run(pool: &sqlx::SqlitePool, command: Command) -> CommandResponse {
+        let mut tx = pool.begin().await.unwrap();
+        let response = apply(&mut tx, command, &mut Vec::new()).await.unwrap();
+        tx.commit().await.unwrap();
+        response
+    }
+
+    async fn project(pool: &sqlx::SqlitePool, name: &str) {
+        let created =
+            run(pool, Command::CreateProject { id: name.into(), name: name.into(), created_at: 1, owner: None }).await;
+        assert!(matches!(created, CommandResponse::Applied), "{created:?}");
+    }
+
+    fn service(project: &str, name: &str) -> Command {
+        Command::PutService {
+            id: format!("{project}/{name}"),
+            project_id: project.into(),
+            name: name.into(),
+            create: true,
+            spec: serde_json::json!({}),
+            depends_on: Vec::new(),
+            domains: Vec::new(),
+            set_secrets: Vec::new(),
+            unset_secrets: Vec::new(),
+            at: 1,
+        }
+    }
+
+    fn preview(project: &str, key: &str) -> Command {
+        Command::PutPreview {
+            id: format!("{project}/{key}"),
+            project_id: project.into(),
+            key: key.into(),
+            origin: "api".into(),
+            number: None,
+            branch: "feature".into(),
+            commit: String::new(),
+            expires_at: 10,
+            deployments: Vec::new(),
+            at: 1,
+        }
+    }
+
+    fn conflict(response: &CommandResponse) -> String {
+        match response {
+            CommandResponse::Rejected { reason: Rejection::Conflict, message } => message.clone(),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_preview_whose_host_another_service_has_is_refused() {
+        let (_dir, pool) = state().await;
+        project(&pool, "shop").await;
+        assert!(matches!(run(&pool, service("shop", "web")).await, CommandResponse::Applied));
+        // `web` in `shop-pr-1` is web-shop-pr-1, which is also preview pr-1 of `web` in `shop`.
+        project(&pool, "shop-pr-1").await;
+        assert!(matches!(run(&pool, service("shop-pr-1", "web")).await, CommandResponse::Applied));
+
+        let message = conflict(&run(&pool, preview("shop", "pr-1")).await);
+        assert!(message.contains("web-shop-pr-1"), "{message}");
+        assert!(message.contains("service \"web\" of project \"shop-pr-1\""), "{message}");
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM previews").fetch_one(&pool).await.unwrap();
+        assert_eq!(stored, 0, "a refused preview leaves nothing behind");
+        // Another key has hosts of its own.
+        assert!(matches!(run(&pool, preview("shop", "pr-2")).await, CommandResponse::Applied));
+    }
+
+    #[tokio::test]
+    async fn a_service_whose_host_a_live_preview_has_is_refused() {
+        let (_dir, pool) = state().await;
+        project(&pool, "shop").await;
+        assert!(matches!(run(&pool, service("shop", "web")).await, CommandResponse::Applied));
+        assert!(matches!(run(&pool, preview("shop", "feature")).await, CommandResponse::Applied));
+
+        project(&pool, "shop-feature").await;
+        let message = conflict(&run(&pool, service("shop-feature", "web")).await);
+        assert!(message.contains("preview feature of service \"web\" in project \"shop\""), "{message}");
+        assert!(message.contains("choose another service name"), "{message}");
+
+        // A service added to a project with a live preview gets a preview host too: `api` in
+        // `shop` would be api-shop-feature, and `api` in `shop-feature` has it.
+        assert!(matches!(run(&pool, service("shop-feature", "api")).await, CommandResponse::Applied));
+        let message = conflict(&run(&pool, service("shop", "api")).await);
+        assert!(message.contains("service \"api\" of project \"shop-feature\""), "{message}");
+
+        // Once the preview is destroyed its hosts are free.
+        let destroyed = run(
+            &pool,
+            Command::DestroyPreview { project_id: "shop".into(), key: "feature".into(), reason: "test".into(), at: 2 },
+        )
+        .await;
+        assert!(matches!(destroyed, CommandResponse::Applied));
+        sqlx::query("UPDATE previews SET status = 'destroyed'").execute(&pool).await.unwrap();
+        assert!(matches!(run(&pool, service("shop", "api")).await, CommandResponse::Applied));
     }
 }

@@ -35,18 +35,39 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/log");
 const TAIL_KEEP: u64 = 4096;
 /// Most operations written in one transaction.
 const MAX_BATCH: usize = 4096;
+/// Purged entries deleted per transaction. A purge behind a snapshot covers thousands of
+/// entries (megabytes); deleting them a slice at a time keeps every append's transaction short.
+const PURGE_SLICE: u64 = 128;
+/// A log write this slow is reported at info level.
+const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(100);
 
 enum Op {
-    Append { rows: Vec<(i64, Vec<u8>)>, last_index: u64, callback: LogFlushed<TypeConfig> },
-    Truncate { from: u64, done: oneshot::Sender<Result<(), String>> },
-    Purge { log_id: LogId, done: oneshot::Sender<Result<(), String>> },
-    SaveVote { vote: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
+    Append {
+        rows: Vec<(i64, Vec<u8>)>,
+        last_index: u64,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Records the purge; its entries are deleted afterwards, a slice at a time.
+    Purge {
+        log_id: LogId,
+    },
+    SaveVote {
+        vote: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Entries appended but possibly not flushed yet, plus the most recent flushed ones.
 #[derive(Default)]
 struct Tail {
     entries: BTreeMap<u64, Entry>,
+    /// The last purged entry. Reads stop above it at once, while the writer deletes the
+    /// entries at its own pace.
+    purged: Option<LogId>,
 }
 
 #[derive(Clone)]
@@ -82,7 +103,14 @@ impl LogStore {
         let writer = connect(path)?;
         let reader = Arc::new(Mutex::new(connect(path)?));
         let (ops, rx) = mpsc::channel();
-        let tail = Arc::new(Mutex::new(Tail::default()));
+        let purged = match writer
+            .query_row("SELECT value FROM log_meta WHERE key = 'last_purged'", [], |row| row.get::<_, Vec<u8>>(0))
+        {
+            Ok(bytes) => Some(serde_json::from_slice::<LogId>(&bytes)?),
+            Err(rusqlite::Error::QueryReturnedNoRows) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let tail = Arc::new(Mutex::new(Tail { entries: BTreeMap::new(), purged }));
         // The writer ends when the last LogStore handle (owned by openraft) is dropped.
         let writer_tail = tail.clone();
         std::thread::Builder::new()
@@ -137,9 +165,25 @@ impl LogStore {
 }
 
 fn write_loop(mut conn: rusqlite::Connection, rx: mpsc::Receiver<Op>, tail: Arc<Mutex<Tail>>) {
+    // A purge that a crash interrupted is finished here after a restart.
+    let purged = tail.lock().unwrap_or_else(|e| e.into_inner()).purged.map(|log_id| log_id.index);
+    let mut backlog = Backlog { purged, pending: purged.is_some() };
     let mut batch = Vec::new();
-    while let Ok(op) = rx.recv() {
-        batch.push(op);
+    loop {
+        // While purged entries remain, an idle moment deletes a slice of them.
+        let first = if backlog.pending {
+            match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => return,
+            }
+        };
+        batch.extend(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
@@ -147,8 +191,13 @@ fn write_loop(mut conn: rusqlite::Connection, rx: mpsc::Receiver<Op>, tail: Arc<
             }
         }
         let started = std::time::Instant::now();
-        let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
-        tracing::debug!(ops = batch.len(), elapsed_us = started.elapsed().as_micros() as u64, "log written");
+        let result = write_batch(&mut conn, &batch, &mut backlog).map_err(|e| e.to_string());
+        let elapsed = started.elapsed();
+        tracing::debug!(ops = batch.len(), elapsed_us = elapsed.as_micros() as u64, "log written");
+        if elapsed >= SLOW_WRITE {
+            // Replication to and from this node waits for these writes; a slow disk shows here.
+            tracing::info!(ops = batch.len(), elapsed_ms = elapsed.as_millis() as u64, "a Raft log write was slow");
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the Raft log failed");
         }
@@ -159,9 +208,10 @@ fn write_loop(mut conn: rusqlite::Connection, rx: mpsc::Receiver<Op>, tail: Arc<
                     flushed = Some(last_index);
                     callback.log_io_completed(result.clone().map_err(std::io::Error::other));
                 }
-                Op::Truncate { done, .. } | Op::Purge { done, .. } | Op::SaveVote { done, .. } => {
+                Op::Truncate { done, .. } | Op::SaveVote { done, .. } => {
                     let _ = done.send(result.clone());
                 }
+                Op::Purge { .. } => {}
             }
         }
         if let (Some(last), Ok(())) = (flushed, &result) {
@@ -172,9 +222,38 @@ fn write_loop(mut conn: rusqlite::Connection, rx: mpsc::Receiver<Op>, tail: Arc<
     }
 }
 
+/// Purged entries not deleted yet.
+#[derive(Clone, Copy)]
+struct Backlog {
+    /// The last purged index, if any.
+    purged: Option<u64>,
+    /// Whether entries up to `purged` may still be stored.
+    pending: bool,
+}
+
+/// Deletes the next slice of entries up to `purged`, lowest first, so no hole opens in the log.
+/// Returns whether purged entries remain.
+fn delete_slice(tx: &rusqlite::Transaction<'_>, purged: u64) -> rusqlite::Result<bool> {
+    // From the lowest stored index, not from the last slice's end: an installed snapshot can
+    // purge far past the stored entries.
+    let lowest: Option<i64> = tx.prepare_cached("SELECT MIN(idx) FROM log")?.query_row([], |row| row.get(0))?;
+    match lowest {
+        Some(lowest) if (lowest as u64) <= purged => {
+            let upto = purged.min((lowest as u64).saturating_add(PURGE_SLICE - 1));
+            tx.prepare_cached("DELETE FROM log WHERE idx <= ?1")?.execute([upto as i64])?;
+            Ok(upto < purged)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Writes every operation of `batch` in one transaction; its commit is the one fsync.
-fn write_batch(conn: &mut rusqlite::Connection, batch: &[Op]) -> rusqlite::Result<()> {
+/// With purged entries outstanding it also deletes one slice of them. The backlog changes only
+/// once the transaction is committed: the purge's record always reaches the disk no later than
+/// the first deletion it allows.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[Op], backlog: &mut Backlog) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let Backlog { mut purged, mut pending } = *backlog;
     for op in batch {
         match op {
             Op::Append { rows, .. } => {
@@ -186,17 +265,23 @@ fn write_batch(conn: &mut rusqlite::Connection, batch: &[Op]) -> rusqlite::Resul
             Op::Truncate { from, .. } => {
                 tx.prepare_cached("DELETE FROM log WHERE idx >= ?1")?.execute([*from as i64])?;
             }
-            Op::Purge { log_id, .. } => {
+            Op::Purge { log_id } => {
                 let value = serde_json::to_vec(log_id).unwrap_or_default();
                 set_meta(&tx, "last_purged", &value)?;
-                tx.prepare_cached("DELETE FROM log WHERE idx <= ?1")?.execute([log_id.index as i64])?;
+                purged = purged.max(Some(log_id.index));
+                pending = true;
             }
             Op::SaveVote { vote, .. } => set_meta(&tx, "vote", vote)?,
         }
     }
+    if let (Some(upto), true) = (purged, pending) {
+        pending = delete_slice(&tx, upto)?;
+    }
     // synchronous=FULL: the commit returns once the WAL is fsynced. A failed batch rolls back
     // when `tx` is dropped.
-    tx.commit()
+    tx.commit()?;
+    *backlog = Backlog { purged, pending };
+    Ok(())
 }
 
 fn set_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: &[u8]) -> rusqlite::Result<()> {
@@ -232,6 +317,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let (start, end) = bounds(&range);
+        // Purged entries may still be stored until the writer gets to them.
+        let start = match self.tail().purged {
+            Some(purged) => start.max(purged.index + 1),
+            None => start,
+        };
         if start >= end {
             return Ok(Vec::new());
         }
@@ -266,7 +356,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.meta("last_purged").await?;
+        let last_purged = self.tail().purged;
         if let Some(last) = self.tail().entries.values().next_back() {
             return Ok(LogState { last_purged_log_id: last_purged, last_log_id: Some(*last.get_log_id()) });
         }
@@ -323,11 +413,123 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.submit(|done| Op::Truncate { from, done }).await
     }
 
+    /// Records the purge and returns: openraft 0.9 awaits `purge` inside its core, where
+    /// deleting thousands of entries after each snapshot held back heartbeats long enough for a
+    /// follower to stand. The entries go afterwards, a slice per transaction, lowest first, so
+    /// the log never has a hole; the record reaches the disk with the next write. Purging is not
+    /// a promise of durability: a purge lost in a crash leaves entries the snapshot also holds.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         {
             let mut tail = self.tail();
             tail.entries = tail.entries.split_off(&(log_id.index + 1));
+            tail.purged = tail.purged.max(Some(log_id));
         }
-        self.submit(|done| Op::Purge { log_id, done }).await
+        self.ops
+            .send(Op::Purge { log_id })
+            .map_err(|_| write_err(ErrorSubject::Logs, MessageError("the log writer has stopped".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// Stores blank entries `1..=last` through a connection of the test's own, as an earlier run
+    /// of the writer would have left them.
+    fn store_entries(path: &Path, last: u64) {
+        let conn = connect(path).expect("connect");
+        for index in 1..=last {
+            let entry = Entry { log_id: log_id(index), payload: EntryPayload::Blank };
+            conn.execute(
+                "INSERT INTO log (idx, entry) VALUES (?1, ?2)",
+                rusqlite::params![index as i64, serde_json::to_vec(&entry).expect("encode")],
+            )
+            .expect("insert");
+        }
+    }
+
+    fn stored_range(path: &Path) -> (i64, Option<i64>) {
+        let conn = connect(path).expect("connect");
+        conn.query_row("SELECT COUNT(*), MIN(idx) FROM log", [], |row| Ok((row.get(0)?, row.get(1)?))).expect("count")
+    }
+
+    async fn wait_until_stored(path: &Path, wanted: (i64, Option<i64>)) {
+        for _ in 0..500 {
+            if stored_range(path) == wanted {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the log still holds {:?}, wanted {wanted:?}", stored_range(path));
+    }
+
+    #[tokio::test]
+    async fn a_purge_hides_its_entries_at_once_and_deletes_them_in_slices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.db");
+        let mut log = LogStore::open(&path).await.expect("open");
+        store_entries(&path, 1000);
+
+        log.purge(log_id(900)).await.expect("purge");
+        // Readers see the purge before the writer has deleted anything.
+        let entries = log.try_get_log_entries(0..2000).await.expect("read");
+        assert_eq!(entries.first().map(|e| e.log_id.index), Some(901));
+        assert_eq!(entries.len(), 100);
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(900)));
+        assert_eq!(state.last_log_id, Some(log_id(1000)));
+        // More entries than one slice: the writer goes on while idle until all are gone.
+        assert!(900 > PURGE_SLICE);
+        wait_until_stored(&path, (100, Some(901))).await;
+
+        drop(log);
+        let mut log = LogStore::open(&path).await.expect("reopen");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(900)));
+        assert_eq!(state.last_log_id, Some(log_id(1000)));
+    }
+
+    #[tokio::test]
+    async fn a_purge_a_crash_interrupted_is_finished_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.db");
+        drop(LogStore::open(&path).await.expect("open"));
+        store_entries(&path, 600);
+        // The purge's record reached the disk, its deletions did not.
+        let conn = connect(&path).expect("connect");
+        conn.execute(
+            "INSERT INTO log_meta (key, value) VALUES ('last_purged', ?1)",
+            [serde_json::to_vec(&log_id(500)).expect("encode")],
+        )
+        .expect("meta");
+        drop(conn);
+
+        let mut log = LogStore::open(&path).await.expect("reopen");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(500)));
+        assert_eq!(state.last_log_id, Some(log_id(600)));
+        let entries = log.try_get_log_entries(400..=600).await.expect("read");
+        assert_eq!(entries.first().map(|e| e.log_id.index), Some(501));
+        wait_until_stored(&path, (100, Some(501))).await;
+    }
+
+    #[tokio::test]
+    async fn a_purge_past_every_stored_entry_empties_the_log() {
+        // A follower that installs a snapshot purges up to the snapshot, beyond its own log.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.db");
+        let mut log = LogStore::open(&path).await.expect("open");
+        store_entries(&path, 300);
+        log.purge(log_id(1_000_000)).await.expect("purge");
+        wait_until_stored(&path, (0, None)).await;
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1_000_000)));
+        assert_eq!(state.last_log_id, Some(log_id(1_000_000)));
     }
 }
