@@ -331,7 +331,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         use openraft::ErrorVerb::{Read, Write};
         let tmp = self.dir.join(format!("building-{}.tmp", uuid::Uuid::new_v4().simple()));
         let started = std::time::Instant::now();
-        copy_database(&self.db, &tmp).await.map_err(|e| snapshot_err(Read, MessageError(format!("{e:#}"))))?;
+        if let Err(e) = copy_database(&self.db, &tmp).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(snapshot_err(Read, MessageError(format!("{e:#}"))));
+        }
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "state database copied for a snapshot");
         let result = async {
             let options = SqliteConnectOptions::new().filename(&tmp).read_only(true);
