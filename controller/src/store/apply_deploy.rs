@@ -251,19 +251,10 @@ fn status_rank(status: DeploymentStatus) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::apply::apply;
     use super::super::state_machine::StateEvent;
     use crate::command::{Command, CommandResponse, DeploymentStatus, LogLine};
 
-    use super::super::test_state as state;
-
-    async fn run(pool: &sqlx::SqlitePool, command: Command) -> (CommandResponse, Vec<StateEvent>) {
-        let mut tx = pool.begin().await.unwrap();
-        let mut events = Vec::new();
-        let response = apply(&mut tx, command, &mut events).await.unwrap();
-        tx.commit().await.unwrap();
-        (response, events)
-    }
+    use super::super::{test_apply as run, test_state as state};
 
     async fn applied(pool: &sqlx::SqlitePool, command: Command) {
         let (response, _) = run(pool, command).await;

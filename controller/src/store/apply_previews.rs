@@ -238,15 +238,11 @@ pub(super) async fn host_taken(
 
 #[cfg(test)]
 mod tests {
-    use super::super::apply::apply;
     use super::super::test_state as state;
     use crate::command::{Command, CommandResponse, Rejection};
 
     async fn run(pool: &sqlx::SqlitePool, command: Command) -> CommandResponse {
-        let mut tx = pool.begin().await.unwrap();
-        let response = apply(&mut tx, command, &mut Vec::new()).await.unwrap();
-        tx.commit().await.unwrap();
-        response
+        super::super::test_apply(pool, command).await.0
     }
 
     async fn project(pool: &sqlx::SqlitePool, name: &str) {

@@ -112,15 +112,11 @@ async fn rotate(
 
 #[cfg(test)]
 mod tests {
-    use super::super::apply::apply;
     use super::super::test_state as state;
     use crate::command::{Command, CommandResponse, Rejection};
 
     async fn run(pool: &sqlx::SqlitePool, command: Command) -> CommandResponse {
-        let mut tx = pool.begin().await.unwrap();
-        let response = apply(&mut tx, command, &mut Vec::new()).await.unwrap();
-        tx.commit().await.unwrap();
-        response
+        super::super::test_apply(pool, command).await.0
     }
 
     fn deployment(id: &str) -> Command {

@@ -504,6 +504,13 @@ mod tests {
 
     use super::*;
 
+    /// A place for a log in a directory of its own (kept while the guard lives).
+    fn log_path() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.db");
+        (dir, path)
+    }
+
     fn log_id(index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(1, 1), index)
     }
@@ -539,8 +546,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_purge_hides_its_entries_at_once_and_deletes_them_in_slices() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("raft-log.db");
+        let (_dir, path) = log_path();
         let mut log = LogStore::open(&path).await.expect("open");
         store_entries(&path, 1000);
 
@@ -564,8 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_purge_a_crash_interrupted_is_finished_after_a_restart() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("raft-log.db");
+        let (_dir, path) = log_path();
         drop(LogStore::open(&path).await.expect("open"));
         store_entries(&path, 600);
         // The purge's record reached the disk, its deletions did not.
@@ -589,8 +594,7 @@ mod tests {
     #[tokio::test]
     async fn a_purge_past_every_stored_entry_empties_the_log() {
         // A follower that installs a snapshot purges up to the snapshot, beyond its own log.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("raft-log.db");
+        let (_dir, path) = log_path();
         let mut log = LogStore::open(&path).await.expect("open");
         store_entries(&path, 300);
         log.purge(log_id(1_000_000)).await.expect("purge");
@@ -602,8 +606,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reopened_log_serves_its_newest_entries_from_memory() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("raft-log.db");
+        let (_dir, path) = log_path();
         drop(LogStore::open(&path).await.expect("open"));
         store_entries(&path, 50);
         let mut log = LogStore::open(&path).await.expect("reopen");

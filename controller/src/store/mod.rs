@@ -144,3 +144,17 @@ pub(crate) async fn test_state() -> (tempfile::TempDir, SqlitePool) {
         .expect("state database");
     (dir, pool)
 }
+
+/// Applies `command` in a transaction of its own and commits it, as the state machine would;
+/// returns the answer and the events it raised.
+#[cfg(test)]
+pub(crate) async fn test_apply(
+    pool: &SqlitePool,
+    command: crate::command::Command,
+) -> (crate::command::CommandResponse, Vec<state_machine::StateEvent>) {
+    let mut tx = pool.begin().await.expect("begin");
+    let mut events = Vec::new();
+    let response = apply::apply(&mut tx, command, &mut events).await.expect("apply");
+    tx.commit().await.expect("commit");
+    (response, events)
+}
