@@ -635,7 +635,7 @@ impl Proxy {
     /// Serves plain HTTP on `listener` until `shutdown` resolves, then stops accepting and lets
     /// in-flight requests and tunnels finish for up to `shutdown_grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
-        self.serve_as(listener, Scheme::Http, shutdown).await
+        self.serve_as(listener, Scheme::Http, None, shutdown).await
     }
 
     /// Like [`Proxy::serve`], for HTTPS: each connection's TLS handshake comes first (within
@@ -647,14 +647,15 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
-        self.serve_as(listener, Scheme::Https, shutdown).await
+        self.serve_as(listener, Scheme::Https, None, shutdown).await
     }
 
     /// Like [`Proxy::serve`], on `threads` threads of its own, each with a single-threaded
     /// runtime accepting from the same listener (nginx's worker model): a request and its backend
     /// connection stay on one thread, without the cross-thread wake-ups of a work-stealing
-    /// runtime (worth about a fifth more requests per second in `benches/ingress.rs`). Returns
-    /// when every thread has stopped after `shutdown`.
+    /// runtime (worth about a fifth more requests per second in `benches/ingress.rs`). Accepted
+    /// connections are dealt to the threads in turn, whichever accepted them (see [`Balance`]).
+    /// Returns when every thread has stopped after `shutdown`.
     pub async fn serve_threads(
         self: Arc<Self>,
         listener: TcpListener,
@@ -683,9 +684,15 @@ impl Proxy {
     ) -> io::Result<()> {
         let listener = listener.into_std()?;
         let (stop, stopped) = watch::channel(false);
+        let threads = threads.max(1);
+        let (inboxes, receivers): (Vec<_>, Vec<_>) =
+            (0..threads).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let inboxes: Arc<[Inbox]> = inboxes.into();
+        let dealt = Arc::new(AtomicUsize::new(0));
         let mut running = Vec::new();
         let mut started = Ok(());
-        for n in 0..threads.max(1) {
+        for (n, inbox) in receivers.into_iter().enumerate() {
+            let balance = Balance { me: n, inboxes: inboxes.clone(), inbox, dealt: dealt.clone() };
             let spawned = listener.try_clone().and_then(|listener| {
                 let proxy = self.clone();
                 let mut stopped = stopped.clone();
@@ -702,7 +709,7 @@ impl Proxy {
                                 let shutdown = async move {
                                     let _ = stopped.wait_for(|stopped| *stopped).await;
                                 };
-                                proxy.serve_as(listener, scheme, shutdown).await
+                                proxy.serve_as(listener, scheme, Some(balance), shutdown).await
                             }
                             Err(e) => tracing::error!(error = %e, "ingress thread cannot listen"),
                         }
@@ -734,6 +741,7 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         scheme: Scheme,
+        mut balance: Option<Balance>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -747,19 +755,34 @@ impl Proxy {
         tracing::info!(addr = %local, proto = scheme.as_str(), "ingress listening");
         let (drain_tx, drain_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let serve = |connections: &mut JoinSet<()>, (stream, peer, permit): Accepted| {
+            connections.spawn(self.clone().serve_connection(stream, peer, tls.clone(), permit, drain_rx.clone()));
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(dealt) = async { balance.as_mut()?.inbox.recv().await } => {
+                    if let Some(accepted) = dealt.adopt() {
+                        serve(&mut connections, accepted);
+                    }
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                             tracing::debug!(%peer, "connection limit reached: closing a new connection");
                             continue;
                         };
-                        let proxy = self.clone();
-                        connections.spawn(proxy.serve_connection(stream, peer, tls.clone(), permit, drain_rx.clone()));
+                        let accepted = (stream, peer, permit);
+                        match &balance {
+                            Some(balance) => {
+                                if let Some(mine) = balance.deal(accepted) {
+                                    serve(&mut connections, mine);
+                                }
+                            }
+                            None => serve(&mut connections, accepted),
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors, most likely: wait for some to free up.
@@ -770,6 +793,15 @@ impl Proxy {
             }
         }
         drop(listener);
+        if let Some(mut balance) = balance {
+            // Connections dealt here before the stop are served (and drained) like the others.
+            balance.inbox.close();
+            while let Ok(dealt) = balance.inbox.try_recv() {
+                if let Some(accepted) = dealt.adopt() {
+                    serve(&mut connections, accepted);
+                }
+            }
+        }
         let _ = drain_tx.send(true);
         let in_flight = connections.len();
         let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
@@ -882,6 +914,63 @@ impl Proxy {
                 }
                 why = &mut watchdog => tracing::debug!(%peer, why, "closing an idle tunnel"),
             }
+        }
+    }
+}
+
+/// A connection accepted and counted against the limit.
+type Accepted = (TcpStream, SocketAddr, OwnedSemaphorePermit);
+
+/// A connection on its way to the thread it was dealt to: out of the accepting thread's IO
+/// driver, to be registered with the receiving one's.
+struct Dealt(std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+
+impl Dealt {
+    fn adopt(self) -> Option<Accepted> {
+        let Dealt(stream, peer, permit) = self;
+        match TcpStream::from_std(stream) {
+            Ok(stream) => Some((stream, peer, permit)),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "ingress cannot take over a connection");
+                None
+            }
+        }
+    }
+}
+
+type Inbox = tokio::sync::mpsc::UnboundedSender<Dealt>;
+
+/// Deals the connections that ingress threads accept to the threads in turn. Threads that accept
+/// from one listener do not share the connections evenly: one that wakes first takes a burst of
+/// them, and its clients then wait longer while the other thread idles (under `wrk -c64` in
+/// `benches/ingress.rs`, one of two threads did 57% of the work; dealt, each does half). A
+/// connection dealt elsewhere costs one hand-over when it opens, nothing per request.
+struct Balance {
+    me: usize,
+    inboxes: Arc<[Inbox]>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<Dealt>,
+    /// Connections dealt so far, by all threads.
+    dealt: Arc<AtomicUsize>,
+}
+
+impl Balance {
+    /// Hands the connection to the thread whose turn it is; it comes back if that is this one,
+    /// or if the hand-over failed (that thread has stopped).
+    fn deal(&self, (stream, peer, permit): Accepted) -> Option<Accepted> {
+        let to = self.dealt.fetch_add(1, Relaxed) % self.inboxes.len();
+        if to == self.me {
+            return Some((stream, peer, permit));
+        }
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "ingress cannot hand over a connection");
+                return None;
+            }
+        };
+        match self.inboxes[to].send(Dealt(stream, peer, permit)) {
+            Ok(()) => None,
+            Err(returned) => returned.0.adopt(),
         }
     }
 }
@@ -2470,6 +2559,54 @@ mod tests {
         let (status, body) = get_text(proxy.addr, "mute.test", "/").await;
         assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "mute did not answer within 0.3 s\n"));
         mute.abort();
+    }
+
+    #[tokio::test]
+    async fn threads_are_dealt_connections_in_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = Arc::new(Semaphore::new(16));
+        let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let inboxes: Arc<[Inbox]> = inboxes.into();
+        let dealt = Arc::new(AtomicUsize::new(0));
+        let mut balances: Vec<Balance> = receivers
+            .drain(..)
+            .enumerate()
+            .map(|(me, inbox)| Balance { me, inboxes: inboxes.clone(), inbox, dealt: dealt.clone() })
+            .collect();
+        let mut clients = Vec::new();
+        let mut served = Vec::new();
+        // Thread 0 accepts all nine: it keeps every third and hands the others on in turn.
+        for _ in 0..9 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            let (stream, peer) = listener.accept().await.unwrap();
+            let permit = limit.clone().try_acquire_owned().unwrap();
+            served.extend(balances[0].deal((stream, peer, permit)));
+        }
+        assert_eq!(served.len(), 3);
+        for balance in &mut balances[1..] {
+            for _ in 0..3 {
+                let accepted = balance.inbox.try_recv().expect("a connection dealt").adopt().unwrap();
+                assert_eq!(accepted.0.peer_addr().unwrap(), accepted.1);
+                served.push(accepted);
+            }
+            assert!(balance.inbox.try_recv().is_err(), "more than its turn");
+        }
+        // Dealt connections still hold their place under the connection limit.
+        assert_eq!(limit.available_permits(), 16 - 9);
+        drop(served);
+        // A thread that has stopped gets none: the dealer serves its turn itself.
+        drop(balances.pop());
+        let mut back = 0;
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            let (stream, peer) = listener.accept().await.unwrap();
+            let permit = limit.clone().try_acquire_owned().unwrap();
+            if balances[0].deal((stream, peer, permit)).is_some() {
+                back += 1;
+            }
+        }
+        assert_eq!(back, 2, "its own turn and the stopped thread's");
     }
 
     #[tokio::test]
