@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -44,6 +45,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+
+use self::upstream::{BadResponse, Framing, Parsed, Step};
+
+mod upstream;
 
 /// One route: a host name and the backends (instances) it balances across.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +157,11 @@ impl Backend {
 /// Idle keep-alive connections to one backend, the most recently used last, in one list per
 /// thread: a connection's task runs where it was opened, so a thread reusing its own connections
 /// wakes no other (and with a runtime per thread, nothing crosses threads).
+///
+/// Two kinds: hyper's client connections (for requests with a body, and upgrades), each served
+/// by a task of its own, and plain sockets that bodiless requests are written to directly (see
+/// [`upstream`]). A socket is registered with the runtime of the thread that opened it, so it is
+/// only ever taken again on that thread.
 struct Pool {
     shards: [Shard; POOL_SHARDS],
     /// Requests to this backend in flight now (see [`InFlight`]).
@@ -161,8 +171,15 @@ struct Pool {
 /// A connection to a backend, as requests are sent on it.
 type Sender = backend_http1::SendRequest<RequestBody>;
 
-/// Idle connections, with when each was last used.
-type Shard = Mutex<VecDeque<(Sender, u64)>>;
+/// Idle connections of one shard.
+type Shard = Mutex<Idle>;
+
+/// Idle connections, with when each was last used (and sockets with the thread that opened them).
+#[derive(Default)]
+struct Idle {
+    senders: VecDeque<(Sender, u64)>,
+    sockets: VecDeque<(TcpStream, u64, usize)>,
+}
 
 const POOL_SHARDS: usize = 8;
 
@@ -186,10 +203,11 @@ impl Pool {
     /// `max_idle_ms` are closed.
     fn take(&self, now: u64, max_idle_ms: u64) -> Option<Sender> {
         let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
-        while idle.front().is_some_and(|(_, since)| now.saturating_sub(*since) >= max_idle_ms) {
-            idle.pop_front();
+        let senders = &mut idle.senders;
+        while senders.front().is_some_and(|(_, since)| now.saturating_sub(*since) >= max_idle_ms) {
+            senders.pop_front();
         }
-        while let Some((sender, _)) = idle.pop_back() {
+        while let Some((sender, _)) = senders.pop_back() {
             if !sender.is_closed() {
                 return Some(sender);
             }
@@ -199,19 +217,56 @@ impl Pool {
 
     fn put(&self, sender: Sender) {
         let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= MAX_IDLE_PER_BACKEND {
-            idle.pop_front();
+        if idle.senders.len() >= MAX_IDLE_PER_BACKEND {
+            idle.senders.pop_front();
         }
-        idle.push_back((sender, now_ms()));
+        idle.senders.push_back((sender, now_ms()));
+    }
+
+    /// The most recently used socket this thread opened that the backend has neither closed nor
+    /// written to since; as [`Pool::take`] for the rest. Checking costs no system call unless the
+    /// socket was signalled readable.
+    fn take_socket(&self, now: u64, max_idle_ms: u64) -> Option<TcpStream> {
+        let me = thread_number();
+        loop {
+            let socket = {
+                let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+                let sockets = &mut idle.sockets;
+                while sockets.front().is_some_and(|(_, since, _)| now.saturating_sub(*since) >= max_idle_ms) {
+                    sockets.pop_front();
+                }
+                let mine = sockets.iter().rposition(|(_, _, thread)| *thread == me)?;
+                sockets.remove(mine)?.0
+            };
+            let mut probe = [0; 1];
+            match socket.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(socket),
+                // Closed, failed, or bytes nobody asked for: not usable.
+                _ => {}
+            }
+        }
+    }
+
+    fn put_socket(&self, socket: TcpStream) {
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.sockets.len() >= MAX_IDLE_PER_BACKEND {
+            idle.sockets.pop_front();
+        }
+        idle.sockets.push_back((socket, now_ms(), thread_number()));
     }
 
     fn shard(&self) -> &Shard {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % POOL_SHARDS;
-        }
-        &self.shards[SHARD.with(|shard| *shard)]
+        &self.shards[thread_number() % POOL_SHARDS]
     }
+}
+
+/// A number for the current thread, unique in the process.
+fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(1, Relaxed);
+    }
+    NUMBER.with(|number| *number)
 }
 
 /// One request counted in flight to a backend, from when the backend is picked until the guard
@@ -616,12 +671,7 @@ impl Proxy {
     /// A new connection to a backend. Its task ends when the backend closes it or when its
     /// sender is dropped (by the pool, or with an exchange that did not end cleanly).
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, Failure> {
-        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(Failure::Connect(e.into())),
-            Err(_) => return Err(Failure::Connect("timed out".into())),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = self.open(addr).await?;
         let (sender, conn) =
             backend_http1::handshake(TokioIo::new(stream)).await.map_err(|e| Failure::Connect(e.into()))?;
         tokio::spawn(async move {
@@ -630,6 +680,17 @@ impl Proxy {
             }
         });
         Ok(sender)
+    }
+
+    /// A new TCP connection to a backend, within `connect_timeout`.
+    async fn open(&self, addr: SocketAddr) -> Result<TcpStream, Failure> {
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(Failure::Connect(e.into())),
+            Err(_) => return Err(Failure::Connect("timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 
     /// Serves plain HTTP on `listener` until `shutdown` resolves, then stops accepting and lets
@@ -1052,6 +1113,20 @@ impl ConnState {
         }
     }
 
+    /// Passes on a poll of a backend's response body, noting for the watchdog since when it has
+    /// been waiting for the backend.
+    fn waited<T>(&self, polled: Poll<T>) -> Poll<T> {
+        let waiting = &self.response_waiting_since;
+        if polled.is_pending() {
+            if waiting.load(Relaxed) == 0 {
+                waiting.store(now_ms(), Relaxed);
+            }
+        } else if waiting.load(Relaxed) != 0 {
+            waiting.store(0, Relaxed);
+        }
+        polled
+    }
+
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ResponseBody> {
         match self.route(&mut req) {
             Ok(entry) => self.forward(entry, req).await,
@@ -1131,17 +1206,34 @@ impl ConnState {
         // Only a request that cannot have reached an application is sent again: the connection
         // failed, so nothing was sent; with a body, it is gone with the first attempt.
         let attempts = if !has_body && parts.method.is_idempotent() { entry.backends.len() } else { 1 };
+        let now = now_ms();
+        let mut used = None;
+
+        if !has_body && client_upgrade.is_none() {
+            let mut head = Vec::with_capacity(512);
+            let target = path.path_and_query().map_or("/", PathAndQuery::as_str);
+            upstream::write_head(&parts.method, target, &parts.headers, &mut head);
+            let ask =
+                Ask { head: &head, to_head: parts.method == Method::HEAD, idempotent: parts.method.is_idempotent() };
+            let mut outcome = Err(Failure::NoBackend);
+            for backend in entry.order(now).take(attempts) {
+                used = Some(backend.addr);
+                outcome = self.exchange_plain(backend, &ask, now).await;
+                if !try_next(backend, &outcome, settings.backend_backoff) {
+                    break;
+                }
+            }
+            return self.answered(route, used, &parts.method, outcome);
+        }
+
         let mut body = Some(if has_body {
             RequestBody::streaming(body, settings.max_request_body, self.clone())
         } else {
             RequestBody::empty()
         });
-        let now = now_ms();
         self.body_progress.store(now, Relaxed);
         self.request_body_open.store(has_body, Relaxed);
-
         let mut outcome = Err(Failure::NoBackend);
-        let mut used = None;
         for (attempt, backend) in entry.order(now).take(attempts).enumerate() {
             let last = attempt + 1 == attempts;
             let mut forward =
@@ -1149,24 +1241,13 @@ impl ConnState {
             *forward.method_mut() = parts.method.clone();
             *forward.uri_mut() = if last { std::mem::take(&mut path) } else { path.clone() };
             *forward.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-            used = Some(backend);
+            used = Some(backend.addr);
             outcome = self.exchange(backend, forward, now).await;
-            match &outcome {
-                Err(Failure::Connect(_)) => {
-                    let until = now_ms() + settings.backend_backoff.as_millis() as u64;
-                    backend.backoff_until.store(until, Relaxed);
-                }
-                Ok(_) => {
-                    if backend.backoff_until.load(Relaxed) != 0 {
-                        backend.backoff_until.store(0, Relaxed);
-                    }
-                    break;
-                }
-                Err(_) => break,
+            if !try_next(backend, &outcome, settings.backend_backoff) {
+                break;
             }
         }
-        let backend = used.map(|b| b.addr);
-        let response = match outcome {
+        let outcome = match outcome {
             Ok((mut response, lent)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
                 Some(client) => {
                     let backend = hyper::upgrade::on(&mut response);
@@ -1178,22 +1259,101 @@ impl ConnState {
                     if let Some(protocol) = protocol {
                         response.headers_mut().insert(UPGRADE, protocol);
                     }
-                    response.map(|_| ResponseBody::empty())
+                    Ok(response.map(|_| ResponseBody::empty()))
                 }
-                None => page(StatusCode::BAD_GATEWAY, format!("{} switched protocols unasked\n", route.service)),
+                None => Err(Failure::Answer(BadResponse::SwitchedUnasked)),
             },
             Ok((mut response, lent)) => {
                 strip_hop_by_hop(response.headers_mut());
                 *response.version_mut() = Version::HTTP_11;
-                response.map(|body| ResponseBody::backend(body, self.clone(), lent))
+                Ok(response.map(|body| ResponseBody::backend(body, self.clone(), lent)))
+            }
+            Err(failure) => Err(failure),
+        };
+        self.answered(route, used, &parts.method, outcome)
+    }
+
+    /// The response to the client: the backend's, or the page that says why there is none.
+    fn answered(
+        &self,
+        route: &Route,
+        backend: Option<SocketAddr>,
+        method: &Method,
+        outcome: Result<Response<ResponseBody>, Failure>,
+    ) -> Response<ResponseBody> {
+        match outcome {
+            Ok(response) => {
+                tracing::debug!(host = %route.host, service = %route.service, ?backend, %method, status = response.status().as_u16(), "proxied");
+                response
             }
             Err(failure) => {
                 tracing::debug!(host = %route.host, service = %route.service, ?backend, error = %failure, "proxying failed");
-                return failure.page(&route.service, settings);
+                failure.page(&route.service, &self.proxy.settings)
             }
-        };
-        tracing::debug!(host = %route.host, service = %route.service, ?backend, method = %parts.method, status = response.status().as_u16(), "proxied");
-        response
+        }
+    }
+
+    /// One request without a body to one backend, over a plain socket (see [`upstream`]), idle
+    /// or new: the response, its body read from the socket as the client takes it. Counted in
+    /// flight from here until the body has been read.
+    async fn exchange_plain(
+        self: &Arc<Self>,
+        backend: &Backend,
+        ask: &Ask<'_>,
+        started: u64,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        let pool = backend.pool();
+        let in_flight = InFlight::start(pool);
+        let settings = &self.proxy.settings;
+        let deadline = instant_at(started) + settings.response_header_timeout;
+        let max_idle_ms = settings.idle_timeout.as_millis() as u64;
+        loop {
+            let (mut socket, reused) = match pool.take_socket(started, max_idle_ms) {
+                Some(socket) => (socket, true),
+                None => (self.proxy.open(backend.addr).await?, false),
+            };
+            let mut buf = BytesMut::with_capacity(READ_BUFFER);
+            let head = match tokio::time::timeout_at(deadline, ask.send(&mut socket, &mut buf)).await {
+                Ok(Ok(head)) => head,
+                // A kept-alive socket the backend had closed: the request did not get there (or,
+                // if it did, asking again is harmless).
+                Ok(Err(Failure::Unsent)) if reused => continue,
+                Ok(Err(Failure::Closed)) if reused && ask.idempotent => continue,
+                Ok(Err(Failure::Unsent)) => return Err(Failure::Connect("closed at once".into())),
+                Ok(Err(failure)) => return Err(failure),
+                Err(_) => return Err(Failure::Timeout),
+            };
+            let upstream::Head { status, mut headers, framing, keep_alive } = head;
+            strip_hop_by_hop(&mut headers);
+            let whole = match framing {
+                Framing::Length(len) if buf.len() as u64 >= len => Some(len as usize),
+                _ => None,
+            };
+            let body = match whole {
+                Some(len) => {
+                    // The whole body came with the head: the socket is free before the client
+                    // has the answer (and goes back before the count drops, see `Lent`).
+                    let data = buf.split_to(len).freeze();
+                    if keep_alive && buf.is_empty() {
+                        pool.put_socket(socket);
+                    }
+                    drop(in_flight);
+                    ResponseBody(ResponseKind::Page((len > 0).then_some(data)))
+                }
+                None => ResponseBody(ResponseKind::Plain(Box::new(PlainBody {
+                    socket: Some(socket),
+                    buf,
+                    framing,
+                    keep_alive,
+                    conn: self.clone(),
+                    in_flight: Some(in_flight),
+                }))),
+            };
+            let mut response = Response::new(body);
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            return Ok(response);
+        }
     }
 
     /// One request to one backend, on an idle connection or a new one: the head of the answer,
@@ -1259,6 +1419,73 @@ impl ConnState {
     }
 }
 
+/// A request without a body, as [`ConnState::exchange_plain`] sends it.
+struct Ask<'a> {
+    /// The request head, serialized.
+    head: &'a [u8],
+    /// A HEAD request: the answer has no body.
+    to_head: bool,
+    idempotent: bool,
+}
+
+impl Ask<'_> {
+    /// Writes the request to a backend and reads the head of its final answer into `buf`
+    /// (interim 1xx answers are skipped), leaving there what follows the head.
+    async fn send(&self, socket: &mut TcpStream, buf: &mut BytesMut) -> Result<upstream::Head, Failure> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        socket.write_all(self.head).await.map_err(|_| Failure::Unsent)?;
+        let mut answered = false;
+        loop {
+            if !buf.is_empty() {
+                match upstream::parse_head(buf, self.to_head).map_err(Failure::Answer)? {
+                    Parsed::Final(head, len) => {
+                        buf.advance(len);
+                        return Ok(head);
+                    }
+                    Parsed::Interim(len) => {
+                        buf.advance(len);
+                        answered = true;
+                        continue;
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            if buf.capacity() - buf.len() < READ_BUFFER / 4 {
+                buf.reserve(READ_BUFFER);
+            }
+            let silent = buf.is_empty() && !answered;
+            match socket.read_buf(buf).await {
+                Ok(0) | Err(_) if silent => return Err(Failure::Closed),
+                Ok(0) => return Err(Failure::Answer(BadResponse::ClosedEarly)),
+                Ok(_) => {}
+                Err(e) => return Err(Failure::Io(e)),
+            }
+        }
+    }
+}
+
+/// What a read from a backend socket asks room for.
+const READ_BUFFER: usize = 8 << 10;
+
+/// Notes how an attempt on `backend` went (a backend that refused the connection goes to the
+/// back of the line for `backoff`); whether to try the next backend.
+fn try_next<T>(backend: &Backend, outcome: &Result<T, Failure>, backoff: Duration) -> bool {
+    match outcome {
+        Err(Failure::Connect(_)) => {
+            let until = now_ms() + backoff.as_millis() as u64;
+            backend.backoff_until.store(until, Relaxed);
+            true
+        }
+        Ok(_) => {
+            if backend.backoff_until.load(Relaxed) != 0 {
+                backend.backoff_until.store(0, Relaxed);
+            }
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// Why no response came back from a connection.
 enum Unsent {
     /// The connection closed before the request was sent: here it is back.
@@ -1297,6 +1524,15 @@ enum Failure {
     ClientBody,
     #[error("{0}")]
     Backend(#[source] hyper::Error),
+    #[error("{0}")]
+    Answer(#[source] BadResponse),
+    /// Writing the request failed: nothing was sent.
+    #[error("the connection was closed before the request was sent")]
+    Unsent,
+    #[error("the backend closed the connection without answering")]
+    Closed,
+    #[error("reading the answer: {0}")]
+    Io(#[source] io::Error),
 }
 
 impl From<hyper::Error> for Failure {
@@ -1324,7 +1560,12 @@ impl Failure {
             ),
             Failure::TooLarge(limit) => too_large(*limit),
             Failure::ClientBody => page(StatusCode::BAD_REQUEST, "the request body could not be read\n".into()),
-            Failure::Backend(_) => page(StatusCode::BAD_GATEWAY, format!("{service} failed to answer\n")),
+            Failure::Answer(BadResponse::SwitchedUnasked) => {
+                page(StatusCode::BAD_GATEWAY, format!("{service} switched protocols unasked\n"))
+            }
+            Failure::Backend(_) | Failure::Answer(_) | Failure::Unsent | Failure::Closed | Failure::Io(_) => {
+                page(StatusCode::BAD_GATEWAY, format!("{service} failed to answer\n"))
+            }
         }
     }
 }
@@ -1502,6 +1743,10 @@ enum BodyError {
     Client(#[source] hyper::Error),
     #[error("reading the response body: {0}")]
     Backend(#[source] hyper::Error),
+    #[error("reading the response body: {0}")]
+    Answer(#[source] BadResponse),
+    #[error("reading the response body: {0}")]
+    BackendIo(#[source] io::Error),
 }
 
 /// The client's request body on its way to the backend: counted against the limit as it streams,
@@ -1608,8 +1853,86 @@ impl Drop for RequestBody {
 struct ResponseBody(ResponseKind);
 
 enum ResponseKind {
+    /// A body known whole: a page of the proxy's own, or a backend's that came with its head.
     Page(Option<Bytes>),
+    /// Through hyper's client.
     Backend { body: Incoming, conn: Arc<ConnState>, lent: Option<Lent> },
+    /// Read from a plain socket (see [`upstream`]).
+    Plain(Box<PlainBody>),
+}
+
+/// A response body read from a backend socket as the client takes it.
+struct PlainBody {
+    /// Until the body has ended.
+    socket: Option<TcpStream>,
+    /// Read and not yet given.
+    buf: BytesMut,
+    framing: Framing,
+    keep_alive: bool,
+    conn: Arc<ConnState>,
+    in_flight: Option<InFlight>,
+}
+
+impl PlainBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            match self.framing.step(&mut self.buf) {
+                Ok(Step::Data(data)) => {
+                    if self.framing.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::End) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => return Poll::Ready(Some(Err(self.fail(BodyError::Answer(e))))),
+            }
+            let Some(socket) = &self.socket else { return Poll::Ready(None) };
+            if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
+                self.buf.reserve(READ_BUFFER);
+            }
+            match socket.try_read_buf(&mut self.buf) {
+                Ok(0) => match self.framing.closed() {
+                    Ok(()) => {
+                        self.keep_alive = false;
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return Poll::Ready(Some(Err(self.fail(BodyError::Answer(e))))),
+                },
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(socket.poll_read_ready(cx)) {
+                        return Poll::Ready(Some(Err(self.fail(BodyError::BackendIo(e)))));
+                    }
+                }
+                Err(e) => return Poll::Ready(Some(Err(self.fail(BodyError::BackendIo(e))))),
+            }
+        }
+    }
+
+    /// The body has ended: the socket goes back to its pool if the backend keeps it open and
+    /// sent nothing after the body (before the count drops, see `Lent`).
+    fn finish(&mut self) {
+        let socket = self.socket.take();
+        if let (Some(socket), Some(in_flight)) = (socket, &self.in_flight) {
+            if self.keep_alive && self.buf.is_empty() {
+                in_flight.0.put_socket(socket);
+            }
+        }
+        self.in_flight = None;
+    }
+
+    /// The body cannot go on: the socket is closed.
+    fn fail(&mut self, error: BodyError) -> BodyError {
+        self.socket = None;
+        self.in_flight = None;
+        self.framing = Framing::Done;
+        error
+    }
 }
 
 impl ResponseBody {
@@ -1641,19 +1964,12 @@ impl Body for ResponseBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.0 {
             ResponseKind::Page(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
+            ResponseKind::Plain(body) => {
+                let polled = body.poll(cx);
+                body.conn.waited(polled)
+            }
             ResponseKind::Backend { body, conn, lent } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                let waiting = &conn.response_waiting_since;
-                if polled.is_pending() {
-                    if waiting.load(Relaxed) == 0 {
-                        waiting.store(now_ms(), Relaxed);
-                    }
-                    return Poll::Pending;
-                }
-                if waiting.load(Relaxed) != 0 {
-                    waiting.store(0, Relaxed);
-                }
-                let frame = ready!(polled);
+                let frame = ready!(conn.waited(Pin::new(body).poll_frame(cx)));
                 if frame.is_none() && !conn.request_body_open.load(Relaxed) {
                     if let Some(lent) = lent.take() {
                         lent.give_back();
@@ -1668,6 +1984,7 @@ impl Body for ResponseBody {
         match &self.0 {
             ResponseKind::Page(text) => text.is_none(),
             ResponseKind::Backend { body, .. } => body.is_end_stream(),
+            ResponseKind::Plain(body) => body.framing.is_done(),
         }
     }
 
@@ -1675,6 +1992,7 @@ impl Body for ResponseBody {
         match &self.0 {
             ResponseKind::Page(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
             ResponseKind::Backend { body, .. } => body.size_hint(),
+            ResponseKind::Plain(body) => body.framing.size_hint(),
         }
     }
 }
@@ -1683,8 +2001,10 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Bodies known to be empty or complete are not always polled to their end.
         self.release();
-        if let ResponseKind::Backend { conn, .. } = &self.0 {
-            conn.response_waiting_since.store(0, Relaxed);
+        match &self.0 {
+            ResponseKind::Backend { conn, .. } => conn.response_waiting_since.store(0, Relaxed),
+            ResponseKind::Plain(body) => body.conn.response_waiting_since.store(0, Relaxed),
+            ResponseKind::Page(_) => {}
         }
     }
 }
@@ -2156,11 +2476,14 @@ mod tests {
             100000
         );
         assert_eq!(get_text(proxy.addr, "pool.test", "/").await.0, StatusCode::OK);
-        assert_eq!((echo.seen.requests.load(Relaxed), echo.seen.connections.load(Relaxed)), (13, 1));
+        // One connection for the requests without a body, one (through hyper) for the upload.
+        assert_eq!((echo.seen.requests.load(Relaxed), echo.seen.connections.load(Relaxed)), (13, 2));
         // A new table naming the same backend keeps its connections.
         proxy.proxy.set_routes(RouteTable::new(vec![route("pool.test", "pool", &[echo.addr])]));
         assert_eq!(get_text(proxy.addr, "pool.test", "/").await.0, StatusCode::OK);
-        assert_eq!(echo.seen.connections.load(Relaxed), 1);
+        let upload = Request::post("/").header(HOST, "pool.test").body(Full::new(Bytes::from("y"))).unwrap();
+        assert_eq!(send(proxy.addr, upload).await.status(), StatusCode::OK);
+        assert_eq!(echo.seen.connections.load(Relaxed), 2);
     }
 
     #[tokio::test]
@@ -2559,6 +2882,148 @@ mod tests {
         let (status, body) = get_text(proxy.addr, "mute.test", "/").await;
         assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "mute did not answer within 0.3 s\n"));
         mute.abort();
+    }
+
+    /// A backend speaking raw HTTP/1.1 from a script: the answer for each path, and whether it
+    /// closes the connection after it. Returns its address and how many connections it took.
+    async fn scripted(script: &'static [(&'static str, &'static [u8], bool)]) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0; 4096];
+                    loop {
+                        let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                        pending.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                        let Some((_, answer, close)) = script.iter().find(|(p, _, _)| *p == path) else { return };
+                        if stream.write_all(answer).await.is_err() || *close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test]
+    async fn relays_every_framing_of_a_response_to_a_request_without_body() {
+        static SCRIPT: &[(&str, &[u8], bool)] = &[
+            ("/length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kind: length\r\n\r\nhello", false),
+            (
+                "/chunked",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-t\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+                false,
+            ),
+            ("/interim", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            ("/head", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", false),
+            ("/empty", b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            ("/close", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", true),
+            ("/bye", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye", true),
+        ];
+        let (addr, connections) = scripted(SCRIPT).await;
+        let proxy = start(ProxySettings::default(), vec![route("raw.test", "raw", &[addr])]).await;
+        let response = send(proxy.addr, get("raw.test", "/length")).await;
+        assert_eq!(response.headers()["x-kind"], "length");
+        assert_eq!(text(response).await, "hello");
+        let response = send(proxy.addr, get("raw.test", "/chunked")).await;
+        assert!(!response.headers().contains_key("trailer"), "hop-by-hop headers are not passed on");
+        assert_eq!(text(response).await, "hello world");
+        assert_eq!(get_text(proxy.addr, "raw.test", "/interim").await, (StatusCode::OK, "ok".to_string()));
+        let head = Request::head("/head").header(HOST, "raw.test").body(Empty::<Bytes>::new()).unwrap();
+        let response = send(proxy.addr, head).await;
+        assert_eq!((response.status(), response.headers()["content-length"].as_bytes()), (StatusCode::OK, &b"7"[..]));
+        assert_eq!(text(response).await, "");
+        assert_eq!(get_text(proxy.addr, "raw.test", "/empty").await, (StatusCode::NO_CONTENT, String::new()));
+        assert_eq!(connections.load(Relaxed), 1, "one kept-alive connection so far");
+        assert_eq!(get_text(proxy.addr, "raw.test", "/close").await, (StatusCode::OK, "until the end".to_string()));
+        assert_eq!(get_text(proxy.addr, "raw.test", "/bye").await, (StatusCode::OK, "bye".to_string()));
+        assert_eq!(get_text(proxy.addr, "raw.test", "/length").await, (StatusCode::OK, "hello".to_string()));
+        assert_eq!(connections.load(Relaxed), 3, "a connection is not reused after a body that ends with it");
+    }
+
+    #[tokio::test]
+    async fn a_broken_answer_gets_502_and_a_short_body_is_not_passed_off_as_whole() {
+        static SCRIPT: &[(&str, &[u8], bool)] = &[
+            ("/garbage", b"SSH-2.0-OpenSSH\r\n\r\n", true),
+            ("/switch", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", true),
+            ("/lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", true),
+            ("/silent", b"", true),
+            ("/short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true),
+            ("/bad-chunk", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n", true),
+            ("/ok", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        ];
+        let (addr, _) = scripted(SCRIPT).await;
+        let proxy = start(ProxySettings::default(), vec![route("broken.test", "broken", &[addr])]).await;
+        for path in ["/garbage", "/lengths", "/silent"] {
+            let answer = get_text(proxy.addr, "broken.test", path).await;
+            assert_eq!(answer, (StatusCode::BAD_GATEWAY, "broken failed to answer\n".to_string()), "{path}");
+        }
+        let answer = get_text(proxy.addr, "broken.test", "/switch").await;
+        assert_eq!(answer, (StatusCode::BAD_GATEWAY, "broken switched protocols unasked\n".to_string()));
+        for path in ["/short", "/bad-chunk"] {
+            // Cut off before or after the head, depending on when it was flushed, never whole.
+            let stream = TcpStream::connect(proxy.addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            if let Ok(response) = sender.send_request(get("broken.test", path)).await {
+                assert!(response.into_body().collect().await.is_err(), "{path}: the body should end in an error");
+            }
+        }
+        assert_eq!(get_text(proxy.addr, "broken.test", "/ok").await, (StatusCode::OK, "ok".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_closed_unseen_is_replaced_for_a_get_but_not_for_a_post() {
+        // Answers the first request on each connection, then closes it without a word on the
+        // next one, as a backend whose keep-alive timeout just ran out.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0; 4096];
+                    for answered in [false, true] {
+                        let mut head = Vec::new();
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        seen.fetch_add(1, Relaxed);
+                        if answered {
+                            return;
+                        }
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    }
+                });
+            }
+        });
+        let proxy = start(ProxySettings::default(), vec![route("flaky.test", "flaky", &[addr])]).await;
+        assert_eq!(get_text(proxy.addr, "flaky.test", "/").await, (StatusCode::OK, "ok".to_string()));
+        assert_eq!(get_text(proxy.addr, "flaky.test", "/").await, (StatusCode::OK, "ok".to_string()));
+        assert_eq!(requests.load(Relaxed), 3, "the GET was sent again on a new connection");
+        let post = Request::post("/").header(HOST, "flaky.test").body(Empty::<Bytes>::new()).unwrap();
+        let response = send(proxy.addr, post).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "a POST the backend may have seen is not sent twice");
+        assert_eq!(requests.load(Relaxed), 4);
     }
 
     #[tokio::test]
