@@ -174,11 +174,12 @@ type Sender = backend_http1::SendRequest<RequestBody>;
 /// Idle connections of one shard.
 type Shard = Mutex<Idle>;
 
-/// Idle connections, with when each was last used (and sockets with the thread that opened them).
+/// Idle connections, with when each was last used; sockets also with their read buffer (empty:
+/// kept so that a request allocates none) and the thread that opened them.
 #[derive(Default)]
 struct Idle {
     senders: VecDeque<(Sender, u64)>,
-    sockets: VecDeque<(TcpStream, u64, usize)>,
+    sockets: VecDeque<(TcpStream, BytesMut, u64, usize)>,
 }
 
 const POOL_SHARDS: usize = 8;
@@ -226,33 +227,34 @@ impl Pool {
     /// The most recently used socket this thread opened that the backend has neither closed nor
     /// written to since; as [`Pool::take`] for the rest. Checking costs no system call unless the
     /// socket was signalled readable.
-    fn take_socket(&self, now: u64, max_idle_ms: u64) -> Option<TcpStream> {
+    fn take_socket(&self, now: u64, max_idle_ms: u64) -> Option<(TcpStream, BytesMut)> {
         let me = thread_number();
         loop {
-            let socket = {
+            let (socket, buf) = {
                 let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
                 let sockets = &mut idle.sockets;
-                while sockets.front().is_some_and(|(_, since, _)| now.saturating_sub(*since) >= max_idle_ms) {
+                while sockets.front().is_some_and(|(_, _, since, _)| now.saturating_sub(*since) >= max_idle_ms) {
                     sockets.pop_front();
                 }
-                let mine = sockets.iter().rposition(|(_, _, thread)| *thread == me)?;
-                sockets.remove(mine)?.0
+                let mine = sockets.iter().rposition(|(_, _, _, thread)| *thread == me)?;
+                let (socket, buf, _, _) = sockets.remove(mine)?;
+                (socket, buf)
             };
             let mut probe = [0; 1];
             match socket.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(socket),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some((socket, buf)),
                 // Closed, failed, or bytes nobody asked for: not usable.
                 _ => {}
             }
         }
     }
 
-    fn put_socket(&self, socket: TcpStream) {
+    fn put_socket(&self, socket: TcpStream, buf: BytesMut) {
         let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.sockets.len() >= MAX_IDLE_PER_BACKEND {
             idle.sockets.pop_front();
         }
-        idle.sockets.push_back((socket, now_ms(), thread_number()));
+        idle.sockets.push_back((socket, buf, now_ms(), thread_number()));
     }
 
     fn shard(&self) -> &Shard {
@@ -1308,11 +1310,10 @@ impl ConnState {
         let deadline = instant_at(started) + settings.response_header_timeout;
         let max_idle_ms = settings.idle_timeout.as_millis() as u64;
         loop {
-            let (mut socket, reused) = match pool.take_socket(started, max_idle_ms) {
-                Some(socket) => (socket, true),
-                None => (self.proxy.open(backend.addr).await?, false),
+            let (mut socket, mut buf, reused) = match pool.take_socket(started, max_idle_ms) {
+                Some((socket, buf)) => (socket, buf, true),
+                None => (self.proxy.open(backend.addr).await?, BytesMut::with_capacity(READ_BUFFER), false),
             };
-            let mut buf = BytesMut::with_capacity(READ_BUFFER);
             let head = match tokio::time::timeout_at(deadline, ask.send(&mut socket, &mut buf)).await {
                 Ok(Ok(head)) => head,
                 // A kept-alive socket the backend had closed: the request did not get there (or,
@@ -1335,7 +1336,7 @@ impl ConnState {
                     // has the answer (and goes back before the count drops, see `Lent`).
                     let data = buf.split_to(len).freeze();
                     if keep_alive && buf.is_empty() {
-                        pool.put_socket(socket);
+                        pool.put_socket(socket, buf);
                     }
                     drop(in_flight);
                     ResponseBody(ResponseKind::Page((len > 0).then_some(data)))
@@ -1920,7 +1921,7 @@ impl PlainBody {
         let socket = self.socket.take();
         if let (Some(socket), Some(in_flight)) = (socket, &self.in_flight) {
             if self.keep_alive && self.buf.is_empty() {
-                in_flight.0.put_socket(socket);
+                in_flight.0.put_socket(socket, std::mem::take(&mut self.buf));
             }
         }
         self.in_flight = None;
