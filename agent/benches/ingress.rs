@@ -7,7 +7,9 @@
 //! `cargo bench -p deployer-agent --bench ingress`; needs `wrk` and `nginx` on the PATH (Debian:
 //! `apt-get install -y wrk nginx`) and says so, without failing, when they are missing.
 //! `INGRESS_BENCH_SECS` sets the length of one wrk run (default 10), `INGRESS_BENCH_ROUNDS` the
-//! number of alternating rounds (default 3).
+//! number of alternating rounds (default 3). `INGRESS_BENCH_HOLD=1` starts everything, prints the
+//! addresses and waits an hour instead of measuring, for profiling (perf, callgrind) under a load
+//! sent by hand.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,6 +52,11 @@ fn main() {
         println!("  {name:<17} {addr}");
         // Warm up: connection pools, caches, CPU frequency.
         wrk(addr, 2);
+    }
+    if std::env::var_os("INGRESS_BENCH_HOLD").is_some() {
+        println!("holding for an hour (INGRESS_BENCH_HOLD): profile or load the addresses above by hand");
+        std::thread::sleep(Duration::from_secs(3600));
+        return;
     }
     let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
@@ -210,13 +217,19 @@ fn free_port() -> SocketAddr {
 
 struct Run {
     rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
     p99_ms: f64,
     errors: Vec<String>,
 }
 
 impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:>9.0} req/s, p99 {:>6.2} ms", self.rps, self.p99_ms)?;
+        write!(
+            f,
+            "{:>9.0} req/s, p50 {:>5.2} p90 {:>5.2} p99 {:>6.2} ms",
+            self.rps, self.p50_ms, self.p90_ms, self.p99_ms
+        )?;
         if !self.errors.is_empty() {
             write!(f, "  ({})", self.errors.join("; "))?;
         }
@@ -237,18 +250,20 @@ fn wrk(addr: SocketAddr, seconds: u64) -> Run {
         .find_map(|line| line.trim().strip_prefix("Requests/sec:"))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"));
-    let p99_ms = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("99%"))
-        .and_then(|value| milliseconds(value.trim()))
-        .unwrap_or_else(|| panic!("no 99% latency in wrk's output:\n{text}"));
+    let percentile = |label: &str| {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|value| milliseconds(value.trim()))
+            .unwrap_or_else(|| panic!("no {label} latency in wrk's output:\n{text}"))
+    };
+    let (p50_ms, p90_ms, p99_ms) = (percentile("50%"), percentile("90%"), percentile("99%"));
     let errors = text
         .lines()
         .map(str::trim)
         .filter(|line| line.starts_with("Non-2xx") || line.starts_with("Socket errors"))
         .map(str::to_string)
         .collect();
-    Run { rps, p99_ms, errors }
+    Run { rps, p50_ms, p90_ms, p99_ms, errors }
 }
 
 /// wrk's `812.00us`, `1.23ms`, `1.01s`.

@@ -35,7 +35,7 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1 as backend_http1;
 use hyper::server::conn::http1;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -310,8 +310,10 @@ pub struct ProxySettings {
     /// The backend must start answering within this, counted from the last byte of the request
     /// body it took (or from the request, without a body).
     pub response_header_timeout: Duration,
-    /// A client must send a whole request head within this (the slowloris guard); hyper also
-    /// arms it as soon as a keep-alive connection goes idle, so it bounds idle connections too.
+    /// A client must send a whole request head within this (the slowloris guard), counted from
+    /// when the connection opened or its last answer was written out, so it bounds idle
+    /// keep-alive connections too. Checked a few times per timeout: a connection is cut between
+    /// this and a quarter more.
     pub request_header_timeout: Duration,
     /// Larger request bodies get 413, also chunked ones (counted as they stream).
     pub max_request_body: u64,
@@ -502,10 +504,11 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(settings: ProxySettings) -> Arc<Proxy> {
         let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(settings.request_header_timeout)
-            .max_header_size(settings.max_header_bytes);
+        // No timer for hyper: the request head timeout is the connection's watchdog's (see
+        // `ConnState::watchdog`). hyper's arms a timer per request (a clock read, an allocation,
+        // a timer wheel insertion and removal): 9% of the proxy's instructions per request
+        // (callgrind, `benches/ingress.rs`).
+        http.keep_alive(true).header_read_timeout(None).max_header_size(settings.max_header_bytes);
         Arc::new(Proxy {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
@@ -928,17 +931,24 @@ impl Proxy {
             last_io: AtomicU64::new(0),
             tunnel: Mutex::new(None),
             unread_body: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            answering: AtomicBool::new(false),
         });
         let io = TokioIo::new(ClientIo { stream, state: state.clone() });
         let service = {
             let state = state.clone();
             hyper::service::service_fn(move |req| {
+                state.requests.fetch_add(1, Relaxed);
+                state.answering.store(true, Relaxed);
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(req).await) }
+                async move {
+                    let response = state.clone().handle(req).await;
+                    Ok::<_, Infallible>(response.map(|body| Answer { body, _answered: Answered(state) }))
+                }
             })
         };
         let mut conn = self.http.serve_connection(io, service).with_upgrades();
-        let watchdog = state.watchdog(idle_timeout);
+        let watchdog = state.watchdog(idle_timeout, self.settings.request_header_timeout);
         tokio::pin!(watchdog);
         let mut drain_started = false;
         loop {
@@ -1083,19 +1093,45 @@ struct ConnState {
     last_io: AtomicU64,
     /// An upgrade agreed by the backend, run by the connection once hyper lets go of it.
     tunnel: Mutex<Option<Tunnel>>,
+    /// Request heads received so far.
+    requests: AtomicU64,
+    /// A request is being answered: from its head until hyper has taken its whole response (see
+    /// [`Answer`]). Otherwise the connection waits for a request head.
+    answering: AtomicBool,
     /// A request was answered before its body was read: hyper will close the connection, and
     /// the client may still be sending.
     unread_body: AtomicBool,
 }
 
 impl ConnState {
-    /// Resolves, with the reason, when the connection has stalled for `idle`.
-    async fn watchdog(&self, idle: Duration) -> &'static str {
+    /// Resolves, with the reason, when the connection has stalled for `idle`, or has waited for a
+    /// request head for `head` (no new request counted, none being answered, no write blocked).
+    async fn watchdog(&self, idle: Duration, head: Duration) -> &'static str {
         let idle_ms = idle.as_millis() as u64;
-        let tick = (idle / 4).max(Duration::from_millis(10));
+        let head_ms = head.as_millis() as u64;
+        let tick = (idle.min(head) / 4).max(Duration::from_millis(10));
+        // Since when (as first seen here) the connection has waited for the request head after
+        // this many requests.
+        let mut head_wait: Option<(u64, u64)> = None;
         loop {
             tokio::time::sleep(tick).await;
             let now = now_ms();
+            let waiting_for_head = !self.answering.load(Relaxed)
+                && !self.tunnelling.load(Relaxed)
+                && self.write_blocked_since.load(Relaxed) == 0;
+            if waiting_for_head {
+                let requests = self.requests.load(Relaxed);
+                match head_wait {
+                    Some((seen, since)) if seen == requests => {
+                        if now.saturating_sub(since) >= head_ms {
+                            return "no request head within the request header timeout";
+                        }
+                    }
+                    _ => head_wait = Some((requests, now)),
+                }
+            } else {
+                head_wait = None;
+            }
             let stalled = |since: &AtomicU64| {
                 let since = since.load(Relaxed);
                 since != 0 && now.saturating_sub(since) >= idle_ms
@@ -1196,25 +1232,24 @@ impl ConnState {
         let route = &entry.route;
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let protocol = client_upgrade.as_ref().and_then(|_| parts.headers.get(UPGRADE).cloned());
-        forwarded_headers(&mut parts.headers, &self.client_ip, &self.proto, protocol, self.from_peer.load(Relaxed));
-        if route.via_peer {
-            parts.headers.insert(X_DEPLOYER_HOP, HeaderValue::from_static("1"));
-        } else {
-            parts.headers.remove(X_DEPLOYER_HOP);
-        }
-        let mut path = parts.uri.into_parts().path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from);
         let has_body = !body.is_end_stream();
         // Only a request that cannot have reached an application is sent again: the connection
         // failed, so nothing was sent; with a body, it is gone with the first attempt.
         let attempts = if !has_body && parts.method.is_idempotent() { entry.backends.len() } else { 1 };
         let now = now_ms();
         let mut used = None;
+        let from_peer = self.from_peer.load(Relaxed);
 
         if !has_body && client_upgrade.is_none() {
             let mut head = Vec::with_capacity(512);
-            let target = path.path_and_query().map_or("/", PathAndQuery::as_str);
-            upstream::write_head(&parts.method, target, &parts.headers, &mut head);
+            let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            let forwarding =
+                Forwarding { client_ip: &self.client_ip, proto: &self.proto, from_peer, via_peer: route.via_peer };
+            if !forwarding.write_head(&parts.method, target, &parts.headers, &mut head) {
+                head.clear();
+                forwarding.apply(&mut parts.headers, None);
+                upstream::write_head(&parts.method, target, &parts.headers, &mut head);
+            }
             let ask =
                 Ask { head: &head, to_head: parts.method == Method::HEAD, idempotent: parts.method.is_idempotent() };
             let mut outcome = Err(Failure::NoBackend);
@@ -1228,6 +1263,11 @@ impl ConnState {
             return self.answered(route, used, &parts.method, outcome);
         }
 
+        let protocol = client_upgrade.as_ref().and_then(|_| parts.headers.get(UPGRADE).cloned());
+        let forwarding =
+            Forwarding { client_ip: &self.client_ip, proto: &self.proto, from_peer, via_peer: route.via_peer };
+        forwarding.apply(&mut parts.headers, protocol);
+        let mut path = parts.uri.into_parts().path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from);
         let mut body = Some(if has_body {
             RequestBody::streaming(body, settings.max_request_body, self.clone())
         } else {
@@ -1679,46 +1719,132 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-/// The request headers as the backend gets them: no hop-by-hop headers (but the upgrade, when
-/// asked), the original `Host`, and `X-Forwarded-For`, `-Proto` and `-Host`.
-///
-/// `client_ip` is the client's address as a header value, made once per connection.
-fn forwarded_headers(
-    headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
-    proto: &HeaderValue,
-    upgrade: Option<HeaderValue>,
+/// How a request's headers change on their way to the backend: no hop-by-hop headers (but the
+/// upgrade, when asked), the original `Host`, `X-Forwarded-For`, `-Proto` and `-Host`, and the
+/// hop marker when the route goes through another agent.
+struct Forwarding<'a> {
+    /// The client's address as a header value, made once per connection.
+    client_ip: &'a HeaderValue,
+    proto: &'a HeaderValue,
+    /// The request came from another agent's ingress: the `X-Forwarded-Proto` and `-Host` it
+    /// set stand.
     from_peer: bool,
-) {
-    strip_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(UPGRADE, protocol);
+    via_peer: bool,
+}
+
+/// More names in a request's `Connection` header than [`Forwarding::write_head`] takes.
+const MAX_CONNECTION_TOKENS: usize = 8;
+
+impl Forwarding<'_> {
+    /// Changes `headers` as the backend is to get them.
+    fn apply(&self, headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+        strip_hop_by_hop(headers);
+        if let Some(protocol) = upgrade {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, protocol);
+        }
+        let chain = if headers.contains_key(X_FORWARDED_FOR) {
+            let mut chain = Vec::new();
+            for value in headers.get_all(X_FORWARDED_FOR).iter() {
+                let value = value.as_bytes().trim_ascii();
+                if !value.is_empty() {
+                    chain.extend_from_slice(value);
+                    chain.extend_from_slice(b", ");
+                }
+            }
+            chain.extend_from_slice(self.client_ip.as_bytes());
+            HeaderValue::from_bytes(&chain).unwrap_or_else(|_| self.client_ip.clone())
+        } else {
+            self.client_ip.clone()
+        };
+        headers.insert(X_FORWARDED_FOR, chain);
+        if self.via_peer {
+            headers.insert(X_DEPLOYER_HOP, HeaderValue::from_static("1"));
+        } else {
+            headers.remove(X_DEPLOYER_HOP);
+        }
+        if self.from_peer && headers.contains_key(X_FORWARDED_PROTO) && headers.contains_key(X_FORWARDED_HOST) {
+            return;
+        }
+        headers.insert(X_FORWARDED_PROTO, self.proto.clone());
+        match headers.get(HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
     }
-    let chain = if headers.contains_key(X_FORWARDED_FOR) {
-        let mut chain = Vec::new();
-        for value in headers.get_all(X_FORWARDED_FOR).iter() {
-            let value = value.as_bytes().trim_ascii();
-            if !value.is_empty() {
-                chain.extend_from_slice(value);
-                chain.extend_from_slice(b", ");
+
+    /// Appends the request head the backend gets to `out`, as [`Forwarding::apply`] and
+    /// [`upstream::write_head`] would make it, without changing the client's header map (whose
+    /// new entries would grow it: an allocation and a rehash per request). `false`, with `out`
+    /// partly written, when the `Connection` header names more than [`MAX_CONNECTION_TOKENS`]
+    /// headers: then `apply` it is.
+    fn write_head(&self, method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) -> bool {
+        // The names the `Connection` header lists are dropped with the hop-by-hop ones.
+        let mut named = [&[] as &[u8]; MAX_CONNECTION_TOKENS];
+        let mut listed = 0;
+        for value in headers.get_all(CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if listed == named.len() {
+                    return false;
+                }
+                named[listed] = token.as_bytes();
+                listed += 1;
             }
         }
-        chain.extend_from_slice(client_ip.as_bytes());
-        HeaderValue::from_bytes(&chain).unwrap_or_else(|_| client_ip.clone())
-    } else {
-        client_ip.clone()
-    };
-    headers.insert(X_FORWARDED_FOR, chain);
-    // Another agent's ingress met the client first: what it saw stands.
-    if from_peer && headers.contains_key(X_FORWARDED_PROTO) && headers.contains_key(X_FORWARDED_HOST) {
-        return;
+        let named = &named[..listed];
+        upstream::write_request_line(method, target, out);
+        let (mut forwarded_for, mut forwarded_proto, mut forwarded_host, mut host) = (false, false, false, None);
+        for (name, value) in headers {
+            if HOP_BY_HOP.contains(name)
+                || (*name != HOST && named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes())))
+            {
+                continue;
+            }
+            if *name == X_FORWARDED_FOR {
+                forwarded_for = true;
+            } else if *name == X_FORWARDED_PROTO {
+                forwarded_proto = true;
+            } else if *name == X_FORWARDED_HOST {
+                forwarded_host = true;
+            } else if *name != X_DEPLOYER_HOP {
+                if *name == HOST {
+                    host = Some(value);
+                }
+                upstream::write_field(name.as_str(), value.as_bytes(), out);
+            }
+        }
+        // X-Forwarded-For: what came, then this client.
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if forwarded_for {
+            for value in headers.get_all(X_FORWARDED_FOR) {
+                let value = value.as_bytes().trim_ascii();
+                if !value.is_empty() {
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b", ");
+                }
+            }
+        }
+        out.extend_from_slice(self.client_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if self.via_peer {
+            upstream::write_field(X_DEPLOYER_HOP.as_str(), b"1", out);
+        }
+        if self.from_peer && forwarded_proto && forwarded_host {
+            for name in [X_FORWARDED_PROTO, X_FORWARDED_HOST] {
+                for value in headers.get_all(&name) {
+                    upstream::write_field(name.as_str(), value.as_bytes(), out);
+                }
+            }
+        } else {
+            upstream::write_field(X_FORWARDED_PROTO.as_str(), self.proto.as_bytes(), out);
+            if let Some(host) = host {
+                upstream::write_field(X_FORWARDED_HOST.as_str(), host.as_bytes(), out);
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        true
     }
-    headers.insert(X_FORWARDED_PROTO, proto.clone());
-    match headers.get(HOST).cloned() {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
 }
 
 /// Milliseconds since the first call, never 0 (0 means "not set" in the state above).
@@ -2007,6 +2133,39 @@ impl Drop for ResponseBody {
             ResponseKind::Plain(body) => body.conn.response_waiting_since.store(0, Relaxed),
             ResponseKind::Page(_) => {}
         }
+    }
+}
+
+/// A response as hyper writes it to the client: its body, then the mark that the request has been
+/// answered, dropped once hyper has taken the whole body (the watchdog then times the wait for the
+/// next request head).
+struct Answer {
+    body: ResponseBody,
+    _answered: Answered,
+}
+
+struct Answered(Arc<ConnState>);
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.0.answering.store(false, Relaxed);
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -2638,6 +2797,59 @@ mod tests {
         }
     }
 
+    /// The head written straight from the client's headers says what the changed map does, on
+    /// requests with and without each kind of header that is dropped, replaced or kept.
+    #[test]
+    fn a_head_written_from_the_client_headers_matches_the_changed_map() {
+        let client_ip = HeaderValue::from_static("198.51.100.2");
+        let proto = HeaderValue::from_static("https");
+        let cases: &[&[(&str, &str)]] = &[
+            &[("host", "a.test")],
+            &[],
+            &[("host", "a.test"), ("x-forwarded-for", "203.0.113.7"), ("x-forwarded-for", " , 10.0.0.1 ")],
+            &[("host", "a.test"), ("connection", "keep-alive, X-Secret, host"), ("x-secret", "1"), ("te", "trailers")],
+            &[("host", "a.test"), ("connection", "x-forwarded-for"), ("x-forwarded-for", "203.0.113.7")],
+            &[("host", "a.test"), ("x-forwarded-proto", "http"), ("x-forwarded-host", "b.test"), ("accept", "*/*")],
+            &[("host", "a.test"), ("x-forwarded-proto", "http")],
+            &[("host", "a.test"), ("x-deployer-hop", "1"), ("keep-alive", "timeout=5"), ("proxy-connection", "x")],
+            &[("host", "a.test"), ("connection", "close"), ("cookie", "a=1"), ("cookie", "b=2")],
+        ];
+        let mut compared = 0;
+        for headers in cases {
+            let map: HeaderMap = headers
+                .iter()
+                .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+                .fold(HeaderMap::new(), |mut map, (n, v)| {
+                    map.append(n, v);
+                    map
+                });
+            for (from_peer, via_peer) in [(false, false), (true, false), (false, true), (true, true)] {
+                let forwarding = Forwarding { client_ip: &client_ip, proto: &proto, from_peer, via_peer };
+                let mut direct = Vec::new();
+                assert!(forwarding.write_head(&Method::GET, "/p?q=1", &map, &mut direct));
+                let mut changed = map.clone();
+                forwarding.apply(&mut changed, None);
+                let mut expected = Vec::new();
+                upstream::write_head(&Method::GET, "/p?q=1", &changed, &mut expected);
+                let lines = |head: &[u8]| {
+                    let text = String::from_utf8(head.to_vec()).unwrap();
+                    assert!(text.starts_with("GET /p?q=1 HTTP/1.1\r\n") && text.ends_with("\r\n\r\n"), "{text}");
+                    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+                    lines.sort();
+                    lines
+                };
+                assert_eq!(lines(&direct), lines(&expected), "{headers:?}, from_peer {from_peer}, via_peer {via_peer}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, cases.len() * 4);
+        // Too many names in `Connection`: the caller changes the map instead.
+        let mut map = HeaderMap::new();
+        map.insert(CONNECTION, HeaderValue::from_static("a, b, c, d, e, f, g, h, i"));
+        let forwarding = Forwarding { client_ip: &client_ip, proto: &proto, from_peer: false, via_peer: false };
+        assert!(!forwarding.write_head(&Method::GET, "/", &map, &mut Vec::new()));
+    }
+
     #[tokio::test]
     async fn streams_request_bodies() {
         let echo = backend("echo").await;
@@ -2883,6 +3095,45 @@ mod tests {
         let (status, body) = get_text(proxy.addr, "mute.test", "/").await;
         assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "mute did not answer within 0.3 s\n"));
         mute.abort();
+    }
+
+    /// The request header timeout bounds the wait for a request, not for its answer: a backend
+    /// slower than it is waited for, on a connection that then serves another request.
+    #[tokio::test]
+    async fn a_slow_answer_is_not_cut_by_the_request_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slow = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            loop {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let settings = ProxySettings { request_header_timeout: Duration::from_millis(200), ..ProxySettings::default() };
+        let proxy = start(settings, vec![route("slow.test", "slow", &[addr])]).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        for _ in 0..2 {
+            let response = sender.send_request(get("slow.test", "/")).await.expect("answered, not cut off");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(text(response).await, "slow");
+        }
+        // Then idle: cut after the header timeout.
+        tokio::time::timeout(Duration::from_secs(5), conn).await.expect("never closed").unwrap().unwrap();
+        slow.abort();
     }
 
     /// A backend speaking raw HTTP/1.1 from a script: the answer for each path, and whether it

@@ -46,16 +46,26 @@ pub(super) enum BadResponse {
 
 /// Appends the request head to `out`: request line, header fields, blank line.
 pub(super) fn write_head(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+    write_request_line(method, target, out);
+    for (name, value) in headers {
+        write_field(name.as_str(), value.as_bytes(), out);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `GET /path HTTP/1.1` and its line end.
+pub(super) fn write_request_line(method: &Method, target: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// Appends one header field line.
+pub(super) fn write_field(name: &str, value: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
