@@ -1808,7 +1808,7 @@ impl Forwarding<'_> {
             } else if *name == X_FORWARDED_HOST {
                 forwarded_host = true;
             } else if *name != X_DEPLOYER_HOP {
-                if *name == HOST {
+                if *name == HOST && host.is_none() {
                     host = Some(value);
                 }
                 upstream::write_field(name.as_str(), value.as_bytes(), out);
@@ -2813,6 +2813,7 @@ mod tests {
             &[("host", "a.test"), ("x-forwarded-proto", "http")],
             &[("host", "a.test"), ("x-deployer-hop", "1"), ("keep-alive", "timeout=5"), ("proxy-connection", "x")],
             &[("host", "a.test"), ("connection", "close"), ("cookie", "a=1"), ("cookie", "b=2")],
+            &[("host", "a.test"), ("host", "b.test")],
         ];
         let mut compared = 0;
         for headers in cases {
