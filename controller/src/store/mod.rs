@@ -65,6 +65,10 @@ pub(crate) async fn open_pool(
         .min_connections(1)
         .idle_timeout(None)
         .max_lifetime(None)
+        // sqlx pings a connection before lending it, by default: one more round trip to the
+        // connection's worker thread (two thread wake-ups) per apply and per read. A SQLite
+        // connection is a file in this process; it does not go stale.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
 }
