@@ -213,7 +213,7 @@ async fn create_project(client: &reqwest::Client, base: &str, auth: &str) -> Res
 /// The load's client: `POST /api/v1/projects` written by hand on one kept-alive connection, the
 /// answer's head parsed for its status and `Content-Length` (as wrk does). The bench client
 /// shares the two cores with the three nodes: reqwest (hyper's client, a connection task and
-/// channels per request) cost 24 to 33 µs of CPU per write, a seventh of the whole; this costs
+/// channels per request) cost 21 to 33 µs of CPU per write, a seventh of the whole; this costs
 /// under half of that. `RAFT_BENCH_CLIENT=reqwest` measures with reqwest instead.
 struct RawClient {
     addr: String,
