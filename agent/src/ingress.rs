@@ -1238,13 +1238,16 @@ impl ConnState {
         let attempts = if !has_body && parts.method.is_idempotent() { entry.backends.len() } else { 1 };
         let now = now_ms();
         let mut used = None;
-        let from_peer = self.from_peer.load(Relaxed);
+        let forwarding = Forwarding {
+            client_ip: &self.client_ip,
+            proto: &self.proto,
+            from_peer: self.from_peer.load(Relaxed),
+            via_peer: route.via_peer,
+        };
 
         if !has_body && client_upgrade.is_none() {
             let mut head = Vec::with_capacity(512);
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            let forwarding =
-                Forwarding { client_ip: &self.client_ip, proto: &self.proto, from_peer, via_peer: route.via_peer };
             if !forwarding.write_head(&parts.method, target, &parts.headers, &mut head) {
                 head.clear();
                 forwarding.apply(&mut parts.headers, None);
@@ -1264,8 +1267,6 @@ impl ConnState {
         }
 
         let protocol = client_upgrade.as_ref().and_then(|_| parts.headers.get(UPGRADE).cloned());
-        let forwarding =
-            Forwarding { client_ip: &self.client_ip, proto: &self.proto, from_peer, via_peer: route.via_peer };
         forwarding.apply(&mut parts.headers, protocol);
         let mut path = parts.uri.into_parts().path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from);
         let mut body = Some(if has_body {

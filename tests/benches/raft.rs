@@ -317,10 +317,10 @@ where
     let start = Instant::now();
     let end = start + duration;
     let mut workers = tokio::task::JoinSet::new();
+    let use_reqwest = env::<String>("RAFT_BENCH_CLIENT").is_some_and(|c| c == "reqwest");
     for i in 0..clients {
         let base = targets[i % targets.len()].clone();
         let auth = auth.to_string();
-        let use_reqwest = env::<String>("RAFT_BENCH_CLIENT").is_some_and(|c| c == "reqwest");
         workers.spawn(async move {
             let client = http_client(Duration::from_secs(10));
             let mut raw = RawClient::new(&base, &auth);
