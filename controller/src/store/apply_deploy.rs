@@ -4,16 +4,17 @@
 //! the current one, or for a deployment that already ended, changes nothing, so a late or
 //! repeated message from an agent can never move a deployment backwards or run it twice.
 
-use sqlx::{Sqlite, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
+use super::apply::{column, exec, scalar};
 use super::state_machine::StateEvent;
 use crate::command::{Command, CommandResponse, DeploymentStatus, Rejection};
 
-pub(super) async fn apply(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn apply(
+    tx: &Transaction<'_>,
     command: Command,
     events: &mut Vec<StateEvent>,
-) -> Result<CommandResponse, sqlx::Error> {
+) -> rusqlite::Result<CommandResponse> {
     match command {
         Command::CreateDeployment {
             id,
@@ -26,10 +27,7 @@ pub(super) async fn apply(
             notify,
             at,
         } => {
-            let service: Option<String> = sqlx::query_scalar("SELECT project_id FROM services WHERE id = ?")
-                .bind(&service_id)
-                .fetch_optional(&mut **tx)
-                .await?;
+            let service: Option<String> = scalar(tx, "SELECT project_id FROM services WHERE id = ?", [&service_id])?;
             if service.as_deref() != Some(project_id.as_str()) {
                 return Ok(CommandResponse::rejected(
                     Rejection::NotFound,
@@ -37,35 +35,22 @@ pub(super) async fn apply(
                 ));
             }
             // Older deployments of the service still waiting are replaced by this one.
-            let superseded: Vec<String> = sqlx::query_scalar(
+            let superseded: Vec<String> = column(
+                tx,
                 "UPDATE deployments SET status = 'superseded', finished_at = ?1, updated_at = ?1, \
                  error = 'superseded by deployment ' || ?2 \
                  WHERE service_id = ?3 AND preview = ?4 AND status = 'queued' RETURNING id",
-            )
-            .bind(at)
-            .bind(&id)
-            .bind(&service_id)
-            .bind(&preview)
-            .fetch_all(&mut **tx)
-            .await?;
-            let done = sqlx::query(
+                params![at, id, service_id, preview],
+            )?;
+            let done = exec(
+                tx,
                 "INSERT INTO deployments (id, seq, project_id, service_id, status, source, ref, created_by, \
                  created_at, updated_at, preview, notify) \
                  VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments), ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?7, ?8, ?9) \
                  ON CONFLICT DO NOTHING",
-            )
-            .bind(&id)
-            .bind(&project_id)
-            .bind(&service_id)
-            .bind(source.to_string())
-            .bind(reference)
-            .bind(created_by)
-            .bind(at)
-            .bind(&preview)
-            .bind(&notify)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
+                params![id, project_id, service_id, source.to_string(), reference, created_by, at, preview, notify],
+            )?;
+            if done == 0 {
                 return Ok(CommandResponse::rejected(Rejection::Conflict, format!("deployment {id} exists")));
             }
             for old in superseded {
@@ -75,24 +60,22 @@ pub(super) async fn apply(
         }
         Command::PutUploadChunk { upload_id, chunk, data_hex } => {
             let data = hex::decode(&data_hex).unwrap_or_default();
-            sqlx::query("INSERT OR REPLACE INTO uploads (id, chunk, data) VALUES (?, ?, ?)")
-                .bind(upload_id)
-                .bind(chunk)
-                .bind(data)
-                .execute(&mut **tx)
-                .await?;
+            exec(
+                tx,
+                "INSERT OR REPLACE INTO uploads (id, chunk, data) VALUES (?, ?, ?)",
+                params![upload_id, chunk, data],
+            )?;
         }
         Command::DropUploads { ids } => {
             for id in ids {
-                sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&mut **tx).await?;
+                exec(tx, "DELETE FROM uploads WHERE id = ?", [id])?;
             }
         }
         Command::AssignDeployment { id, attempt, agent_id, at } => {
-            let row: Option<(String, i64, String)> =
-                sqlx::query_as("SELECT status, attempt, project_id FROM deployments WHERE id = ?")
-                    .bind(&id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
+            let row: Option<(String, i64, String)> = tx
+                .prepare_cached("SELECT status, attempt, project_id FROM deployments WHERE id = ?")?
+                .query_row([&id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .optional()?;
             let Some((status, current, project_id)) = row else {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("deployment {id} does not exist")));
             };
@@ -102,25 +85,21 @@ pub(super) async fn apply(
                     format!("deployment {id} is {status} at attempt {current}: it cannot start attempt {attempt}"),
                 ));
             }
-            sqlx::query(
+            exec(
+                tx,
                 "UPDATE deployments SET status = 'building', attempt = ?1, agent_id = ?2, error = NULL, \
                  started_at = COALESCE(started_at, ?3), updated_at = ?3 WHERE id = ?4",
-            )
-            .bind(attempt)
-            .bind(agent_id)
-            .bind(at)
-            .bind(&id)
-            .execute(&mut **tx)
-            .await?;
+                params![attempt, agent_id, at, id],
+            )?;
             events.push(StateEvent::DeploymentChanged { id, project_id });
         }
         Command::UpdateDeployment { id, attempt, status, image, commit, url, error, not_before, exclude_agent, at } => {
-            let row: Option<(String, i64, String, String, String)> = sqlx::query_as(
-                "SELECT status, attempt, project_id, service_id, excluded FROM deployments WHERE id = ?",
-            )
-            .bind(&id)
-            .fetch_optional(&mut **tx)
-            .await?;
+            let row: Option<(String, i64, String, String, String)> = tx
+                .prepare_cached(
+                    "SELECT status, attempt, project_id, service_id, excluded FROM deployments WHERE id = ?",
+                )?
+                .query_row([&id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
+                .optional()?;
             let Some((current_status, current_attempt, project_id, service_id, excluded)) = row else {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("deployment {id} does not exist")));
             };
@@ -156,39 +135,37 @@ pub(super) async fn apply(
                     excluded.push(agent);
                 }
             }
-            sqlx::query(
+            exec(
+                tx,
                 "UPDATE deployments SET status = ?1, image = COALESCE(?2, image), commit_sha = COALESCE(?3, commit_sha), \
                  url = COALESCE(?4, url), error = COALESCE(?5, error), not_before = COALESCE(?6, not_before), \
                  excluded = ?7, requeues = requeues + ?8, \
                  agent_id = CASE WHEN ?1 = 'queued' THEN NULL ELSE agent_id END, \
                  healthy_at = CASE WHEN ?1 = 'running' THEN ?9 ELSE healthy_at END, \
                  finished_at = CASE WHEN ?10 THEN ?9 ELSE finished_at END, updated_at = ?9 WHERE id = ?11",
-            )
-            .bind(status.as_str())
-            .bind(image)
-            .bind(commit)
-            .bind(url)
-            .bind(error)
-            .bind(not_before)
-            .bind(serde_json::to_string(&excluded).unwrap_or_else(|_| "[]".into()))
-            .bind(i64::from(requeue))
-            .bind(at)
-            .bind(ended)
-            .bind(&id)
-            .execute(&mut **tx)
-            .await?;
+                params![
+                    status.as_str(),
+                    image,
+                    commit,
+                    url,
+                    error,
+                    not_before,
+                    serde_json::to_string(&excluded).unwrap_or_else(|_| "[]".into()),
+                    i64::from(requeue),
+                    at,
+                    ended,
+                    id
+                ],
+            )?;
             if status == DeploymentStatus::Running {
                 // The release it replaced stops being the service's current one.
-                let replaced: Vec<String> = sqlx::query_scalar(
+                let replaced: Vec<String> = column(
+                    tx,
                     "UPDATE deployments SET status = 'superseded', updated_at = ?1 \
                      WHERE service_id = ?2 AND status = 'running' AND id != ?3 \
                      AND preview = (SELECT preview FROM deployments WHERE id = ?3) RETURNING id",
-                )
-                .bind(at)
-                .bind(&service_id)
-                .bind(&id)
-                .fetch_all(&mut **tx)
-                .await?;
+                    params![at, service_id, id],
+                )?;
                 for old in replaced {
                     events.push(StateEvent::DeploymentChanged { id: old, project_id: project_id.clone() });
                 }
@@ -196,35 +173,35 @@ pub(super) async fn apply(
             events.push(StateEvent::DeploymentChanged { id, project_id });
         }
         Command::AppendDeploymentLogs { id, attempt, lines } => {
-            let exists: Option<(String, i64)> = sqlx::query_as(
-                "SELECT project_id, COALESCE((SELECT MAX(n) FROM deployment_logs WHERE deployment_id = ?1), 0) \
-                 FROM deployments WHERE id = ?1",
-            )
-            .bind(&id)
-            .fetch_optional(&mut **tx)
-            .await?;
+            let exists: Option<(String, i64)> = tx
+                .prepare_cached(
+                    "SELECT project_id, COALESCE((SELECT MAX(n) FROM deployment_logs WHERE deployment_id = ?1), 0) \
+                     FROM deployments WHERE id = ?1",
+                )?
+                .query_row([&id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
             let Some((project_id, mut n)) = exists else {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("deployment {id} does not exist")));
             };
             let before = n;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO deployment_logs (deployment_id, n, attempt, agent_seq, level, message, at, phase, step) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )?;
             for line in lines {
-                let done = sqlx::query(
-                    "INSERT INTO deployment_logs (deployment_id, n, attempt, agent_seq, level, message, at, phase, step) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                )
-                .bind(&id)
-                .bind(n + 1)
-                .bind(attempt)
-                .bind(line.agent_seq.map(|s| s as i64))
-                .bind(line.level)
-                .bind(line.message)
-                .bind(line.at)
-                .bind(line.phase)
-                .bind(line.step)
-                .execute(&mut **tx)
-                .await?;
+                let done = insert.execute(params![
+                    id,
+                    n + 1,
+                    attempt,
+                    line.agent_seq.map(|s| s as i64),
+                    line.level,
+                    line.message,
+                    line.at,
+                    line.phase,
+                    line.step
+                ])?;
                 // A line the agent sent again is already there: it keeps its number.
-                n += done.rows_affected() as i64;
+                n += done as i64;
             }
             if n > before {
                 events.push(StateEvent::DeploymentLogs { id, project_id, upto: n });

@@ -1,22 +1,21 @@
 //! Applying the preview commands. A preview is identified by its project and key (`pr-<n>`, or
 //! a branch's slug); one live preview per key, destroyed ones stay as history.
 
-use sqlx::{Sqlite, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
+use super::apply::{column, exec, scalar};
 use super::state_machine::StateEvent;
 use crate::command::{Command, CommandResponse, Rejection};
 
-pub(super) async fn apply(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn apply(
+    tx: &Transaction<'_>,
     command: Command,
     events: &mut Vec<StateEvent>,
-) -> Result<CommandResponse, sqlx::Error> {
+) -> rusqlite::Result<CommandResponse> {
     match command {
         Command::PutPreview { id, project_id, key, origin, number, branch, commit, expires_at, deployments, at } => {
-            let enabled: Option<bool> = sqlx::query_scalar("SELECT previews_enabled != 0 FROM projects WHERE id = ?")
-                .bind(&project_id)
-                .fetch_optional(&mut **tx)
-                .await?;
+            let enabled: Option<bool> =
+                scalar(tx, "SELECT previews_enabled != 0 FROM projects WHERE id = ?", [&project_id])?;
             match enabled {
                 None => {
                     return Ok(CommandResponse::rejected(
@@ -32,26 +31,18 @@ pub(super) async fn apply(
                 }
                 Some(true) => {}
             }
-            let live: Option<String> = sqlx::query_scalar(
+            let live: Option<String> = scalar(
+                tx,
                 "UPDATE previews SET branch = ?1, commit_sha = ?2, expires_at = ?3, updated_at = ?4 \
                  WHERE project_id = ?5 AND key = ?6 AND status = 'active' RETURNING id",
-            )
-            .bind(&branch)
-            .bind(&commit)
-            .bind(expires_at)
-            .bind(at)
-            .bind(&project_id)
-            .bind(&key)
-            .fetch_optional(&mut **tx)
-            .await?;
+                params![branch, commit, expires_at, at, project_id, key],
+            )?;
             if live.is_none() {
-                let tearing: Option<String> = sqlx::query_scalar(
+                let tearing: Option<String> = scalar(
+                    tx,
                     "SELECT id FROM previews WHERE project_id = ? AND key = ? AND status = 'destroying'",
-                )
-                .bind(&project_id)
-                .bind(&key)
-                .fetch_optional(&mut **tx)
-                .await?;
+                    [&project_id, &key],
+                )?;
                 if tearing.is_some() {
                     return Ok(CommandResponse::rejected(
                         Rejection::Conflict,
@@ -60,42 +51,30 @@ pub(super) async fn apply(
                 }
                 // Each of the project's services gets a host `<service>-<project>-<key>`, which a
                 // service of another project (`web` in `shop-pr-1`) may already have.
-                let hosts: Vec<String> = sqlx::query_scalar(
+                let hosts: Vec<String> = column(
+                    tx,
                     "SELECT s.name || '-' || p.name || '-' || ?1 FROM services s JOIN projects p ON p.id = s.project_id \
                      WHERE s.project_id = ?2",
-                )
-                .bind(&key)
-                .bind(&project_id)
-                .fetch_all(&mut **tx)
-                .await?;
-                if let Some(taken) = host_taken(tx, &hosts, HostOwner::Preview).await? {
+                    [&key, &project_id],
+                )?;
+                if let Some(taken) = host_taken(tx, &hosts, HostOwner::Preview)? {
                     return Ok(CommandResponse::rejected(
                         Rejection::Conflict,
                         format!("preview {key} cannot be created: {taken}"),
                     ));
                 }
-                sqlx::query(
+                exec(
+                    tx,
                     "INSERT INTO previews (id, project_id, key, origin, number, branch, commit_sha, status, expires_at, \
-                     created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
-                )
-                .bind(&id)
-                .bind(&project_id)
-                .bind(&key)
-                .bind(&origin)
-                .bind(number.map(|n| n as i64))
-                .bind(&branch)
-                .bind(&commit)
-                .bind(expires_at)
-                .bind(at)
-                .bind(at)
-                .execute(&mut **tx)
-                .await?;
+                     created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', ?8, ?9, ?9)",
+                    params![id, project_id, key, origin, number.map(|n| n as i64), branch, commit, expires_at, at],
+                )?;
             }
             for command in deployments {
                 match command {
                     Command::CreateDeployment { preview, .. } if preview != key => {}
                     command @ Command::CreateDeployment { .. } => {
-                        super::apply_deploy::apply(tx, command, events).await?;
+                        super::apply_deploy::apply(tx, command, events)?;
                     }
                     _ => {}
                 }
@@ -104,33 +83,26 @@ pub(super) async fn apply(
             Ok(CommandResponse::Applied)
         }
         Command::DestroyPreview { project_id, key, reason, at } => {
-            let done = sqlx::query(
+            let done = exec(
+                tx,
                 "UPDATE previews SET status = 'destroying', teardown_error = NULL, updated_at = ?1 \
                  WHERE project_id = ?2 AND key = ?3 AND status = 'active'",
-            )
-            .bind(at)
-            .bind(&project_id)
-            .bind(&key)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
+                params![at, project_id, key],
+            )?;
+            if done == 0 {
                 return Ok(CommandResponse::rejected(
                     Rejection::NotFound,
                     format!("no live preview {key} in this project"),
                 ));
             }
             // Its releases end now: their hosts stop answering at once, and none is started again.
-            let ended: Vec<String> = sqlx::query_scalar(
+            let ended: Vec<String> = column(
+                tx,
                 "UPDATE deployments SET status = 'cancelled', error = ?1, finished_at = COALESCE(finished_at, ?2), \
                  updated_at = ?2 WHERE project_id = ?3 AND preview = ?4 \
                  AND status IN ('queued', 'building', 'deploying', 'running') RETURNING id",
-            )
-            .bind(format!("the preview was destroyed: {reason}"))
-            .bind(at)
-            .bind(&project_id)
-            .bind(&key)
-            .fetch_all(&mut **tx)
-            .await?;
+                params![format!("the preview was destroyed: {reason}"), at, project_id, key],
+            )?;
             for id in ended {
                 events.push(StateEvent::DeploymentChanged { id, project_id: project_id.clone() });
             }
@@ -139,30 +111,21 @@ pub(super) async fn apply(
         }
         Command::PreviewTeardown { project_id, key, error, at } => {
             let done = match &error {
-                None => {
-                    sqlx::query(
-                        "UPDATE previews SET status = 'destroyed', teardown_error = NULL, destroyed_at = ?1, \
-                         updated_at = ?1, teardown_tries = teardown_tries + 1 \
-                         WHERE project_id = ?2 AND key = ?3 AND status = 'destroying'",
-                    )
-                    .bind(at)
-                    .bind(&project_id)
-                    .bind(&key)
-                    .execute(&mut **tx)
-                    .await?
-                }
-                Some(error) => sqlx::query(
+                None => exec(
+                    tx,
+                    "UPDATE previews SET status = 'destroyed', teardown_error = NULL, destroyed_at = ?1, \
+                     updated_at = ?1, teardown_tries = teardown_tries + 1 \
+                     WHERE project_id = ?2 AND key = ?3 AND status = 'destroying'",
+                    params![at, project_id, key],
+                )?,
+                Some(error) => exec(
+                    tx,
                     "UPDATE previews SET teardown_error = ?1, updated_at = ?2, teardown_tries = teardown_tries + 1 \
-                         WHERE project_id = ?3 AND key = ?4 AND status = 'destroying'",
-                )
-                .bind(error)
-                .bind(at)
-                .bind(&project_id)
-                .bind(&key)
-                .execute(&mut **tx)
-                .await?,
+                     WHERE project_id = ?3 AND key = ?4 AND status = 'destroying'",
+                    params![error, at, project_id, key],
+                )?,
             };
-            if done.rows_affected() == 0 {
+            if done == 0 {
                 return Ok(CommandResponse::rejected(
                     Rejection::NotFound,
                     format!("preview {key} is not being torn down"),
@@ -172,12 +135,8 @@ pub(super) async fn apply(
             Ok(CommandResponse::Applied)
         }
         Command::SetPreviewsEnabled { project_id, enabled } => {
-            let done = sqlx::query("UPDATE projects SET previews_enabled = ? WHERE id = ?")
-                .bind(enabled)
-                .bind(&project_id)
-                .execute(&mut **tx)
-                .await?;
-            if done.rows_affected() == 0 {
+            let done = exec(tx, "UPDATE projects SET previews_enabled = ? WHERE id = ?", params![enabled, project_id])?;
+            if done == 0 {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no project with id {project_id}")));
             }
             Ok(CommandResponse::Applied)
@@ -198,11 +157,11 @@ pub(super) enum HostOwner<'a> {
 /// (`<service>-<project>`, `<service>-<project>-<preview>`), among every service and live
 /// preview but `owner`'s own. Labels are compared before they are shortened to 63 characters:
 /// a shortened label ends in a hash of the whole, so two are equal when the whole ones are.
-pub(super) async fn host_taken(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn host_taken(
+    tx: &Transaction<'_>,
     hosts: &[String],
     owner: HostOwner<'_>,
-) -> Result<Option<String>, sqlx::Error> {
+) -> rusqlite::Result<Option<String>> {
     if hosts.is_empty() {
         return Ok(None);
     }
@@ -211,18 +170,17 @@ pub(super) async fn host_taken(
         HostOwner::Preview => "",
     };
     let wanted = serde_json::to_string(hosts).unwrap_or_default();
-    let holder: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT s.name, p.name, '' FROM services s JOIN projects p ON p.id = s.project_id \
-         WHERE s.id != ?1 AND s.name || '-' || p.name IN (SELECT value FROM json_each(?2)) \
-         UNION ALL \
-         SELECT s.name, p.name, v.key FROM previews v JOIN services s ON s.project_id = v.project_id \
-         JOIN projects p ON p.id = v.project_id WHERE v.status != 'destroyed' AND s.id != ?1 \
-         AND s.name || '-' || p.name || '-' || v.key IN (SELECT value FROM json_each(?2)) LIMIT 1",
-    )
-    .bind(own)
-    .bind(wanted)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let holder: Option<(String, String, String)> = tx
+        .prepare_cached(
+            "SELECT s.name, p.name, '' FROM services s JOIN projects p ON p.id = s.project_id \
+             WHERE s.id != ?1 AND s.name || '-' || p.name IN (SELECT value FROM json_each(?2)) \
+             UNION ALL \
+             SELECT s.name, p.name, v.key FROM previews v JOIN services s ON s.project_id = v.project_id \
+             JOIN projects p ON p.id = v.project_id WHERE v.status != 'destroyed' AND s.id != ?1 \
+             AND s.name || '-' || p.name || '-' || v.key IN (SELECT value FROM json_each(?2)) LIMIT 1",
+        )?
+        .query_row(params![own, wanted], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
     Ok(holder.map(|(service, project, preview)| {
         let label = crate::ingress::host_label(&service, &project, &preview);
         if preview.is_empty() {

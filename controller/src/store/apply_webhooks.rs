@@ -1,29 +1,26 @@
 //! Applying the webhook commands: deliveries (exactly once), project webhook secrets and
 //! service deploy hooks, with the secret they replace kept for a grace period.
 
-use sqlx::{Sqlite, Transaction};
+use rusqlite::{params, Transaction};
 
+use super::apply::{exec, scalar};
 use super::state_machine::StateEvent;
 use crate::command::{Command, CommandResponse, Rejection};
 
-pub(super) async fn apply(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(super) fn apply(
+    tx: &Transaction<'_>,
     command: Command,
     events: &mut Vec<StateEvent>,
-) -> Result<CommandResponse, sqlx::Error> {
+) -> rusqlite::Result<CommandResponse> {
     match command {
         Command::WebhookDelivery { provider, delivery_id, deployments, at } => {
-            let done = sqlx::query(
+            let done = exec(
+                tx,
                 "INSERT INTO webhook_deliveries (provider, delivery_id, received_at, deployments) VALUES (?, ?, ?, ?) \
                  ON CONFLICT DO NOTHING",
-            )
-            .bind(&provider)
-            .bind(&delivery_id)
-            .bind(at)
-            .bind(deployments.len() as i64)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
+                params![provider, delivery_id, at, deployments.len() as i64],
+            )?;
+            if done == 0 {
                 return Ok(CommandResponse::rejected(
                     Rejection::Conflict,
                     format!("{provider} delivery {delivery_id} was handled already"),
@@ -32,11 +29,9 @@ pub(super) async fn apply(
             let mut responses = Vec::with_capacity(deployments.len());
             for command in deployments {
                 let response = match command {
-                    command @ Command::CreateDeployment { .. } => {
-                        super::apply_deploy::apply(tx, command, events).await?
-                    }
+                    command @ Command::CreateDeployment { .. } => super::apply_deploy::apply(tx, command, events)?,
                     command @ (Command::PutPreview { .. } | Command::DestroyPreview { .. }) => {
-                        super::apply_previews::apply(tx, command, events).await?
+                        super::apply_previews::apply(tx, command, events)?
                     }
                     other => CommandResponse::rejected(
                         Rejection::Invalid,
@@ -48,42 +43,33 @@ pub(super) async fn apply(
             Ok(CommandResponse::Batch { responses })
         }
         Command::SetWebhookSecret { project_id, sealed_hex, previous_until, at } => {
-            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM projects WHERE id = ?")
-                .bind(&project_id)
-                .fetch_optional(&mut **tx)
-                .await?;
+            let exists: Option<String> = scalar(tx, "SELECT id FROM projects WHERE id = ?", [&project_id])?;
             if exists.is_none() {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no project with id {project_id}")));
             }
             let Some(sealed_hex) = sealed_hex else {
-                sqlx::query("DELETE FROM project_webhook_secrets WHERE project_id = ?")
-                    .bind(&project_id)
-                    .execute(&mut **tx)
-                    .await?;
+                exec(tx, "DELETE FROM project_webhook_secrets WHERE project_id = ?", [&project_id])?;
                 return Ok(CommandResponse::Applied);
             };
             let Ok(sealed) = hex::decode(sealed_hex) else {
                 return Ok(CommandResponse::rejected(Rejection::Invalid, "the sealed secret is not hex"));
             };
-            rotate(tx, "project_webhook_secrets", "project_id", &project_id, sealed, previous_until, at).await?;
+            rotate(tx, "project_webhook_secrets", "project_id", &project_id, sealed, previous_until, at)?;
             Ok(CommandResponse::Applied)
         }
         Command::SetDeployHook { project_id, service_id, sealed_hex, previous_until, at } => {
-            let owner: Option<String> = sqlx::query_scalar("SELECT project_id FROM services WHERE id = ?")
-                .bind(&service_id)
-                .fetch_optional(&mut **tx)
-                .await?;
+            let owner: Option<String> = scalar(tx, "SELECT project_id FROM services WHERE id = ?", [&service_id])?;
             if owner.as_deref() != Some(project_id.as_str()) {
                 return Ok(CommandResponse::rejected(Rejection::NotFound, format!("no service with id {service_id}")));
             }
             let Ok(sealed) = hex::decode(sealed_hex) else {
                 return Ok(CommandResponse::rejected(Rejection::Invalid, "the sealed secret is not hex"));
             };
-            rotate(tx, "service_deploy_hooks", "service_id", &service_id, sealed, previous_until, at).await?;
+            rotate(tx, "service_deploy_hooks", "service_id", &service_id, sealed, previous_until, at)?;
             Ok(CommandResponse::Applied)
         }
         Command::PruneWebhookDeliveries { before } => {
-            sqlx::query("DELETE FROM webhook_deliveries WHERE received_at < ?").bind(before).execute(&mut **tx).await?;
+            exec(tx, "DELETE FROM webhook_deliveries WHERE received_at < ?", [before])?;
             Ok(CommandResponse::Applied)
         }
         other => Ok(CommandResponse::rejected(Rejection::Invalid, format!("not a webhook command: {}", other.kind()))),
@@ -92,21 +78,21 @@ pub(super) async fn apply(
 
 /// Stores `owner`'s new sealed secret in `table`; the one it replaces stays valid until
 /// `previous_until`. `table` and `column` are this module's constants, never input.
-async fn rotate(
-    tx: &mut Transaction<'_, Sqlite>,
+fn rotate(
+    tx: &Transaction<'_>,
     table: &'static str,
     column: &'static str,
     owner: &str,
     sealed: Vec<u8>,
     previous_until: i64,
     at: i64,
-) -> Result<(), sqlx::Error> {
+) -> rusqlite::Result<()> {
     let sql = format!(
         "INSERT INTO {table} ({column}, sealed, previous_sealed, previous_until, updated_at) \
          VALUES (?1, ?2, NULL, 0, ?4) \
          ON CONFLICT ({column}) DO UPDATE SET previous_sealed = sealed, previous_until = ?3, sealed = ?2, updated_at = ?4"
     );
-    sqlx::query(&sql).bind(owner).bind(sealed).bind(previous_until).bind(at).execute(&mut **tx).await?;
+    exec(tx, &sql, params![owner, sealed, previous_until, at])?;
     Ok(())
 }
 

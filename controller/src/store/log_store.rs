@@ -144,20 +144,10 @@ pub struct LogStore {
     tail: Arc<Mutex<Tail>>,
 }
 
-/// Opens a connection with the settings every connection to the log has.
+/// Opens a connection with the settings every connection to the log has: FULL, a commit
+/// returns once it is fsynced.
 fn connect(path: &Path) -> anyhow::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        anyhow::bail!("the Raft log could not switch to WAL (it is in {mode} mode)");
-    }
-    // FULL: a commit returns once it is fsynced.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    for (name, value) in super::SHARED_PRAGMAS {
-        conn.pragma_update(None, name, value)?;
-    }
-    Ok(conn)
+    super::connect_direct(path, "FULL")
 }
 
 impl LogStore {

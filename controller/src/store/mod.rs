@@ -27,16 +27,32 @@ fn connect_options(path: &Path, synchronous: SqliteSynchronous) -> Result<Sqlite
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10));
-    let options = SHARED_PRAGMAS.iter().fold(options, |o, (name, value)| o.pragma(*name, *value));
-    Ok(options
-        // Pages kept per connection, in KiB (SQLite's default is 2 MiB): an apply touches the
-        // recent end of every index, and the API reads the same hot pages.
-        .pragma("cache_size", "-16384")
-        .foreign_keys(true))
+    Ok(SHARED_PRAGMAS.iter().fold(options, |o, (name, value)| o.pragma(*name, *value)))
 }
 
-/// Settings every connection of a node has, sqlx's and the Raft log writer's (rusqlite) alike.
-pub(crate) const SHARED_PRAGMAS: [(&str, &str); 3] = [
+/// Opens a connection for one of the writer threads (the Raft log's, the state machine's),
+/// which call SQLite directly through rusqlite, with the settings sqlx's connections have.
+/// `synchronous` is SQLite's setting: `FULL` (a commit returns once fsynced) or `NORMAL`.
+pub(crate) fn connect_direct(path: &Path, synchronous: &str) -> anyhow::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        anyhow::bail!("{} could not switch to WAL (it is in {mode} mode)", path.display());
+    }
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    for (name, value) in SHARED_PRAGMAS {
+        conn.pragma_update(None, name, value)?;
+    }
+    Ok(conn)
+}
+
+/// Settings every connection of a node has, sqlx's and the writer threads' (rusqlite) alike.
+pub(crate) const SHARED_PRAGMAS: [(&str, &str); 5] = [
+    // Pages kept per connection, in KiB (SQLite's default is 2 MiB): an apply touches the
+    // recent end of every index, and the API reads the same hot pages.
+    ("cache_size", "-16384"),
+    ("foreign_keys", "ON"),
     // Checkpoints run in the background (see `Checkpointer`), not inside a commit.
     ("wal_autocheckpoint", "0"),
     // When the WAL starts over from its beginning, a file that grew past 16 MiB is cut back.
@@ -149,6 +165,17 @@ pub(crate) async fn test_state() -> (tempfile::TempDir, SqlitePool) {
     (dir, pool)
 }
 
+/// Runs `f` in a transaction on a connection of its own to `pool`'s database, as the state
+/// machine's writer thread would, and commits it.
+#[cfg(test)]
+pub(crate) fn test_direct<T>(pool: &SqlitePool, f: impl FnOnce(&rusqlite::Transaction<'_>) -> T) -> T {
+    let mut conn = connect_direct(pool.connect_options().get_filename(), "NORMAL").expect("connect");
+    let tx = conn.transaction().expect("begin");
+    let result = f(&tx);
+    tx.commit().expect("commit");
+    result
+}
+
 /// Applies `command` in a transaction of its own and commits it, as the state machine would;
 /// returns the answer and the events it raised.
 #[cfg(test)]
@@ -156,9 +183,7 @@ pub(crate) async fn test_apply(
     pool: &SqlitePool,
     command: crate::command::Command,
 ) -> (crate::command::CommandResponse, Vec<state_machine::StateEvent>) {
-    let mut tx = pool.begin().await.expect("begin");
     let mut events = Vec::new();
-    let response = apply::apply(&mut tx, command, &mut events).await.expect("apply");
-    tx.commit().await.expect("commit");
+    let response = test_direct(pool, |tx| apply::apply(tx, command, &mut events)).expect("apply");
     (response, events)
 }

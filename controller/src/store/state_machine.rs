@@ -1,6 +1,12 @@
 //! The replicated state machine: committed commands applied to SQLite, snapshots as consistent
 //! copies of the whole database (`VACUUM INTO`), installed by copying their tables back in one
 //! transaction.
+//!
+//! One thread of its own writes the database (the `Writer`), through rusqlite: a batch of
+//! committed entries is one hand-over to it and one answer back. Through sqlx every statement
+//! (BEGIN, each write, the applied index, COMMIT) was a round trip to sqlx's connection thread,
+//! two thread wake-ups each, on the commit path of every write. The HTTP API reads through a
+//! sqlx pool; the schema is applied with `sqlx::migrate!`.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -11,7 +17,7 @@ use openraft::{EntryPayload, ErrorSubject, OptionalSend, RaftSnapshotBuilder, St
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqliteSynchronous};
 use sqlx::{Connection, Row};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{open_pool, read_err, write_err};
 use crate::command::CommandResponse;
@@ -31,7 +37,7 @@ struct SnapshotIndex {
 pub struct StateMachine {
     /// The state database's file.
     db: PathBuf,
-    writer: SqlitePool,
+    writer: Writer,
     _checkpointer: super::Checkpointer,
     reader: SqlitePool,
     snapshot_dir: PathBuf,
@@ -66,11 +72,13 @@ impl StateMachine {
         tokio::fs::create_dir_all(&snapshot_dir).await?;
         // The log is the durable record; after a power loss this database may be a little
         // behind, and openraft re-applies from the log (or from the latest snapshot, below).
-        let writer = open_pool(&db, SqliteSynchronous::Normal, 1, Some(&MIGRATOR)).await?;
-        sqlx::query("INSERT OR IGNORE INTO raft_applied (id, last_applied, membership) VALUES (1, NULL, ?)")
-            .bind(serde_json::to_string(&StoredMembership::default())?)
-            .execute(&writer)
-            .await?;
+        open_pool(&db, SqliteSynchronous::Normal, 1, Some(&MIGRATOR)).await?.close().await;
+        let conn = super::connect_direct(&db, "NORMAL")?;
+        conn.execute(
+            "INSERT OR IGNORE INTO raft_applied (id, last_applied, membership) VALUES (1, NULL, ?1)",
+            [serde_json::to_string(&StoredMembership::default())?],
+        )?;
+        let writer = Writer::start(conn)?;
         let reader = open_pool(&db, SqliteSynchronous::Normal, 8, None).await?;
         let (applied, _) = watch::channel(0);
         let mut sm = StateMachine {
@@ -129,33 +137,12 @@ impl StateMachine {
     }
 
     /// Replaces every table of the state database by the snapshot's, in one transaction.
-    async fn restore(&self, file: &Path) -> Result<(), sqlx::Error> {
-        let mut conn = self.writer.acquire().await?;
-        sqlx::query("ATTACH DATABASE ? AS snap").bind(file.display().to_string()).execute(&mut *conn).await?;
-        let copied = async {
-            let mut tx = conn.begin().await?;
-            // Rows are copied table by table; references are checked once, at commit.
-            sqlx::query("PRAGMA defer_foreign_keys = ON").execute(&mut *tx).await?;
-            let tables: Vec<String> = sqlx::query_scalar(
-                "SELECT name FROM snap.sqlite_master WHERE type = 'table' \
-                 AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations'",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            for table in &tables {
-                let quoted = table.replace('"', "\"\"");
-                sqlx::query(&format!("DELETE FROM main.\"{quoted}\"")).execute(&mut *tx).await?;
-                sqlx::query(&format!("INSERT INTO main.\"{quoted}\" SELECT * FROM snap.\"{quoted}\""))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await
-        }
-        .await;
-        let detached = sqlx::query("DETACH DATABASE snap").execute(&mut *conn).await;
-        copied?;
-        detached?;
-        Ok(())
+    async fn restore(&self, file: &Path) -> Result<(), StorageError> {
+        let file = file.to_path_buf();
+        self.writer
+            .run(move |conn| restore_here(conn, &file))
+            .await?
+            .map_err(|e| write_err(ErrorSubject::StateMachine, e))
     }
 
     async fn write_index(&self, index: &SnapshotIndex) -> std::io::Result<()> {
@@ -214,67 +201,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let err = |e: sqlx::Error| write_err(ErrorSubject::StateMachine, e);
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let started = std::time::Instant::now();
-        let mut tx = self.writer.begin().await.map_err(err)?;
-        let mut responses = Vec::new();
-        let mut last = None;
-        let mut membership = None;
-        let mut tokens_changed = false;
-        let mut events = Vec::new();
-        for entry in entries {
-            last = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => responses.push(CommandResponse::Applied),
-                EntryPayload::Normal(command) => {
-                    tokens_changed |= command.touches_api_tokens();
-                    command.collect_events(&mut events);
-                    let kind = command.kind();
-                    let response = super::apply::apply(&mut tx, command, &mut events).await.map_err(err)?;
-                    tracing::debug!(index = entry.log_id.index, command = kind, "applied");
-                    responses.push(response);
-                }
-                EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    responses.push(CommandResponse::Applied);
-                }
-            }
-        }
-        let Some(last) = last else { return Ok(responses) };
-        let last_json = serde_json::to_string(&last).map_err(|e| write_err(ErrorSubject::StateMachine, e))?;
-        match membership {
-            Some(m) => {
-                let m = serde_json::to_string(&m).map_err(|e| write_err(ErrorSubject::StateMachine, e))?;
-                sqlx::query("UPDATE raft_applied SET last_applied = ?, membership = ? WHERE id = 1")
-                    .bind(last_json)
-                    .bind(m)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-            }
-            None => {
-                sqlx::query("UPDATE raft_applied SET last_applied = ? WHERE id = 1")
-                    .bind(last_json)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-            }
-        }
-        tx.commit().await.map_err(err)?;
+        let applied = self
+            .writer
+            .run(move |conn| apply_entries(conn, entries))
+            .await?
+            .map_err(|e| write_err(ErrorSubject::StateMachine, MessageError(format!("{e:#}"))))?;
+        let Some(last) = applied.last else { return Ok(applied.responses) };
         tracing::debug!(
             upto = last.index,
-            entries = responses.len(),
+            entries = applied.responses.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
             "applied"
         );
-        if tokens_changed {
+        if applied.tokens_changed {
             self.tokens_changed();
         }
-        for event in events {
+        for event in applied.events {
             let _ = self.events.send(event);
         }
         self.applied.send_replace(last.index);
-        Ok(responses)
+        Ok(applied.responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -294,7 +242,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file = format!("{}.db", sanitize(&meta.snapshot_id));
         let path = self.snapshot_dir.join(&file);
         write_synced(&path, snapshot.get_ref()).await.map_err(|e| snapshot_err(Write, e))?;
-        self.restore(&path).await.map_err(|e| snapshot_err(Write, e))?;
+        self.restore(&path).await?;
         self.write_index(&SnapshotIndex { meta: meta.clone(), file }).await.map_err(|e| snapshot_err(Write, e))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.tokens_changed();
@@ -312,6 +260,115 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let data = tokio::fs::read(self.snapshot_dir.join(&index.file)).await.map_err(|e| snapshot_err(Read, e))?;
         Ok(Some(Snapshot { meta: index.meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+/// What one batch of committed entries did.
+struct Applied {
+    responses: Vec<CommandResponse>,
+    /// The batch's last entry, if it had any.
+    last: Option<LogId>,
+    events: Vec<StateEvent>,
+    tokens_changed: bool,
+}
+
+/// Applies `entries` in one transaction, with the index of the last one, on the writer thread.
+fn apply_entries(conn: &mut rusqlite::Connection, entries: Vec<Entry>) -> anyhow::Result<Applied> {
+    let tx = conn.transaction()?;
+    let mut applied = Applied { responses: Vec::new(), last: None, events: Vec::new(), tokens_changed: false };
+    let mut membership = None;
+    for entry in entries {
+        applied.last = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Blank => applied.responses.push(CommandResponse::Applied),
+            EntryPayload::Normal(command) => {
+                applied.tokens_changed |= command.touches_api_tokens();
+                command.collect_events(&mut applied.events);
+                let kind = command.kind();
+                let response = super::apply::apply(&tx, command, &mut applied.events)?;
+                tracing::debug!(index = entry.log_id.index, command = kind, "applied");
+                applied.responses.push(response);
+            }
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                applied.responses.push(CommandResponse::Applied);
+            }
+        }
+    }
+    let Some(last) = applied.last else { return Ok(applied) };
+    let last_json = serde_json::to_string(&last)?;
+    match membership {
+        Some(m) => super::apply::exec(
+            &tx,
+            "UPDATE raft_applied SET last_applied = ?1, membership = ?2 WHERE id = 1",
+            [last_json, serde_json::to_string(&m)?],
+        )?,
+        None => super::apply::exec(&tx, "UPDATE raft_applied SET last_applied = ?1 WHERE id = 1", [last_json])?,
+    };
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// Copies every table of the snapshot database `file` over the state database's, in one
+/// transaction, on the writer thread.
+fn restore_here(conn: &mut rusqlite::Connection, file: &Path) -> rusqlite::Result<()> {
+    let name = file.to_string_lossy();
+    conn.execute("ATTACH DATABASE ?1 AS snap", [name.as_ref()])?;
+    let copied = (|| {
+        let tx = conn.transaction()?;
+        // Rows are copied table by table; references are checked once, at commit.
+        tx.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+        let tables: Vec<String> = tx
+            .prepare(
+                "SELECT name FROM snap.sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations'",
+            )?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for table in &tables {
+            let quoted = table.replace('"', "\"\"");
+            tx.execute(&format!("DELETE FROM main.\"{quoted}\""), [])?;
+            tx.execute(&format!("INSERT INTO main.\"{quoted}\" SELECT * FROM snap.\"{quoted}\""), [])?;
+        }
+        tx.commit()
+    })();
+    let detached = conn.execute("DETACH DATABASE snap", []);
+    copied?;
+    detached?;
+    Ok(())
+}
+
+/// The thread that writes the state database: applies and snapshot restores run on it, one at
+/// a time, in the order they are handed over. It ends when the state machine is dropped.
+struct Writer(std::sync::mpsc::Sender<Job>);
+
+type Job = Box<dyn FnOnce(&mut rusqlite::Connection) + Send>;
+
+impl Writer {
+    fn start(mut conn: rusqlite::Connection) -> std::io::Result<Writer> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new().name("state-writer".into()).spawn(move || {
+            while let Ok(job) = queue.recv() {
+                job(&mut conn);
+            }
+        })?;
+        Ok(Writer(jobs))
+    }
+
+    /// Runs `job` on the writer thread and waits for its result.
+    async fn run<T, F>(&self, job: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> T + Send + 'static,
+    {
+        let gone = || write_err(ErrorSubject::StateMachine, MessageError("the state writer has stopped".into()));
+        let (done, result) = oneshot::channel();
+        self.0
+            .send(Box::new(move |conn| {
+                let _ = done.send(job(conn));
+            }))
+            .map_err(|_| gone())?;
+        result.await.map_err(|_| gone())
     }
 }
 
