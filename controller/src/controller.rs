@@ -51,6 +51,8 @@ pub struct Controller {
     /// Failed logins, to slow down password guessing.
     pub logins: crate::api::users::LoginThrottle,
     proposals: mpsc::Sender<Proposal>,
+    /// Batches (or lone writes) on their way through Raft; see [`MAX_BATCHES_IN_FLIGHT`].
+    slots: Arc<Semaphore>,
     tokens: TokenCache,
 }
 
@@ -125,6 +127,7 @@ impl Controller {
             logins: Default::default(),
             reads: ReadGate::default(),
             proposals: tx,
+            slots: Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT)),
             tokens: TokenCache { generation: tokens_generation, entries: Mutex::new((0, HashMap::new())) },
         };
         (Arc::new(controller), Batcher { proposals: rx })
@@ -230,6 +233,13 @@ impl Controller {
     /// Commits `command` through the leader (this node or, forwarded, another). Writes that
     /// arrive together are committed together (see [`Batcher`]).
     pub async fn propose(&self, command: Command) -> Result<CommandResponse, ProposeError> {
+        // With a slot free nothing is gathering into a batch: the write goes on from its own
+        // task, without the hand-over to the batcher, its task and the answer back (three task
+        // wake-ups on the path of a lone write). A free slot goes to the batcher first when it
+        // waits for one, so queued writes are never passed over for long.
+        if let Ok(_slot) = self.slots.try_acquire() {
+            return self.propose_now(command).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.proposals.send(Proposal { command, reply }).await.map_err(|_| ProposeError::ShuttingDown)?;
         answer.await.map_err(|_| ProposeError::ShuttingDown)?
@@ -435,7 +445,7 @@ impl Batcher {
     /// until aborted; the batches in flight are aborted with it (their writers see
     /// `ShuttingDown`).
     pub async fn run(mut self, controller: SharedController) {
-        let slots = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+        let slots = controller.slots.clone();
         let mut in_flight = JoinSet::new();
         loop {
             while in_flight.try_join_next().is_some() {}
