@@ -411,14 +411,16 @@ impl Registry {
 /// `down`, and ends the session of a revoked agent at once.
 pub async fn run(controller: SharedController, mut events: broadcast::Receiver<StateEvent>) {
     let registry = controller.agents.clone();
-    let mut metrics = controller.raft.metrics();
+    // The server metrics change with the vote, the role, the leader and the membership only:
+    // openraft sends the full metrics on every turn of its loop, several times per write.
+    let mut metrics = controller.raft.server_metrics();
     let mut led_term: Option<u64> = None;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (leading, term) = {
             let m = metrics.borrow_and_update();
-            (m.state.is_leader(), m.current_term)
+            (m.state.is_leader(), m.vote.leader_id().term)
         };
         if leading && led_term != Some(term) {
             // The registry is loaded after this node's state caught up with everything
