@@ -789,17 +789,21 @@ struct Seen {
 }
 
 /// Sends what changed about deployment `id` since `seen`; false when the socket is gone.
+/// `live`: the deployment's change happened while the stream was open (not one found in
+/// progress when it opened).
 async fn send_project_event(
     c: &AppState,
     project_id: &str,
     id: &str,
     seen: &mut HashMap<String, Seen>,
     socket: &mut WebSocket,
+    live: bool,
 ) -> bool {
     let Ok(Some(d)) = c.state.deployment(id).await else { return true };
     if d.project_id != project_id {
         return true;
     }
+    let first_sight = !seen.contains_key(&d.id);
     let entry = seen.entry(d.id.clone()).or_insert(Seen { status: String::new(), last_line: 0 });
     let Ok(rows) = c.state.deployment_logs(id, entry.last_line, 1000).await else { return false };
     let changed = entry.status != d.status;
@@ -807,6 +811,21 @@ async fn send_project_event(
         return true;
     }
     let status = d.status();
+    // A deployment created while the stream is open is announced as started even when the
+    // stream reads it only after an agent took it (the state is read when the event is handled,
+    // and the scheduler can be quicker): each new deployment begins with `deployment.started`.
+    if live && first_sight && status != DeploymentStatus::Queued {
+        let (kind, progress) = event_of(DeploymentStatus::Queued);
+        let started = WsEvent {
+            kind,
+            deployment_id: &d.id,
+            service_id: &d.service_id,
+            data: WsEventData { progress, message: "deployment queued".to_string(), logs: Vec::new(), error: None },
+        };
+        if !send_json(socket, &started).await {
+            return false;
+        }
+    }
     let (kind, progress) = if changed { event_of(status) } else { ("deployment.progress", event_of(status).1) };
     let logs: Vec<WsLine> = rows
         .iter()
@@ -854,7 +873,7 @@ async fn stream_project(
     // What the subscriber missed: the deployments of the project still in progress.
     let Ok(active) = c.state.active_deployments().await else { return };
     for d in active.iter().filter(|d| d.project_id == project_id) {
-        if !send_project_event(&c, &project_id, &d.id, &mut seen, &mut socket).await {
+        if !send_project_event(&c, &project_id, &d.id, &mut seen, &mut socket, false).await {
             return;
         }
     }
@@ -872,7 +891,7 @@ async fn stream_project(
                         // Re-read every deployment this stream follows.
                         let ids: Vec<String> = seen.keys().cloned().collect();
                         for id in ids {
-                            if !send_project_event(&c, &project_id, &id, &mut seen, &mut socket).await {
+                            if !send_project_event(&c, &project_id, &id, &mut seen, &mut socket, true).await {
                                 return;
                             }
                         }
@@ -880,7 +899,7 @@ async fn stream_project(
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if !send_project_event(&c, &project_id, &id, &mut seen, &mut socket).await {
+                if !send_project_event(&c, &project_id, &id, &mut seen, &mut socket, true).await {
                     return;
                 }
             }
